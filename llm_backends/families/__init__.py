@@ -1,0 +1,1 @@
+"""Model families: only what differs between them, as data."""

@@ -1,0 +1,42 @@
+"""The data a family contributes; the engine reads it and never branches on a family's name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """A family's recommended sampling for one mode (used by the app and API when the caller sets none)."""
+
+    temperature: float
+    top_p: float
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+
+
+@dataclass(frozen=True)
+class Family:
+    """What one model family needs that others do not.
+
+    ``fallback_chat_template`` is used only when a checkpoint ships no chat template;
+    ``think_tags`` names the tokens that open and close reasoning (None: the family cannot think).
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    stop_tokens: tuple[str, ...]
+    sampling: SamplingDefaults
+    thinking_sampling: SamplingDefaults | None = None
+    think_tags: tuple[str, str] | None = None
+    fallback_chat_template: str | None = None
+    template_kwargs: dict = field(default_factory=dict)
+
+    @property
+    def can_think(self) -> bool:
+        return self.think_tags is not None
+
+    def sampling_defaults(self, thinking: bool = False) -> SamplingDefaults:
+        if thinking and self.thinking_sampling is not None:
+            return self.thinking_sampling
+        return self.sampling

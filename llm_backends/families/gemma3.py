@@ -1,0 +1,32 @@
+"""Gemma 3: `<end_of_turn>` ends a reply, no system role, and Google's turn format for bare checkpoints."""
+
+from .base import Family, SamplingDefaults
+
+# Gemma's documented turn format. Gemma has no system role: the system prompt is folded into the first user
+# turn, as the official template does. Base checkpoints (the embedded default) ship no template at all.
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set first_user_prefix = '' -%}"
+    "{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}"
+    "{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+
+FAMILY = Family(
+    name="gemma3",
+    model_types=("gemma3", "gemma3_text"),
+    stop_tokens=("<end_of_turn>",),
+    # Google's recommended settings for Gemma 3.
+    sampling=SamplingDefaults(temperature=1.0, top_p=0.95, top_k=64),
+    fallback_chat_template=GEMMA3_TEMPLATE,
+)

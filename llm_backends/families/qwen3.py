@@ -1,0 +1,13 @@
+"""Qwen 3: `<|im_end|>` ends a reply; `<think>...</think>` carries reasoning; sampling differs per mode."""
+
+from .base import Family, SamplingDefaults
+
+FAMILY = Family(
+    name="qwen3",
+    model_types=("qwen3", "qwen3_moe"),
+    stop_tokens=("<|im_end|>",),
+    # Qwen's model card: thinking 0.6/0.95/20, non-thinking 0.7/0.8/20.
+    sampling=SamplingDefaults(temperature=0.7, top_p=0.8, top_k=20),
+    thinking_sampling=SamplingDefaults(temperature=0.6, top_p=0.95, top_k=20),
+    think_tags=("<think>", "</think>"),
+)

@@ -1,0 +1,208 @@
+"""Per-session KV caches, each with the exact token ids it holds; bounded by bytes and count, LRU first out.
+
+A sliding-window layer keeps only its last window of keys, so once a conversation passes the window it
+cannot be rewound. So each entry keeps restore points (llama.cpp calls them context checkpoints) at the end
+of each prompt: the sliding layers' states there and the logits that followed. A retry, an undo, an edit or
+a re-tokenised answer resumes from the nearest one instead of re-reading the whole history.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def _is_sliding(layer) -> bool:
+    return bool(getattr(layer, "is_sliding", False))
+
+
+def _layer_bytes(layer) -> int:
+    keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+    if keys is None or values is None:
+        return 0
+    return keys.numel() * keys.element_size() + values.numel() * values.element_size()
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The cache as it was when it held exactly ``length`` tokens: the sliding layers' keys and values
+    (None for a full layer, which a crop rewinds) and the logits that followed, so a retry needs no forward."""
+
+    length: int
+    states: tuple[tuple[torch.Tensor, torch.Tensor] | None, ...]
+    logits: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [t for state in self.states if state is not None for t in state] + [self.logits]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass
+class CacheEntry:
+    """A KV cache and its ledger: ``ids`` are exactly the tokens the cache holds, in order."""
+
+    make_cache: Callable[[], object]
+    max_checkpoints: int = 4
+    cache: object = None
+    ids: list[int] = field(default_factory=list)
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.cache is None:
+            self.cache = self.make_cache()
+
+    @property
+    def nbytes(self) -> int:
+        layers = getattr(self.cache, "layers", ())
+        return sum(_layer_bytes(layer) for layer in layers) + sum(c.nbytes for c in self.checkpoints)
+
+    def reset(self) -> None:
+        """Forgets everything: the next prompt is prefilled from scratch."""
+        self.cache = self.make_cache()
+        self.ids = []
+        self.checkpoints = []
+
+    def can_trim(self, length: int) -> bool:
+        """Whether the cache can be cut back to its first ``length`` tokens in place."""
+        if length >= len(self.ids):
+            return True
+        return not any(
+            _is_sliding(layer) and layer.cumulative_length >= layer.sliding_window for layer in self.cache.layers
+        )
+
+    def trim(self, length: int) -> None:
+        """Cuts the cache and ledger back to ``length`` tokens; the caller checks ``can_trim`` first."""
+        remove = len(self.ids) - length
+        if remove > 0:
+            self.cache.crop(-remove)  # transformers 5: a negative count of tokens to remove
+            del self.ids[length:]
+        self.checkpoints = [c for c in self.checkpoints if c.length <= length]
+
+    def save_checkpoint(self, logits: torch.Tensor) -> None:
+        """Records a restore point at the current length; ``logits`` are the model's output there."""
+        if self.max_checkpoints <= 0:
+            return
+        states = tuple(
+            (layer.keys.clone(), layer.values.clone()) if _is_sliding(layer) and layer.is_initialized else None
+            for layer in self.cache.layers
+        )
+        self.checkpoints = [c for c in self.checkpoints if c.length != len(self.ids)]
+        self.checkpoints.append(Checkpoint(len(self.ids), states, logits.detach().clone()))
+        self.checkpoints = self.checkpoints[-self.max_checkpoints :]
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Rewinds to a restore point: full layers are cropped, sliding layers get their saved window back."""
+        remove = len(self.ids) - checkpoint.length
+        for layer, state in zip(self.cache.layers, checkpoint.states, strict=True):
+            if state is None:
+                if not _is_sliding(layer) and remove:
+                    layer.crop(-remove)
+            else:
+                layer.keys, layer.values = state
+                layer.cumulative_length = checkpoint.length
+        del self.ids[checkpoint.length :]
+        self.checkpoints = [c for c in self.checkpoints if c.length <= checkpoint.length]
+
+    def rewind_for(self, prompt_ids: Sequence[int]) -> tuple[int, torch.Tensor | None]:
+        """Makes the cache hold the longest reusable prefix of ``prompt_ids``.
+
+        Returns (tokens kept, logits after them or None). Logits come only from a restore point that holds
+        the whole prompt (a retry); otherwise at least one prompt token is left to prefill. When the cache
+        cannot be cut back in place it resumes from the nearest restore point, else from empty.
+        """
+        target = common_prefix_len(self.ids, prompt_ids)
+        if target == len(prompt_ids):
+            exact = [c for c in self.checkpoints if c.length == target]
+            if exact:
+                self.restore(exact[0])
+                return target, exact[0].logits
+            target -= 1
+        if self.can_trim(target):
+            self.trim(target)
+            return target, None
+        usable = [c for c in self.checkpoints if c.length <= target]
+        if usable:
+            self.restore(max(usable, key=lambda c: c.length))
+            return len(self.ids), None
+        self.reset()
+        return 0, None
+
+
+class SessionStore:
+    """Session id -> CacheEntry, least recently used evicted first when over the byte budget or the count.
+
+    A stream checks its entry out for its whole run and back in at the end, so one cache is never used by
+    two streams at once; a second concurrent stream of the same session simply starts from an empty cache.
+    """
+
+    def __init__(self, max_bytes: int, max_sessions: int = 256):
+        if max_bytes <= 0 or max_sessions <= 0:
+            raise ValueError("the session cache needs a positive byte budget and session count")
+        self.max_bytes = max_bytes
+        self.max_sessions = max_sessions
+        self.evictions = 0
+        self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
+        self._leases: dict[int, str] = {}
+        self._lease_ids = itertools.count()
+        self._lock = threading.Lock()
+
+    def checkout(self, session_id: str, new_entry: Callable[[], CacheEntry]) -> tuple[int, CacheEntry]:
+        """Takes the session's entry out of the store (a fresh one if it has none); returns (lease, entry)."""
+        with self._lock:
+            entry = self._entries.pop(session_id, None)
+            lease = next(self._lease_ids)
+            self._leases[lease] = session_id
+        return lease, entry if entry is not None else new_entry()
+
+    def checkin(self, lease: int, entry: CacheEntry) -> None:
+        """Puts an entry back unless its session was cleared meanwhile; then evicts to the budget."""
+        with self._lock:
+            session_id = self._leases.pop(lease, None)
+            if session_id is None:
+                return
+            self._entries[session_id] = entry
+            self._entries.move_to_end(session_id)
+            self._evict()
+
+    def _evict(self) -> None:
+        total = sum(e.nbytes for e in self._entries.values())
+        while self._entries and (total > self.max_bytes or len(self._entries) > self.max_sessions):
+            _, victim = self._entries.popitem(last=False)
+            total -= victim.nbytes
+            self.evictions += 1
+
+    def clear(self, session_id: str | None = None) -> None:
+        """Drops one session's cache (or all), including any that a running stream would put back."""
+        with self._lock:
+            if session_id is None:
+                self._entries.clear()
+                self._leases.clear()
+                return
+            self._entries.pop(session_id, None)
+            for lease in [k for k, v in self._leases.items() if v == session_id]:
+                del self._leases[lease]
+
+    def info(self) -> dict:
+        with self._lock:
+            return {
+                "sessions": len(self._entries),
+                "bytes": sum(e.nbytes for e in self._entries.values()),
+                "budget_bytes": self.max_bytes,
+                "max_sessions": self.max_sessions,
+                "evictions": self.evictions,
+                "in_use": len(self._leases),
+            }

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# Tests never reach the Hub: every model they use is built here or shipped in a package.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tiny_models import build_gemma3, build_qwen3  # noqa: E402
+
+CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir(tmp_path_factory) -> Path:
+    return build_gemma3(tmp_path_factory.mktemp("tiny-gemma3"))
+
+
+@pytest.fixture(scope="session")
+def qwen3_dir(tmp_path_factory) -> Path:
+    return build_qwen3(tmp_path_factory.mktemp("tiny-qwen3"))
+
+
+@pytest.fixture(scope="session")
+def gemma3(gemma3_dir):
+    from llm_backends import load_model
+
+    return load_model(str(gemma3_dir), max_cache_bytes=256 * 2**20)
+
+
+@pytest.fixture(scope="session")
+def qwen3(qwen3_dir):
+    from llm_backends import load_model
+
+    return load_model(str(qwen3_dir), max_cache_bytes=256 * 2**20)
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The real embedded Gemma 3 270M (converted on first use, then loaded from the user cache)."""
+    from llm_backends import load_model
+
+    return load_model(max_cache_bytes=2 * 2**30)

@@ -1,0 +1,127 @@
+"""Tiny random Gemma 3 and Qwen 3 checkpoints with tokenizers trained here, saved as real folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import Gemma3TextConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+from transformers.models.gemma3 import Gemma3ForCausalLM
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. Hello, how are you today?",
+    "Tell me about the sea, the sky and the mountains. What is the capital of France? Paris.",
+    "I think therefore I am. Let me think step by step about this question.",
+    "你好，世界！今天天气很好。我们一起去公园散步吧。中文是一等公民。",
+    "Emoji test 😀🎉 and accents: café, naïve, Zürich, São Paulo.",
+    "Numbers 0 1 2 3 4 5 6 7 8 9 10 100 1000, code: def f(x): return x * 2",
+] * 20
+
+# Qwen 3's template, minus tools: earlier turns lose their <think> blocks; thinking off adds an empty one.
+QWEN3_TEMPLATE = """{%- if messages[0].role == 'system' %}{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}{%- endif %}
+{%- set ns = namespace(last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}{%- set index = (messages|length - 1) - loop.index0 %}
+{%- if message.role == 'user' and ns.last_query_index == messages|length - 1 and index <= ns.last_query_index %}{%- set ns.last_query_index = index %}{%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+{%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}
+{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}
+{%- elif message.role == 'assistant' %}
+{%- set content = message.content %}{%- set reasoning_content = '' %}
+{%- if '</think>' in content %}
+{%- set reasoning_content = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}
+{%- set content = content.split('</think>')[-1].lstrip('\\n') %}
+{%- endif %}
+{%- if loop.index0 > ns.last_query_index and (loop.last or reasoning_content) %}
+{{- '<|im_start|>assistant\\n<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}
+{%- else %}{{- '<|im_start|>assistant\\n' + content }}{%- endif %}
+{{- '<|im_end|>\\n' }}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}
+{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}
+{%- endif %}"""
+
+
+def _tokenizer(special: list[str], added: list[str], vocab_size: int = 600) -> Tokenizer:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    tokenizer.add_tokens(added)
+    return tokenizer
+
+
+def _init(model, seed: int, scale: float):
+    # Larger weights than the default init spread the logits, so greedy choices are far from ties.
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() > 1:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+    return model
+
+
+def build_gemma3(folder: Path, *, sliding_window: int = 16, with_template: bool = False) -> Path:
+    """A 6-layer Gemma 3 (5 sliding layers, then 1 global) with a window of ``sliding_window`` tokens."""
+    special = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+    raw = _tokenizer(special, [])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    if with_template:
+        from llm_backends.families.gemma3 import GEMMA3_TEMPLATE
+
+        tokenizer.chat_template = GEMMA3_TEMPLATE
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        sliding_window=sliding_window,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        layer_types=["sliding_attention"] * 5 + ["full_attention"],
+    )
+    torch.manual_seed(0)
+    model = _init(Gemma3ForCausalLM(config), seed=1, scale=0.3)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def build_qwen3(folder: Path) -> Path:
+    """A 2-layer Qwen 3 with Qwen's special tokens and a template that strips earlier thinking."""
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    raw = _tokenizer(special, ["<think>", "</think>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = QWEN3_TEMPLATE
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=4096,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = _init(Qwen3ForCausalLM(config), seed=2, scale=0.3)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
