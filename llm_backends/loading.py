@@ -51,10 +51,10 @@ def _resolve_dtype(dtype, device: str, quantization: str):
     raise ValueError(f"dtype must be one of {', '.join(sorted(DTYPES))} or a torch.dtype, not {dtype!r}")
 
 
-def _locate(source) -> tuple[str, str | None, str, str]:
+def _locate(source, progress) -> tuple[str, str | None, str, str]:
     """(folder or repo id, gguf file name or None, display name, kind) for a source."""
     if source is None:
-        return str(default_model.default_checkpoint()), None, default_model.NAME, "embedded"
+        return str(default_model.default_checkpoint(progress)), None, default_model.NAME, "embedded"
     if not isinstance(source, (str, Path)):
         raise ValueError(f"source must be a path or a repo id, not {type(source).__name__}")
     path = Path(source).expanduser()
@@ -108,11 +108,19 @@ def _explain(error: BaseException, name: str) -> str:
 
 
 def load_model(
-    source=None, *, quantization="auto", device=None, dtype=None, max_cache_bytes=None, backend="transformers"
+    source=None,
+    *,
+    quantization="auto",
+    device=None,
+    dtype=None,
+    max_cache_bytes=None,
+    backend="transformers",
+    progress=None,
 ) -> ChatModel:
     """Loads a Gemma 3 or Qwen 3 chat model.
 
     ``source``: None for the embedded default, a checkpoint folder, a ``.gguf`` file or a Hugging Face repo id.
+    ``progress(fraction, message)`` hears about the embedded model's one-time conversion.
     Raises ValueError for bad arguments and ModelLoadError when the model cannot be loaded.
     """
     if backend not in BACKENDS:
@@ -127,7 +135,7 @@ def load_model(
     if quantization == "auto":
         quantization = "nf4" if device.startswith("cuda") else "none"
     torch_dtype = _resolve_dtype(dtype, device, quantization)
-    folder, gguf_file, name, kind = _locate(source)
+    folder, gguf_file, name, kind = _locate(source, progress)
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

@@ -1,0 +1,422 @@
+"""The browser chat: Gradio Blocks over llm_backends. UI only: flags, layout and wiring; no model code."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gradio as gr
+
+from llm_backends import ModelLoadError
+from llm_backends.serving import ModelRegistry
+
+log = logging.getLogger("llm_chat")
+
+ENV = {
+    "models": "LLM_MODELS",
+    "quantization": "LLM_QUANTIZATION",
+    "host": "LLM_HOST",
+    "port": "LLM_PORT",
+    "share": "LLM_SHARE",
+    "auth": "LLM_AUTH",
+    "max_cache_gb": "LLM_MAX_CACHE_GB",
+    "concurrency": "LLM_CONCURRENCY",
+    "api_key": "LLM_API_KEY",
+    "insecure_no_auth": "LLM_INSECURE_NO_AUTH",
+}
+TRUE = {"1", "true", "yes", "on"}
+
+
+@dataclass
+class AppConfig:
+    models: list[str | None] = field(default_factory=lambda: [None])
+    quantization: str = "auto"
+    host: str = "127.0.0.1"
+    port: int = 7860
+    share: bool = False
+    auth: list[tuple[str, str]] = field(default_factory=list)
+    max_cache_gb: float | None = None
+    concurrency: int = 2
+    api_key: str | None = None
+    insecure_no_auth: bool = False
+    on_spaces: bool = False
+
+
+def _auth_pairs(values: Sequence[str]) -> list[tuple[str, str]]:
+    """user:pass values, or paths of files holding one user:pass per line."""
+    pairs = []
+    for value in values:
+        lines = Path(value).read_text().splitlines() if Path(value).is_file() else [value]
+        for line in (raw.strip() for raw in lines):
+            if not line or line.startswith("#"):
+                continue
+            user, sep, password = line.partition(":")
+            if not sep or not user or not password:
+                raise SystemExit(f"--auth expects user:password (or a file of them), got {line.split(':')[0]!r}:***")
+            pairs.append((user, password))
+    return pairs
+
+
+def parse_args(argv: Sequence[str] | None = None, env: dict | None = None) -> AppConfig:
+    """Flags win over environment variables (LLM_MODELS, LLM_AUTH, ...), which win over defaults."""
+    env = os.environ if env is None else env
+    parser = argparse.ArgumentParser(
+        description="A local LLM chat in the browser (Gemma 3, Qwen 3). Each flag has an environment variable "
+        "for Hugging Face Spaces, named in its help.",
+    )
+    parser.add_argument(
+        "--model",
+        action="append",
+        dest="models",
+        metavar="SRC",
+        help="a checkpoint folder, a .gguf file or a Hub repo id; repeat for more dropdown entries "
+        "(default: the embedded Gemma 3 270M) [LLM_MODELS, comma-separated]",
+    )
+    parser.add_argument(
+        "--quantization",
+        choices=["auto", "nf4", "int8", "none"],
+        help="auto: NF4 on CUDA, none on CPU [LLM_QUANTIZATION]",
+    )
+    parser.add_argument("--host", help="address to listen on (default 127.0.0.1) [LLM_HOST]")
+    parser.add_argument("--port", type=int, help="port (default 7860) [LLM_PORT]")
+    parser.add_argument(
+        "--share", action="store_true", default=None, help="make a public gradio.live link; needs --auth [LLM_SHARE]"
+    )
+    parser.add_argument(
+        "--auth",
+        action="append",
+        metavar="USER:PASS",
+        help="a login (repeatable), or a file with one user:pass per line [LLM_AUTH]",
+    )
+    parser.add_argument(
+        "--max-cache-gb",
+        type=float,
+        help="memory for per-session KV caches (default: a quarter of free RAM, or half of free GPU "
+        "memory) [LLM_MAX_CACHE_GB]",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        help="replies generated at once; later requests wait in the queue (default 2) [LLM_CONCURRENCY]",
+    )
+    parser.add_argument("--api-key", help="key required by the /v1 HTTP API [LLM_API_KEY]")
+    parser.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        default=None,
+        help="allow --share or a non-loopback --host without --auth (trusted networks only) [LLM_INSECURE_NO_AUTH]",
+    )
+    args = parser.parse_args(argv)
+
+    def pick(name, cast=str):
+        value = getattr(args, name)
+        if value is None and env.get(ENV[name]):
+            raw = env[ENV[name]]
+            value = raw.strip().lower() in TRUE if cast is bool else cast(raw)
+        return value
+
+    config = AppConfig(on_spaces=bool(env.get("SPACE_ID")))
+    models = args.models or [m.strip() for m in env.get(ENV["models"], "").split(",") if m.strip()]
+    config.models = [None if m in ("default", "embedded") else m for m in models] or [None]
+    config.quantization = pick("quantization") or config.quantization
+    config.host = pick("host") or ("0.0.0.0" if config.on_spaces else config.host)
+    config.port = pick("port", int) or config.port
+    config.share = bool(pick("share", bool))
+    config.auth = _auth_pairs(args.auth or [v for v in env.get(ENV["auth"], "").split(",") if v.strip()])
+    config.max_cache_gb = pick("max_cache_gb", float)
+    config.concurrency = pick("concurrency", int) or config.concurrency
+    config.api_key = pick("api_key")
+    config.insecure_no_auth = bool(pick("insecure_no_auth", bool))
+    if config.concurrency < 1:
+        raise SystemExit("--concurrency must be at least 1")
+    if config.quantization not in ("auto", "nf4", "int8", "none"):
+        raise SystemExit(f"LLM_QUANTIZATION must be auto, nf4, int8 or none, not {config.quantization!r}")
+    return config
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(config: AppConfig) -> None:
+    """Refuses to serve beyond this machine without logins; exits with a message saying how to add them."""
+    exposed = config.share or not is_loopback(config.host)
+    if not exposed or config.auth or config.on_spaces:
+        return
+    where = "a public share link" if config.share else f"{config.host}, reachable from other machines"
+    if config.insecure_no_auth:
+        log.warning(
+            "WARNING: serving %s WITHOUT authentication (--insecure-no-auth). Anyone who can reach it "
+            "can use this chat.",
+            where,
+        )
+        return
+    raise SystemExit(
+        f"Refusing to serve {where} without authentication.\n"
+        "Add a login with --auth user:password (repeatable), or --auth FILE with one user:password per line "
+        "(or LLM_AUTH).\nOn a trusted private network, --insecure-no-auth overrides this."
+    )
+
+
+# --- the page ---------------------------------------------------------------------------------------------------
+
+
+def text_of(content) -> str:
+    """A Gradio message's text: content arrives as a string or a list of typed parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return content.get("text", "") if content.get("type", "text") == "text" else ""
+    if isinstance(content, (list, tuple)):
+        return "".join(text_of(part) for part in content)
+    return ""
+
+
+def to_messages(system_prompt: str, history: list[dict], message: str) -> list[dict]:
+    """The conversation as the model sees it: titled messages (thinking, stats, notices) are the page's own."""
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt and system_prompt.strip() else []
+    for item in history:
+        if (item.get("metadata") or {}).get("title"):
+            continue
+        if item.get("role") in ("user", "assistant"):
+            messages.append({"role": item["role"], "content": text_of(item.get("content"))})
+    messages.append({"role": "user", "content": message})
+    return messages
+
+
+def fit_context(model, messages: list[dict], reserve: int) -> tuple[list[dict], int]:
+    """Drops the oldest turns until the prompt plus ``reserve`` new tokens fits; returns (messages, turns dropped)."""
+    context = model.get_model_info()["context_length"]
+    head = messages[:1] if messages[0]["role"] == "system" else []
+    body = messages[len(head) :]
+    dropped = 0
+    while len(model.render(head + body)) + reserve > context and len(body) > 1:
+        cut = next((i for i in range(1, len(body)) if body[i]["role"] == "user"), len(body) - 1)
+        body = body[cut:]
+        dropped += 1
+    return head + body, dropped
+
+
+def stats_line(stats) -> str:
+    reused = f", {stats.cached_tokens} from cache" if stats.cached_tokens else ""
+    return (
+        f"{stats.ttft_s:.2f} s to first token · {stats.tokens_per_s:.1f} tok/s · "
+        f"{stats.prompt_tokens} prompt tokens{reused}"
+    )
+
+
+def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
+    """The page: model dropdown, chat, sampling accordion, thinking toggle, stats under each reply."""
+
+    def family_controls(model):
+        defaults = model.family.sampling_defaults(thinking=model.family.can_think)
+        return (
+            gr.update(value=defaults.temperature),
+            gr.update(value=defaults.top_p),
+            gr.update(value=defaults.top_k or 0),
+            gr.update(visible=model.family.can_think, value=model.family.can_think),
+        )
+
+    def respond(
+        message,
+        history,
+        system_prompt,
+        temperature,
+        top_p,
+        top_k,
+        max_new_tokens,
+        repetition_penalty,
+        seed,
+        thinking,
+        request: gr.Request,
+    ):
+        model = registry.get()
+        messages = to_messages(system_prompt, history, message)
+        try:
+            messages, dropped = fit_context(model, messages, reserve=min(int(max_new_tokens), 1024))
+            stream = model.stream_chat(
+                messages,
+                session_id=request.session_hash,
+                temperature=float(temperature),
+                top_p=float(top_p),
+                top_k=int(top_k) or None,
+                max_new_tokens=int(max_new_tokens),
+                repetition_penalty=None if float(repetition_penalty) == 1.0 else float(repetition_penalty),
+                seed=None if seed in (None, "", -1) else int(seed),
+                enable_thinking=bool(thinking),
+            )
+        except ValueError as e:
+            raise gr.Error(str(e)) from e
+        notice = []
+        if dropped:
+            notice = [
+                gr.ChatMessage(
+                    role="assistant",
+                    content="",
+                    metadata={
+                        "title": f"⚠️ {dropped} earlier turn(s) left out: the conversation no longer fits the "
+                        f"model's context of {model.get_model_info()['context_length']} tokens",
+                        "status": "done",
+                    },
+                )
+            ]
+        answer, reasoning, started = "", "", time.perf_counter()
+        for chunk in stream:
+            answer += chunk.text
+            reasoning += chunk.reasoning
+            shown = list(notice)
+            if reasoning:
+                thought = {"title": "💭 Thinking", "status": "pending" if not answer else "done"}
+                if answer:
+                    thought["duration"] = round(time.perf_counter() - started, 1)
+                shown.append(gr.ChatMessage(role="assistant", content=reasoning, metadata=thought))
+            shown.append(gr.ChatMessage(role="assistant", content=answer))
+            if chunk.stats is not None:
+                shown.append(
+                    gr.ChatMessage(
+                        role="assistant", content="", metadata={"title": stats_line(chunk.stats), "status": "done"}
+                    )
+                )
+            yield shown
+
+    if config.on_spaces and os.environ.get("SPACE_ID"):
+        try:
+            import spaces
+
+            respond = spaces.GPU(duration=120)(respond)
+        except ImportError:
+            pass
+
+    def switch_model(model_id, progress=gr.Progress()):  # noqa: B008 (Gradio injects it)
+        try:
+            model = registry.switch(model_id, progress=lambda f, msg: progress(f, desc=msg))
+        except (ModelLoadError, ValueError, KeyError) as e:
+            gr.Warning(f"Could not load {model_id}: {e}. Still serving {registry.current_id}.")
+            return (gr.update(value=registry.current_id), *[gr.update()] * 4, info_text())
+        gr.Info(f"Now serving {model_id}")
+        return (gr.update(value=model_id), *family_controls(model), info_text())
+
+    def info_text():
+        info = registry.get().get_model_info()
+        size = info["memory_footprint_bytes"] / 2**20
+        return (
+            f"**{info['name']}** · {info['family']} · {info['quantization']} · {info['dtype']} on "
+            f"{info['device']} · {size:.0f} MiB · context {info['context_length']}"
+        )
+
+    def thinking_defaults(thinking):
+        defaults = registry.get().family.sampling_defaults(thinking=bool(thinking))
+        return (
+            gr.update(value=defaults.temperature),
+            gr.update(value=defaults.top_p),
+            gr.update(value=defaults.top_k or 0),
+        )
+
+    def on_load():
+        return (gr.update(value=registry.current_id), *family_controls(registry.get()), info_text())
+
+    def forget_session(request: gr.Request):
+        registry.clear_session(request.session_hash)
+
+    model = registry.get()
+    with gr.Blocks(title="Local LLM chat", fill_height=True) as demo:
+        with gr.Row():
+            dropdown = gr.Dropdown(
+                registry.ids,
+                value=registry.current_id,
+                label="Model",
+                scale=3,
+                info="Switching loads the model for everyone using this server.",
+            )
+            info = gr.Markdown(info_text())
+        with gr.Accordion("System prompt and sampling", open=False):
+            system_prompt = gr.Textbox("", label="System prompt", lines=2)
+            with gr.Row():
+                temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature (0 = greedy)")
+                top_p = gr.Slider(0.05, 1, value=0.95, step=0.05, label="Top-p")
+                top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k (0 = off)")
+            with gr.Row():
+                max_new_tokens = gr.Slider(16, 4096, value=512, step=16, label="Max new tokens")
+                repetition_penalty = gr.Slider(1.0, 2.0, value=1.0, step=0.05, label="Repetition penalty")
+                seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)")
+        thinking = gr.Checkbox(
+            value=model.family.can_think,
+            visible=model.family.can_think,
+            label="Thinking (reasoning shown collapsed, never sent back to the model)",
+        )
+        chatbot = gr.Chatbot(label="Chat", height=520, buttons=["copy"])
+        chat = gr.ChatInterface(
+            respond,
+            chatbot=chatbot,
+            additional_inputs=[
+                system_prompt,
+                temperature,
+                top_p,
+                top_k,
+                max_new_tokens,
+                repetition_penalty,
+                seed,
+                thinking,
+            ],
+            editable=True,
+            api_name="chat",
+            concurrency_limit=config.concurrency,
+            fill_height=True,
+        )
+        new_chat = gr.Button("New chat", variant="secondary", size="sm")
+        hidden = {"queue": False, "api_visibility": "undocumented"}
+        new_chat.click(forget_session, None, None, **hidden).then(
+            lambda: ([], []), None, [chat.chatbot, chat.chatbot_state], **hidden
+        )
+        chatbot.clear(forget_session, None, None, **hidden)
+        controls = [temperature, top_p, top_k, thinking]
+        dropdown.change(switch_model, [dropdown], [dropdown, *controls, info], concurrency_limit=1)
+        thinking.change(thinking_defaults, [thinking], [temperature, top_p, top_k], **hidden)
+        demo.load(on_load, None, [dropdown, *controls, info], **hidden)
+        demo.unload(forget_session)
+    demo.queue(default_concurrency_limit=config.concurrency, max_size=256)
+    return demo
+
+
+def serve(config: AppConfig, registry: ModelRegistry | None = None, **launch_kwargs):
+    """Builds and launches the app; returns the Blocks (launched with ``prevent_thread_lock`` by tests)."""
+    check_exposure(config)
+    if registry is None:
+        cache = int(config.max_cache_gb * 2**30) if config.max_cache_gb else None
+        registry = ModelRegistry(config.models, quantization=config.quantization, max_cache_bytes=cache)
+        registry.switch(registry.ids[0])
+    demo = build_app(registry, config)
+    demo.launch(
+        server_name=config.host,
+        server_port=config.port,
+        share=config.share,
+        auth=config.auth or None,
+        show_error=True,
+        **launch_kwargs,
+    )
+    return demo
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    config = parse_args(argv)
+    try:
+        serve(config)
+    except ModelLoadError as e:
+        sys.exit(f"Could not load the model: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""The models a server offers: registered ids -> sources, one loaded at a time, switched safely.
+
+The page's dropdown and the HTTP API both read this; a network caller can only name a registered id,
+never a path to load.
+"""
+
+from __future__ import annotations
+
+import gc
+import re
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .chat_model import ChatModel
+from .default_model import NAME as DEFAULT_NAME
+from .loading import load_model
+
+
+def label_for(source: str | None) -> str:
+    """A short readable name for a model source."""
+    if source is None:
+        return f"{DEFAULT_NAME} (embedded)"
+    text = str(source).rstrip("/")
+    if "/" in text and not Path(text).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", text):
+        return text  # a Hub repo id reads best whole
+    return Path(text).name or text
+
+
+@dataclass(frozen=True)
+class Entry:
+    id: str
+    source: str | None
+
+
+class ModelRegistry:
+    """Holds the served model. ``switch`` loads the new one before letting the old one go, so a failed
+    load leaves the previous model serving."""
+
+    def __init__(self, sources: Sequence[str | None], load: Callable[..., ChatModel] = load_model, **load_kwargs):
+        if not sources:
+            raise ValueError("at least one model source is needed")
+        self.entries: dict[str, Entry] = {}
+        for source in sources:
+            base = label = label_for(source)
+            n = 2
+            while label in self.entries:
+                label, n = f"{base} #{n}", n + 1
+            self.entries[label] = Entry(label, source)
+        self._load = load
+        self._load_kwargs = load_kwargs
+        self._lock = threading.Lock()
+        self.current_id: str | None = None
+        self.model: ChatModel | None = None
+        self.loading: str | None = None
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self.entries)
+
+    def get(self, model_id: str | None = None) -> ChatModel:
+        """The loaded model, if ``model_id`` is None or names it; KeyError for an unknown id, LookupError
+        when the id is registered but not the one loaded, RuntimeError while nothing is loaded yet."""
+        if model_id is not None and model_id not in self.entries:
+            raise KeyError(model_id)
+        model = self.model
+        if model is None:
+            raise RuntimeError("no model is loaded yet")
+        if model_id is not None and model_id != self.current_id:
+            raise LookupError(f"{model_id} is not the loaded model ({self.current_id})")
+        return model
+
+    def switch(self, model_id: str, progress: Callable[[float, str], None] | None = None) -> ChatModel:
+        """Loads ``model_id`` and frees the previous model and its session caches.
+
+        Raises KeyError for an unknown id and whatever the load raises (the previous model keeps serving).
+        """
+        entry = self.entries[model_id]
+        with self._lock:
+            if model_id == self.current_id and self.model is not None:
+                return self.model
+            self.loading = model_id
+            try:
+                model = self._load(entry.source, progress=progress, **self._load_kwargs)
+            finally:
+                self.loading = None
+            previous, self.model, self.current_id = self.model, model, model_id
+        if previous is not None:
+            previous.clear_cache()
+            del previous
+            _free_memory()
+        return model
+
+    def clear_session(self, session_id: str) -> None:
+        if self.model is not None:
+            self.model.clear_cache(session_id)
+
+
+def _free_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

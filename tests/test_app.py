@@ -1,0 +1,174 @@
+"""The app over HTTP with gradio_client: streamed multi-turn chat, isolation, model switch, Stop, auth refusal."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from gradio_client import Client
+
+import app
+from llm_backends.serving import ModelRegistry
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.embedded
+# message, system prompt, temperature, top-p, top-k, max new tokens, repetition penalty, seed, thinking
+GREEDY = ("", 0, 1, 0, 24, 1, 0, False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(embedded, qwen3_dir, tmp_path_factory):
+    broken = tmp_path_factory.mktemp("broken")
+    (broken / "config.json").write_text('{"model_type": "qwen3"}')
+    registry = ModelRegistry([None, str(qwen3_dir), str(broken)], max_cache_bytes=2**30)
+    registry.model, registry.current_id = embedded, registry.ids[0]  # reuse the session's loaded default
+    config = app.AppConfig(port=free_port(), concurrency=2)
+    demo = app.serve(config, registry, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{config.port}/", registry
+    demo.close()
+
+
+def chat(client: Client, message: str, *params):
+    job = client.submit(message, *(params or GREEDY), api_name="/chat")
+    updates = [u for u in job]
+    return job.outputs()[-1], updates
+
+
+def answer_of(messages) -> str:
+    return "".join(m["content"] for m in messages if not (m.get("metadata") or {}).get("title"))
+
+
+def test_streamed_multi_turn_chat_on_the_embedded_default(server):
+    url, registry = server
+    client = Client(url, verbose=False)
+    first, updates = chat(client, "The capital of France is")
+    assert len(updates) >= 3, "the reply arrives in several steps"
+    stats = [m for m in first if "to first token" in (m.get("metadata") or {}).get("title", "")]
+    assert stats and answer_of(first).strip()
+    second, _ = chat(client, "And the capital of Italy is")
+    title = [m for m in second if (m.get("metadata") or {}).get("title")][-1]["metadata"]["title"]
+    assert "from cache" in title, "the second turn reused the session cache"
+
+
+def test_two_clients_have_isolated_histories_and_caches(server):
+    url, registry = server
+    a, b = Client(url, verbose=False), Client(url, verbose=False)
+    chat(a, "Tell me about lighthouses.")
+    chat(a, "Who built the first one?")
+    sessions = registry.get().cache_info()["sessions"]
+    b_reply, _ = chat(b, "Who built the first one?")
+    title = [m for m in b_reply if (m.get("metadata") or {}).get("title")][-1]["metadata"]["title"]
+    assert "from cache" not in title, "a new visitor reuses nothing"
+    assert registry.get().cache_info()["sessions"] == sessions + 1
+
+
+def test_stop_stops_the_backend(server):
+    url, registry = server
+    model = registry.get()
+    calls = []
+    handle = model.model.register_forward_hook(lambda *args: calls.append(time.perf_counter()))
+    try:
+        client = Client(url, verbose=False)
+        job = client.submit("Write a long story about the sea.", "", 0, 1, 0, 2000, 1, 0, False, api_name="/chat")
+        deadline = time.time() + 60
+        while len(calls) < 8 and time.time() < deadline:
+            time.sleep(0.05)
+        job.cancel()
+        time.sleep(1.5)
+        settled = len(calls)
+        time.sleep(1.5)
+        assert len(calls) == settled, "the model kept generating after Stop"
+        assert settled < 200
+        assert model.cache_info()["in_use"] == 0
+    finally:
+        handle.remove()
+
+
+def test_model_switch_loads_frees_and_a_failed_load_keeps_serving(server):
+    url, registry = server
+    client = Client(url, verbose=False)
+    default_id, qwen_id, broken_id = registry.ids
+    client.predict(broken_id, api_name="/switch_model")
+    assert registry.current_id == default_id, "a failed load keeps the previous model"
+    client.predict(qwen_id, api_name="/switch_model")
+    assert registry.current_id == qwen_id and registry.get().family.name == "qwen3"
+    reply, _ = chat(client, "Hello", "", 0, 1, 0, 16, 1, 0, True)
+    assert any("Thinking" in (m.get("metadata") or {}).get("title", "") for m in reply)
+    client.predict(default_id, api_name="/switch_model")
+    assert registry.current_id == default_id
+
+
+def test_sharing_without_auth_is_refused():
+    for argv in (["--share"], ["--host", "0.0.0.0"]):
+        with pytest.raises(SystemExit, match="--auth user:password"):
+            app.check_exposure(app.parse_args(argv, env={}))
+    app.check_exposure(app.parse_args(["--host", "0.0.0.0", "--auth", "ann:secret"], env={}))
+    app.check_exposure(app.parse_args(["--host", "0.0.0.0", "--insecure-no-auth"], env={}))
+    app.check_exposure(app.parse_args([], env={"LLM_HOST": "127.0.0.1"}))
+    out = subprocess.run(
+        [sys.executable, "app.py", "--host", "0.0.0.0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "LLM_AUTH": ""},
+    )
+    assert out.returncode != 0 and "Refusing to serve" in out.stderr
+
+
+def test_flags_have_environment_variables(tmp_path):
+    logins = tmp_path / "logins"
+    logins.write_text("ann:one\n# comment\nbob:two\n")
+    config = app.parse_args(
+        [],
+        env={
+            "LLM_MODELS": "a, b",
+            "LLM_PORT": "9000",
+            "LLM_AUTH": str(logins),
+            "LLM_CONCURRENCY": "3",
+            "LLM_SHARE": "true",
+            "LLM_API_KEY": "k",
+        },
+    )
+    assert config.models == ["a", "b"] and config.port == 9000 and config.concurrency == 3
+    assert config.auth == [("ann", "one"), ("bob", "two")] and config.share and config.api_key == "k"
+    assert app.parse_args(["--port", "1234"], env={"LLM_PORT": "9000"}).port == 1234
+    assert app.parse_args([], env={"SPACE_ID": "me/space"}).host == "0.0.0.0"
+
+
+def test_history_sent_to_the_model_leaves_out_thinking_stats_and_notices():
+    history = [
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+        {"role": "assistant", "content": "ponder", "metadata": {"title": "💭 Thinking"}},
+        {"role": "assistant", "content": [{"type": "text", "text": "hello"}], "metadata": {}},
+        {"role": "assistant", "content": "", "metadata": {"title": "0.1 s to first token"}},
+    ]
+    assert app.to_messages("sys", history, "next") == [
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "next"},
+    ]
+
+
+def test_long_conversations_drop_the_oldest_turns(qwen3):
+    turn = "word " * 600
+    messages = [{"role": "system", "content": "s"}]
+    for _ in range(4):
+        messages += [{"role": "user", "content": turn}, {"role": "assistant", "content": turn}]
+    messages.append({"role": "user", "content": "last"})
+    fitted, dropped = app.fit_context(qwen3, messages, reserve=256)
+    assert dropped >= 1 and fitted[0]["role"] == "system" and fitted[1]["role"] == "user"
+    assert fitted[-1] == {"role": "user", "content": "last"}
+    assert len(qwen3.render(fitted)) + 256 <= qwen3.get_model_info()["context_length"]
