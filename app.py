@@ -15,6 +15,8 @@ from pathlib import Path
 import gradio as gr
 
 from llm_backends import ModelLoadError
+from llm_backends.http_api import add_openai_routes
+from llm_backends.remote import RemoteError
 from llm_backends.serving import ModelRegistry
 
 log = logging.getLogger("llm_chat")
@@ -197,8 +199,11 @@ def to_messages(system_prompt: str, history: list[dict], message: str) -> list[d
 
 
 def fit_context(model, messages: list[dict], reserve: int) -> tuple[list[dict], int]:
-    """Drops the oldest turns until the prompt plus ``reserve`` new tokens fits; returns (messages, turns dropped)."""
+    """Drops the oldest turns until the prompt plus ``reserve`` new tokens fits; returns (messages, turns dropped).
+    Remote models count their own tokens, so they are passed through."""
     context = model.get_model_info()["context_length"]
+    if not hasattr(model, "render") or not context:
+        return messages, 0
     head = messages[:1] if messages[0]["role"] == "system" else []
     body = messages[len(head) :]
     dropped = 0
@@ -215,6 +220,25 @@ def stats_line(stats) -> str:
         f"{stats.ttft_s:.2f} s to first token · {stats.tokens_per_s:.1f} tok/s · "
         f"{stats.prompt_tokens} prompt tokens{reused}"
     )
+
+
+def note(title: str) -> gr.ChatMessage:
+    """A page-only line in the chat (stats, notices): titled, so it is never sent back to the model."""
+    return gr.ChatMessage(role="assistant", content="", metadata={"title": title, "status": "done"})
+
+
+def reply_messages(notes: list, answer: str, reasoning: str, stats, started: float) -> list[gr.ChatMessage]:
+    """One reply as the chat shows it: notices, the collapsible thinking, the answer, the stats line."""
+    shown = list(notes)
+    if reasoning:
+        thought = {"title": "💭 Thinking", "status": "done" if answer else "pending"}
+        if answer:
+            thought["duration"] = round(time.perf_counter() - started, 1)
+        shown.append(gr.ChatMessage(role="assistant", content=reasoning, metadata=thought))
+    shown.append(gr.ChatMessage(role="assistant", content=answer))
+    if stats is not None:
+        shown.append(note(stats_line(stats)))
+    return shown
 
 
 def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
@@ -259,37 +283,23 @@ def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
             )
         except ValueError as e:
             raise gr.Error(str(e)) from e
-        notice = []
+        notes = []
         if dropped:
-            notice = [
-                gr.ChatMessage(
-                    role="assistant",
-                    content="",
-                    metadata={
-                        "title": f"⚠️ {dropped} earlier turn(s) left out: the conversation no longer fits the "
-                        f"model's context of {model.get_model_info()['context_length']} tokens",
-                        "status": "done",
-                    },
+            context = model.get_model_info()["context_length"]
+            notes.append(
+                note(
+                    f"⚠️ {dropped} earlier turn(s) left out: the conversation no longer fits the model's "
+                    f"context of {context} tokens"
                 )
-            ]
+            )
         answer, reasoning, started = "", "", time.perf_counter()
-        for chunk in stream:
-            answer += chunk.text
-            reasoning += chunk.reasoning
-            shown = list(notice)
-            if reasoning:
-                thought = {"title": "💭 Thinking", "status": "pending" if not answer else "done"}
-                if answer:
-                    thought["duration"] = round(time.perf_counter() - started, 1)
-                shown.append(gr.ChatMessage(role="assistant", content=reasoning, metadata=thought))
-            shown.append(gr.ChatMessage(role="assistant", content=answer))
-            if chunk.stats is not None:
-                shown.append(
-                    gr.ChatMessage(
-                        role="assistant", content="", metadata={"title": stats_line(chunk.stats), "status": "done"}
-                    )
-                )
-            yield shown
+        try:
+            for chunk in stream:
+                answer += chunk.text
+                reasoning += chunk.reasoning
+                yield reply_messages(notes, answer, reasoning, chunk.stats, started)
+        except RemoteError as e:
+            yield reply_messages([*notes, note(f"⚠️ {e}")], answer, reasoning, None, started)
 
     if config.on_spaces and os.environ.get("SPACE_ID"):
         try:
@@ -398,14 +408,20 @@ def serve(config: AppConfig, registry: ModelRegistry | None = None, **launch_kwa
         registry = ModelRegistry(config.models, quantization=config.quantization, max_cache_bytes=cache)
         registry.switch(registry.ids[0])
     demo = build_app(registry, config)
+    block = not launch_kwargs.pop("prevent_thread_lock", False)
     demo.launch(
         server_name=config.host,
         server_port=config.port,
         share=config.share,
         auth=config.auth or None,
         show_error=True,
+        prevent_thread_lock=True,
         **launch_kwargs,
     )
+    exposed = config.share or not is_loopback(config.host)
+    add_openai_routes(demo.app, registry, api_key=config.api_key, exposed=exposed)
+    if block:
+        demo.block_thread()
     return demo
 
 

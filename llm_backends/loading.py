@@ -9,6 +9,7 @@ from . import default_model
 from .chat_model import ChatModel, ModelInfo
 from .errors import ModelLoadError
 from .registry import family_for
+from .remote import PREFIX, RemoteChatModel
 
 QUANTIZATIONS = ("auto", "nf4", "int8", "none")
 BACKENDS = ("transformers", "auto")
@@ -119,10 +120,13 @@ def load_model(
 ) -> ChatModel:
     """Loads a Gemma 3 or Qwen 3 chat model.
 
-    ``source``: None for the embedded default, a checkpoint folder, a ``.gguf`` file or a Hugging Face repo id.
+    ``source``: None for the embedded default, a checkpoint folder, a ``.gguf`` file, a Hugging Face repo id,
+    or ``openai:<base-url>#<model>`` for a model on another OpenAI-compatible server.
     ``progress(fraction, message)`` hears about the embedded model's one-time conversion.
     Raises ValueError for bad arguments and ModelLoadError when the model cannot be loaded.
     """
+    if isinstance(source, str) and source.startswith(PREFIX):
+        return RemoteChatModel(source)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     if quantization not in QUANTIZATIONS:

@@ -16,12 +16,16 @@ from pathlib import Path
 from .chat_model import ChatModel
 from .default_model import NAME as DEFAULT_NAME
 from .loading import load_model
+from .remote import PREFIX, parse_source
 
 
 def label_for(source: str | None) -> str:
     """A short readable name for a model source."""
     if source is None:
         return f"{DEFAULT_NAME} (embedded)"
+    if str(source).startswith(PREFIX):
+        base, name = parse_source(str(source))
+        return f"{name} @ {base.split('://', 1)[1].split('/', 1)[0]}"
     text = str(source).rstrip("/")
     if "/" in text and not Path(text).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", text):
         return text  # a Hub repo id reads best whole

@@ -57,8 +57,7 @@ def test_streamed_multi_turn_chat_on_the_embedded_default(server):
     stats = [m for m in first if "to first token" in (m.get("metadata") or {}).get("title", "")]
     assert stats and answer_of(first).strip()
     second, _ = chat(client, "And the capital of Italy is")
-    title = [m for m in second if (m.get("metadata") or {}).get("title")][-1]["metadata"]["title"]
-    assert "from cache" in title, "the second turn reused the session cache"
+    assert "from cache" in stats_title(second), "the second turn reused the session cache"
 
 
 def test_two_clients_have_isolated_histories_and_caches(server):
@@ -66,11 +65,16 @@ def test_two_clients_have_isolated_histories_and_caches(server):
     a, b = Client(url, verbose=False), Client(url, verbose=False)
     chat(a, "Tell me about lighthouses.")
     chat(a, "Who built the first one?")
-    sessions = registry.get().cache_info()["sessions"]
     b_reply, _ = chat(b, "Who built the first one?")
-    title = [m for m in b_reply if (m.get("metadata") or {}).get("title")][-1]["metadata"]["title"]
-    assert "from cache" not in title, "a new visitor reuses nothing"
-    assert registry.get().cache_info()["sessions"] == sessions + 1
+    assert "from cache" not in stats_title(b_reply), "a new visitor reuses nothing"
+    a_reply, _ = chat(a, "And the second?")
+    assert "from cache" in stats_title(a_reply), "the first visitor's cache is still theirs"
+    history = b.predict("Hi", *GREEDY, api_name="/chat")
+    assert "lighthouse" not in str(history).lower()
+
+
+def stats_title(messages) -> str:
+    return [m for m in messages if (m.get("metadata") or {}).get("title")][-1]["metadata"]["title"]
 
 
 def test_stop_stops_the_backend(server):

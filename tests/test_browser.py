@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
-from test_app import free_port
 
 import app
 from llm_backends.serving import ModelRegistry
+from test_app import free_port
 
 pytestmark = pytest.mark.embedded
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")

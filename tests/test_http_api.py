@@ -1,0 +1,242 @@
+"""The OpenAI-compatible /v1 API, driven by the official openai client, and the remote backend."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+from gradio_client import Client
+
+import app
+from llm_backends.serving import ModelRegistry
+from test_app import free_port
+
+KEY = "test-key"
+HELLO = [{"role": "user", "content": "Hello, how are you today?"}]
+
+
+@pytest.fixture(scope="module")
+def api(qwen3_dir, gemma3_dir):
+    registry = ModelRegistry([str(qwen3_dir), str(gemma3_dir)], max_cache_bytes=2**28)
+    registry.switch(registry.ids[0])
+    config = app.AppConfig(port=free_port(), api_key=KEY, concurrency=4)
+    demo = app.serve(config, registry, prevent_thread_lock=True, quiet=True)
+    base = f"http://127.0.0.1:{config.port}"
+    yield base, registry
+    demo.close()
+
+
+@pytest.fixture()
+def client(api):
+    base, _ = api
+    return openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0)
+
+
+def test_models_lists_the_dropdown_entries(client, api):
+    _, registry = api
+    assert [m.id for m in client.models.list()] == registry.ids
+
+
+def test_streaming_gives_the_same_greedy_text_as_non_streaming(client, api):
+    model = api[1].ids[0]
+    kwargs = dict(
+        model=model,
+        messages=HELLO,
+        temperature=0,
+        max_tokens=16,
+        extra_body={"chat_template_kwargs": {"enable_thinking": False}},
+    )
+    plain = client.chat.completions.create(**kwargs)
+    assert plain.object == "chat.completion" and plain.choices[0].finish_reason == "length"
+    assert plain.usage.completion_tokens == 16
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content and text
+    assert chunks[-1].usage.completion_tokens == 16
+
+
+def test_thinking_comes_back_as_reasoning_content(client, api):
+    out = client.chat.completions.create(
+        model=api[1].ids[0],
+        messages=HELLO,
+        temperature=0,
+        max_tokens=8,
+        extra_body={"chat_template_kwargs": {"enable_thinking": True}},
+    )
+    assert out.choices[0].message.model_extra.get("reasoning_content")
+
+
+def test_same_user_reuses_the_cache(client, api):
+    model = api[1].ids[0]
+    messages = list(HELLO)
+    first = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=8, user="bob")
+    messages += [
+        {"role": "assistant", "content": first.choices[0].message.content or ""},
+        {"role": "user", "content": "Tell me more."},
+    ]
+    second = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=8, user="bob")
+    assert second.usage.prompt_tokens_details.cached_tokens > 0
+    other = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=8, user="eve")
+    assert other.usage.prompt_tokens_details.cached_tokens == 0
+
+
+def test_wrong_or_missing_key_is_401(api):
+    base, registry = api
+    bad = openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    response = httpx.post(f"{base}/v1/chat/completions", json={"messages": HELLO})
+    assert response.status_code == 401 and response.json()["error"]["type"] == "authentication_error"
+
+
+@pytest.mark.parametrize(
+    "body, status, needle",
+    [
+        ({"model": "nope", "messages": HELLO}, 404, "does not exist"),
+        ({"model": "../../etc/passwd", "messages": HELLO}, 404, "does not exist"),
+        ({"model": "/tmp", "messages": HELLO}, 404, "does not exist"),
+        ({"messages": []}, 400, "empty"),
+        ({"messages": [{"role": "user", "content": 5}]}, 400, "content"),
+        ({"messages": HELLO, "temperature": -1}, 400, "temperature"),
+        ({"messages": HELLO, "max_tokens": 0}, 400, "max_new_tokens"),
+        ({"messages": "hi"}, 400, "messages"),
+        ([1, 2], 400, "object"),
+    ],
+)
+def test_bad_requests_get_openai_shaped_errors(api, body, status, needle):
+    base, _ = api
+    response = httpx.post(f"{base}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert needle in error["message"] and set(error) == {"message", "type", "param", "code"}
+
+
+def test_malformed_json_and_wrong_content_type_are_400(api):
+    base, _ = api
+    auth = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(
+        f"{base}/v1/chat/completions", content=b"{not json", headers={**auth, "Content-Type": "application/json"}
+    )
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    r = httpx.post(f"{base}/v1/chat/completions", content=b"hello", headers={**auth, "Content-Type": "text/plain"})
+    assert r.status_code == 400
+
+
+def test_parallel_users_each_get_their_own_answer(client, api):
+    model = api[1].ids[0]
+    prompts = ["Hello, how are you?", "What is the capital of France?", "Tell me about the sea.", "你好，世界！"]
+
+    def ask(i_prompt):
+        i, prompt = i_prompt
+        out = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": prompt}],
+            temperature=0,
+            max_tokens=12,
+            user=f"par-{i}",
+            extra_body={"chat_template_kwargs": {"enable_thinking": False}},
+        )
+        return out.choices[0].message.content
+
+    reference = [ask((100 + i, p)) for i, p in enumerate(prompts)]
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(ask, enumerate(prompts)))
+    assert answers == reference
+
+
+def test_remote_backend_streams_from_another_instance_through_the_page(api, tmp_path):
+    base, registry = api
+    remote_id = registry.ids[0]
+    source = f"openai:{base}/v1#{remote_id}"
+    front_registry = ModelRegistry([source], max_cache_bytes=2**26)
+    import os
+
+    os.environ["OPENAI_API_KEY"] = KEY
+    try:
+        front_registry.switch(front_registry.ids[0])
+    finally:
+        del os.environ["OPENAI_API_KEY"]
+    config = app.AppConfig(port=free_port())
+    front = app.serve(config, front_registry, prevent_thread_lock=True, quiet=True)
+    try:
+        page = Client(f"http://127.0.0.1:{config.port}/", verbose=False)
+        job = page.submit("Hello, how are you today?", "", 0, 1, 0, 16, 1, 0, False, api_name="/chat")
+        updates = list(job)
+        reply = job.outputs()[-1]
+        answer = "".join(m["content"] for m in reply if not (m.get("metadata") or {}).get("title"))
+        local = registry.get().create(HELLO, temperature=0, max_tokens=16, enable_thinking=False)
+        assert answer == local["choices"][0]["message"]["content"]
+        assert len(updates) >= 2
+    finally:
+        front.close()
+
+
+def test_remote_errors_are_shown_in_the_chat_not_as_tracebacks(api):
+    base, _ = api
+    registry = ModelRegistry([f"openai:{base}/v1#whatever"], max_cache_bytes=2**26)
+    from llm_backends.remote import RemoteChatModel
+
+    registry.model, registry.current_id = (
+        RemoteChatModel(registry.entries[registry.ids[0]].source, check=False),
+        registry.ids[0],
+    )
+    config = app.AppConfig(port=free_port())
+    front = app.serve(config, registry, prevent_thread_lock=True, quiet=True)
+    try:
+        page = Client(f"http://127.0.0.1:{config.port}/", verbose=False)
+        reply = page.predict("Hi", "", 0, 1, 0, 16, 1, 0, False, api_name="/chat")
+        titles = " ".join((m.get("metadata") or {}).get("title", "") for m in reply)
+        assert "401" in titles or "API key" in titles, reply
+    finally:
+        front.close()
+
+
+def test_a_client_that_disconnects_mid_stream_stops_the_generation(api):
+    import time
+
+    base, registry = api
+    model = registry.get()
+    calls = []
+    handle = model.model.register_forward_hook(lambda *args: calls.append(1))
+    body = {"messages": HELLO, "stream": True, "max_tokens": 3000, "temperature": 0, "user": "leaver"}
+    try:
+        with httpx.stream(
+            "POST", f"{base}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}
+        ) as response:
+            for i, _ in enumerate(response.iter_lines()):
+                if i > 6:
+                    break
+        time.sleep(1.0)
+        settled = len(calls)
+        time.sleep(1.0)
+        assert len(calls) == settled, "generation went on after the client left"
+        assert settled < 1000
+        assert model.cache_info()["in_use"] == 0
+    finally:
+        handle.remove()
+
+
+def test_requests_while_a_model_loads_get_503(api):
+    base, registry = api
+    registry.loading = registry.ids[1]
+    try:
+        r = httpx.post(
+            f"{base}/v1/chat/completions", json={"messages": HELLO}, headers={"Authorization": f"Bearer {KEY}"}
+        )
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading"
+    finally:
+        registry.loading = None
+
+
+def test_v1_on_an_exposed_server_without_a_key_is_refused(qwen3_dir):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from llm_backends.http_api import add_openai_routes
+
+    fastapi_app = FastAPI()
+    add_openai_routes(fastapi_app, ModelRegistry([str(qwen3_dir)]), api_key=None, exposed=True)
+    r = TestClient(fastapi_app).get("/v1/models")
+    assert r.status_code == 401 and "--api-key" in r.json()["error"]["message"]
