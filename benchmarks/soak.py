@@ -36,30 +36,43 @@ def parallel(model, n: int) -> dict:
     prompts = [f"Question {i}: tell me about {i * 7} and the sea." for i in range(n)]
 
     def ask(i, session):
-        return "".join(c.text for c in model.stream_chat([{"role": "user", "content": prompts[i]}],
-                                                         session_id=session, **GREEDY))
+        return "".join(
+            c.text for c in model.stream_chat([{"role": "user", "content": prompts[i]}], session_id=session, **GREEDY)
+        )
 
     reference = [ask(i, None) for i in range(n)]
     started = time.perf_counter()
     with ThreadPoolExecutor(n) as pool:
         answers = list(pool.map(lambda i: ask(i, f"p{i}"), range(n)))
-    return {"sessions": n, "mismatches": sum(a != b for a, b in zip(answers, reference, strict=True)),
-            "seconds": round(time.perf_counter() - started, 2)}
+    return {
+        "sessions": n,
+        "mismatches": sum(a != b for a, b in zip(answers, reference, strict=True)),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
 
 
 def eviction(folder: str, n: int, budget: int) -> dict:
     model = load_model(folder, max_cache_bytes=budget)
     peak = 0
     for i in range(n):
-        list(model.stream_chat([{"role": "user", "content": f"Session {i} says hello to the sea."}],
-                               session_id=f"e{i}", **GREEDY))
+        list(
+            model.stream_chat(
+                [{"role": "user", "content": f"Session {i} says hello to the sea."}], session_id=f"e{i}", **GREEDY
+            )
+        )
         peak = max(peak, model.cache_info()["bytes"])
     info = model.cache_info()
     messages = [{"role": "user", "content": "Session 0 says hello to the sea."}]
     again = "".join(c.text for c in model.stream_chat(messages, session_id="e0", **GREEDY))
     fresh = "".join(c.text for c in model.stream_chat(messages, **GREEDY))
-    return {"sessions": n, "budget_bytes": budget, "peak_bytes": peak, "held": info["sessions"],
-            "evictions": info["evictions"], "evicted_session_exact": again == fresh}
+    return {
+        "sessions": n,
+        "budget_bytes": budget,
+        "peak_bytes": peak,
+        "held": info["sessions"],
+        "evictions": info["evictions"],
+        "evicted_session_exact": again == fresh,
+    }
 
 
 def start_stop(model, cycles: int) -> dict:
@@ -81,9 +94,13 @@ def start_stop(model, cycles: int) -> dict:
         cycle(i)
     gc.collect()
     after = list(model.stream_chat(messages, session_id="c0", temperature=0, max_new_tokens=8))
-    return {"cycles": cycles, "seconds": round(time.perf_counter() - started, 1),
-            "thread_growth": threading.active_count() - threads, "rss_growth_mib": mib(process.memory_info().rss - rss),
-            "next_request_ok": after[-1].finish_reason == "length"}
+    return {
+        "cycles": cycles,
+        "seconds": round(time.perf_counter() - started, 1),
+        "thread_growth": threading.active_count() - threads,
+        "rss_growth_mib": mib(process.memory_info().rss - rss),
+        "next_request_ok": after[-1].finish_reason == "length",
+    }
 
 
 def main() -> None:

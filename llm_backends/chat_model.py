@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 
 from . import openai_api
@@ -58,7 +58,15 @@ class ChatModel:
     """A loaded model with its tokenizer, family and per-session caches. Built by ``load_model``."""
 
     def __init__(
-        self, model, tokenizer, family: Family, info: ModelInfo, *, max_cache_bytes: int, max_sessions: int = 256
+        self,
+        model,
+        tokenizer,
+        family: Family,
+        info: ModelInfo,
+        *,
+        max_cache_bytes: int,
+        max_sessions: int = 256,
+        make_engine: Callable[[frozenset[int]], Engine] | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -74,7 +82,7 @@ class ChatModel:
         self.think_ids = (
             tuple(tokenizer.convert_tokens_to_ids(t) for t in family.think_tags) if family.think_tags else None
         )
-        self.engine = Engine(model, stop_ids=self.stop_ids)
+        self.engine = make_engine(self.stop_ids) if make_engine else Engine(model, stop_ids=self.stop_ids)
         self.sessions = SessionStore(max_cache_bytes, max_sessions)
 
     def render(self, messages: list[dict], *, enable_thinking: bool | None = None) -> list[int]:

