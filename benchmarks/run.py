@@ -138,10 +138,13 @@ def users(counts: list[int]) -> list[dict]:
         started, first, tokens = time.perf_counter(), None, 0
         with httpx.stream("POST", url, json=body, timeout=600) as response:
             for line in response.iter_lines():
-                if line.startswith("data: {") and '"content"' in line:
+                if not line.startswith("data: {"):
+                    continue
+                event = json.loads(line[6:])
+                if any(c["delta"].get("content") for c in event["choices"]):
                     first = first or time.perf_counter()
-                if '"usage"' in line and '"completion_tokens"' in line:
-                    tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+                if event.get("usage"):
+                    tokens = event["usage"]["completion_tokens"]
         return (first or time.perf_counter()) - started, tokens
 
     rows = []

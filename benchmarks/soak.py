@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import sys
 import tempfile
@@ -81,8 +82,8 @@ def start_stop(model, cycles: int) -> dict:
 
     def cycle(i):
         stream = model.stream_chat(messages, session_id=f"c{i % 8}", max_new_tokens=500, temperature=0.8)
-        next(stream)
-        next(stream)
+        for _ in itertools.islice(stream, 2):  # a couple of chunks (a sampled stop token may end it sooner)
+            pass
         stream.close()
 
     for i in range(20):

@@ -1,0 +1,95 @@
+"""The MLX backend (mlx[cpu] on Linux): the same surface and exact cache reuse as the transformers backend."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import CI
+
+from llm_backends import load_model
+from llm_backends.mlx_backend import available
+
+if not available():
+    if CI:
+        raise RuntimeError("CI must run the MLX tests: pip install -r requirements-mlx.txt (tests/run.sh does)")
+    pytest.importorskip("mlx_lm", reason="mlx and mlx-lm are not installed (pip install -r requirements-mlx.txt)")
+
+from test_cache_reuse import Conversation, run_script  # noqa: E402
+
+HELLO = [{"role": "user", "content": "Hello, how are you today?"}]
+
+
+@pytest.fixture(scope="module")
+def mlx_qwen3(qwen3_dir):
+    return load_model(str(qwen3_dir), backend="mlx", max_cache_bytes=2**28)
+
+
+@pytest.fixture(scope="module")
+def mlx_gemma3(gemma3_dir):
+    return load_model(str(gemma3_dir), backend="mlx", max_cache_bytes=2**28)
+
+
+def test_model_info_reports_the_mlx_backend(mlx_qwen3, mlx_gemma3):
+    info = mlx_qwen3.get_model_info()
+    assert info["backend"] == "mlx" and info["family"] == "qwen3" and info["quantization"] == "none"
+    assert mlx_gemma3.get_model_info()["family"] == "gemma3"
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+def test_mlx_qwen3_reuse_equals_recompute_across_a_script(mlx_qwen3, thinking):
+    c = run_script(Conversation(mlx_qwen3, f"mlx-qwen-{thinking}", restore_points=False, enable_thinking=thinking))
+    assert sum(c.cached) > 0
+
+
+def test_mlx_gemma3_reuse_equals_recompute_past_its_window(mlx_gemma3):
+    c = Conversation(mlx_gemma3, "mlx-gemma", restore_points=False, max_new_tokens=24)
+    for turn in ("Hello, how are you today?", "Tell me about the sea and the sky.", "What is the capital of France?"):
+        c.ask(turn)
+    assert max(c.prompts) > 16 * 4, "past the 16-token sliding window"
+    c.retry()
+    c.undo()
+    c.ask("A different question.")
+    c.ask_and_stop("Numbers 0 1 2 3", after_chunks=2)
+    c.ask("And now?")
+
+
+def test_mlx_closing_a_stream_stops_it(mlx_qwen3):
+    stream = mlx_qwen3.stream_chat(HELLO, session_id="mlx-close", temperature=0, max_new_tokens=500)
+    next(stream)
+    stream.close()
+    assert mlx_qwen3.cache_info()["in_use"] == 0
+    entry = mlx_qwen3.sessions._entries["mlx-close"]
+    assert len(entry.ids) < 40, "generation stopped at the close"
+
+
+def test_mlx_create_has_the_openai_shape(mlx_qwen3):
+    out = mlx_qwen3.create(HELLO, temperature=0, max_tokens=6)
+    assert out["object"] == "chat.completion" and out["usage"]["completion_tokens"] == 6
+    events = list(mlx_qwen3.create(HELLO, temperature=0, max_tokens=6, stream=True))
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_mlx_bad_input_raises_value_error(mlx_qwen3):
+    with pytest.raises(ValueError):
+        mlx_qwen3.stream_chat([])
+    with pytest.raises(ValueError):
+        mlx_qwen3.stream_chat(HELLO, temperature=float("nan"))
+
+
+def test_mlx_4bit_model_loads_and_reports_its_quantization(qwen3_dir, tmp_path):
+    from mlx_lm import convert
+
+    out = tmp_path / "q4"
+    convert(str(qwen3_dir), mlx_path=str(out), quantize=True, q_bits=4, q_group_size=32)
+    model = load_model(str(out), backend="mlx")
+    assert model.get_model_info()["quantization"] == "mlx-4bit"
+    assert list(model.stream_chat(HELLO, temperature=0, max_new_tokens=4))[-1].stats.completion_tokens == 4
+
+
+def test_mlx_runs_the_converted_embedded_gemma(embedded):
+    from llm_backends.default_model import default_checkpoint
+
+    model = load_model(str(default_checkpoint()), backend="mlx")
+    c = Conversation(model, "mlx-embedded", restore_points=False, max_new_tokens=12)
+    c.ask("The capital of France is")
+    c.ask("And the capital of Italy is")
+    assert c.cached[-1] > 0
