@@ -78,7 +78,8 @@ def parse_args(argv: Sequence[str] | None = None, env: dict | None = None) -> Ap
         action="append",
         dest="models",
         metavar="SRC",
-        help="a checkpoint folder, a .gguf file or a Hub repo id; repeat for more dropdown entries "
+        help="a checkpoint folder, a .gguf file, a Hub repo id, mlx:FOLDER (MLX backend) or "
+        "openai:BASE_URL#MODEL (a remote OpenAI-compatible server); repeat for more dropdown entries "
         "(default: the embedded Gemma 3 270M) [LLM_MODELS, comma-separated]",
     )
     parser.add_argument(

@@ -13,6 +13,7 @@ from .remote import PREFIX, RemoteChatModel
 
 QUANTIZATIONS = ("auto", "nf4", "int8", "none")
 BACKENDS = ("transformers", "mlx", "auto")
+MLX_PREFIX = "mlx:"  # a source written mlx:<folder> loads with the MLX backend (so the app's --model can pick it)
 DTYPES = {
     "float32": "float32",
     "fp32": "float32",
@@ -127,12 +128,15 @@ def load_model(
     """Loads a Gemma 3 or Qwen 3 chat model.
 
     ``source``: None for the embedded default, a checkpoint folder, a ``.gguf`` file, a Hugging Face repo id,
-    or ``openai:<base-url>#<model>`` for a model on another OpenAI-compatible server.
+    ``openai:<base-url>#<model>`` for a model on another OpenAI-compatible server, or ``mlx:<folder>``
+    (the same as ``backend="mlx"``).
     ``progress(fraction, message)`` hears about the embedded model's one-time conversion.
     Raises ValueError for bad arguments and ModelLoadError when the model cannot be loaded.
     """
     if isinstance(source, str) and source.startswith(PREFIX):
         return RemoteChatModel(source)
+    if isinstance(source, str) and source.startswith(MLX_PREFIX):
+        source, backend = source[len(MLX_PREFIX) :], "mlx"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     if quantization not in QUANTIZATIONS:

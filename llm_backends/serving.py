@@ -27,6 +27,8 @@ def label_for(source: str | None) -> str:
         base, name = parse_source(str(source))
         return f"{name} @ {base.split('://', 1)[1].split('/', 1)[0]}"
     text = str(source).rstrip("/")
+    if text.startswith("mlx:"):
+        return f"{Path(text[4:]).name} (mlx)"
     if "/" in text and not Path(text).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", text):
         return text  # a Hub repo id reads best whole
     return Path(text).name or text

@@ -93,3 +93,11 @@ def test_mlx_runs_the_converted_embedded_gemma(embedded):
     c.ask("The capital of France is")
     c.ask("And the capital of Italy is")
     assert c.cached[-1] > 0
+
+
+def test_the_page_dropdown_can_hold_an_mlx_model(qwen3_dir):
+    from llm_backends.serving import ModelRegistry
+
+    registry = ModelRegistry([f"mlx:{qwen3_dir}"], max_cache_bytes=2**26)
+    assert registry.ids == [f"{qwen3_dir.name} (mlx)"]
+    assert registry.switch(registry.ids[0]).get_model_info()["backend"] == "mlx"
