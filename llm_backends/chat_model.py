@@ -54,7 +54,29 @@ class ChatStream:
         self._chunks.close()
 
 
-class ChatModel:
+class OpenAISurface:
+    """What every chat model offers on top of ``stream_chat``: OpenAI-shaped ``create`` and its info dict."""
+
+    info: ModelInfo
+
+    def create(self, messages, temperature=0.7, max_tokens=512, top_p=1.0, model=None, stream=False, **kwargs):
+        """An OpenAI chat.completion dict, or with ``stream=True`` an iterator of chat.completion.chunk dicts."""
+        return openai_api.create(
+            self,
+            messages,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            top_p=top_p,
+            model=model,
+            stream=stream,
+            **kwargs,
+        )
+
+    def get_model_info(self) -> dict:
+        return asdict(self.info)
+
+
+class ChatModel(OpenAISurface):
     """A loaded model with its tokenizer, family and per-session caches. Built by ``load_model``."""
 
     def __init__(
@@ -172,33 +194,16 @@ class ChatModel:
             if lease is not None:
                 self.sessions.checkin(lease, entry)
         text, reasoning = reply.flush()
-        n = len(run.completion_ids)
-        end = time.perf_counter()
-        stats = Stats(
+        stats = Stats.timed(
             prompt_tokens=len(prompt_ids),
             cached_tokens=run.cached_tokens,
-            completion_tokens=n,
-            ttft_s=(first or end) - started,
-            tokens_per_s=(n - 1) / (last - first) if n > 1 and last > first else 0.0,
-            total_s=end - started,
+            completion_tokens=len(run.completion_ids),
+            started=started,
+            first=first,
+            last=last,
+            end=time.perf_counter(),
         )
         yield Chunk(text=text, reasoning=reasoning, finish_reason=finish, stats=stats)
-
-    def create(self, messages, temperature=0.7, max_tokens=512, top_p=1.0, model=None, stream=False, **kwargs):
-        """An OpenAI chat.completion dict, or with ``stream=True`` an iterator of chat.completion.chunk dicts."""
-        return openai_api.create(
-            self,
-            messages,
-            temperature=temperature,
-            max_tokens=max_tokens,
-            top_p=top_p,
-            model=model,
-            stream=stream,
-            **kwargs,
-        )
-
-    def get_model_info(self) -> dict:
-        return asdict(self.info)
 
     def cache_info(self) -> dict:
         """Sessions held, their bytes, the byte budget, the session limit, evictions so far, streams running."""

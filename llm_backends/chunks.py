@@ -19,6 +19,30 @@ class Stats:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def timed(
+        cls,
+        *,
+        prompt_tokens: int,
+        cached_tokens: int,
+        completion_tokens: int,
+        started: float,
+        first: float | None,
+        last: float | None,
+        end: float,
+    ) -> Stats:
+        """Stats from perf_counter stamps: request start, first and last token, end. Decode speed counts the
+        tokens after the first over the time between first and last."""
+        n = completion_tokens
+        return cls(
+            prompt_tokens=prompt_tokens,
+            cached_tokens=cached_tokens,
+            completion_tokens=n,
+            ttft_s=(first or end) - started,
+            tokens_per_s=(n - 1) / (last - first) if first and last and n > 1 and last > first else 0.0,
+            total_s=end - started,
+        )
+
 
 @dataclass(frozen=True)
 class Chunk:

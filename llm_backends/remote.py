@@ -12,12 +12,10 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict
 
 import httpx
 
-from . import openai_api
-from .chat_model import ChatStream, ModelInfo
+from .chat_model import ChatStream, ModelInfo, OpenAISurface
 from .chunks import Chunk, Stats
 from .errors import ModelLoadError
 from .families.base import Family, SamplingDefaults
@@ -46,7 +44,7 @@ def parse_source(source: str) -> tuple[str, str]:
     return base.rstrip("/"), name
 
 
-class RemoteChatModel:
+class RemoteChatModel(OpenAISurface):
     """Streams from an OpenAI-compatible ``/chat/completions``; API key from $OPENAI_API_KEY if set."""
 
     def __init__(self, source: str, *, timeout: float = 60.0, api_key: str | None = None, check: bool = True):
@@ -131,7 +129,7 @@ class RemoteChatModel:
 
     def _chunks(self, body: dict, cancel: threading.Event) -> Iterator[Chunk]:
         started = time.perf_counter()
-        first = None
+        first = last = None
         finish, usage, completion = None, {}, 0
         try:
             with httpx.stream(
@@ -155,7 +153,8 @@ class RemoteChatModel:
                         reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
                         finish = choice.get("finish_reason") or finish
                         if text or reasoning:
-                            first = first or time.perf_counter()
+                            last = time.perf_counter()
+                            first = first or last
                             completion += 1
                             yield Chunk(text=text, reasoning=reasoning)
                     if cancel.is_set():
@@ -165,32 +164,16 @@ class RemoteChatModel:
             raise RemoteError(f"{self.base_url} did not answer within {self.timeout:.0f} s") from e
         except httpx.HTTPError as e:
             raise RemoteError(f"cannot reach {self.base_url}: {e}") from e
-        end = time.perf_counter()
-        n = usage.get("completion_tokens", completion)
-        stats = Stats(
+        stats = Stats.timed(
             prompt_tokens=usage.get("prompt_tokens", 0),
             cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0) or 0,
-            completion_tokens=n,
-            ttft_s=(first or end) - started,
-            tokens_per_s=(n - 1) / (end - first) if first and n > 1 and end > first else 0.0,
-            total_s=end - started,
+            completion_tokens=usage.get("completion_tokens", completion),
+            started=started,
+            first=first,
+            last=last,
+            end=time.perf_counter(),
         )
         yield Chunk(finish_reason=finish or "stop", stats=stats)
-
-    def create(self, messages, temperature=0.7, max_tokens=512, top_p=1.0, model=None, stream=False, **kwargs):
-        return openai_api.create(
-            self,
-            messages,
-            temperature=temperature,
-            max_tokens=max_tokens,
-            top_p=top_p,
-            model=model,
-            stream=stream,
-            **kwargs,
-        )
-
-    def get_model_info(self) -> dict:
-        return asdict(self.info)
 
     def cache_info(self) -> dict:
         return {"sessions": 0, "bytes": 0, "budget_bytes": 0, "max_sessions": 0, "evictions": 0, "in_use": 0}
