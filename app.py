@@ -267,7 +267,10 @@ def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
         thinking,
         request: gr.Request,
     ):
-        model = registry.get()
+        try:
+            model = registry.wait_ready(timeout=600)
+        except RuntimeError as e:
+            raise gr.Error(str(e)) from e
         messages = to_messages(system_prompt, history, message)
         try:
             messages, dropped = fit_context(model, messages, reserve=min(int(max_new_tokens), 1024))
@@ -320,6 +323,8 @@ def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
         return (gr.update(value=model_id), *family_controls(model), info_text())
 
     def info_text():
+        if registry.model is None:
+            return f"⏳ {registry.load_error or f'loading {registry.loading or registry.ids[0]}…'}"
         info = registry.get().get_model_info()
         size = info["memory_footprint_bytes"] / 2**20
         return (
@@ -336,12 +341,16 @@ def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
         )
 
     def on_load():
-        return (gr.update(value=registry.current_id), *family_controls(registry.get()), info_text())
+        try:
+            model = registry.wait_ready(timeout=600)
+        except RuntimeError:
+            return (gr.update(), *[gr.update()] * 4, info_text())
+        return (gr.update(value=registry.current_id), *family_controls(model), info_text())
 
     def forget_session(request: gr.Request):
         registry.clear_session(request.session_hash)
 
-    model = registry.get()
+    can_think = registry.model is not None and registry.model.family.can_think
     with gr.Blocks(title="Local LLM chat", fill_height=True) as demo:
         with gr.Row():
             dropdown = gr.Dropdown(
@@ -363,8 +372,8 @@ def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
                 repetition_penalty = gr.Slider(1.0, 2.0, value=1.0, step=0.05, label="Repetition penalty")
                 seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)")
         thinking = gr.Checkbox(
-            value=model.family.can_think,
-            visible=model.family.can_think,
+            value=can_think,
+            visible=can_think,
             label="Thinking (reasoning shown collapsed, never sent back to the model)",
         )
         chatbot = gr.Chatbot(label="Chat", height=520, buttons=["copy"])
@@ -393,21 +402,23 @@ def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
         )
         chatbot.clear(forget_session, None, None, **hidden)
         controls = [temperature, top_p, top_k, thinking]
-        dropdown.change(switch_model, [dropdown], [dropdown, *controls, info], concurrency_limit=1)
+        dropdown.input(switch_model, [dropdown], [dropdown, *controls, info], concurrency_limit=1)
         thinking.change(thinking_defaults, [thinking], [temperature, top_p, top_k], **hidden)
-        demo.load(on_load, None, [dropdown, *controls, info], **hidden)
+        demo.load(on_load, None, [dropdown, *controls, info], api_visibility="undocumented", concurrency_limit=None)
         demo.unload(forget_session)
     demo.queue(default_concurrency_limit=config.concurrency, max_size=256)
     return demo
 
 
 def serve(config: AppConfig, registry: ModelRegistry | None = None, **launch_kwargs):
-    """Builds and launches the app; returns the Blocks (launched with ``prevent_thread_lock`` by tests)."""
+    """Builds and launches the app, loading the first model in the background if none is loaded yet;
+    returns the Blocks (launched with ``prevent_thread_lock`` by tests)."""
     check_exposure(config)
     if registry is None:
         cache = int(config.max_cache_gb * 2**30) if config.max_cache_gb else None
         registry = ModelRegistry(config.models, quantization=config.quantization, max_cache_bytes=cache)
-        registry.switch(registry.ids[0])
+    if registry.model is None and registry.loading is None:
+        registry.load_in_background(registry.ids[0])  # the page opens while the model loads
     demo = build_app(registry, config)
     block = not launch_kwargs.pop("prevent_thread_lock", False)
     demo.launch(

@@ -7,6 +7,7 @@ never a path to load.
 from __future__ import annotations
 
 import gc
+import logging
 import re
 import threading
 from collections.abc import Callable, Sequence
@@ -17,6 +18,8 @@ from .chat_model import ChatModel
 from .default_model import NAME as DEFAULT_NAME
 from .loading import load_model
 from .remote import PREFIX, parse_source
+
+log = logging.getLogger(__name__)
 
 
 def label_for(source: str | None) -> str:
@@ -60,6 +63,8 @@ class ModelRegistry:
         self.current_id: str | None = None
         self.model: ChatModel | None = None
         self.loading: str | None = None
+        self.load_error: str | None = None
+        self._ready = threading.Event()
 
     @property
     def ids(self) -> list[str]:
@@ -92,11 +97,33 @@ class ModelRegistry:
             finally:
                 self.loading = None
             previous, self.model, self.current_id = self.model, model, model_id
+            self._ready.set()
         if previous is not None:
             previous.clear_cache()
             del previous
             _free_memory()
         return model
+
+    def wait_ready(self, timeout: float | None = None) -> ChatModel:
+        """The loaded model, waiting up to ``timeout`` s for a first load; RuntimeError if none arrives."""
+        if self.model is None and not self._ready.wait(timeout):
+            raise RuntimeError(self.load_error or "the model is still loading")
+        return self.get()
+
+    def load_in_background(self, model_id: str) -> threading.Thread:
+        """Starts loading ``model_id`` so a server can answer (with 503 / a wait) while it loads."""
+
+        def run():
+            try:
+                self.switch(model_id)
+            except Exception as e:  # reported to callers of wait_ready and in the page
+                self.load_error = f"could not load {model_id}: {e}"
+                log.error(self.load_error)
+
+        self.loading = model_id
+        thread = threading.Thread(target=run, name="model-load", daemon=True)
+        thread.start()
+        return thread
 
     def clear_session(self, session_id: str) -> None:
         if self.model is not None:

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -176,3 +177,33 @@ def test_long_conversations_drop_the_oldest_turns(qwen3):
     assert dropped >= 1 and fitted[0]["role"] == "system" and fitted[1]["role"] == "user"
     assert fitted[-1] == {"role": "user", "content": "last"}
     assert len(qwen3.render(fitted)) + 256 <= qwen3.get_model_info()["context_length"]
+
+
+def test_the_page_opens_while_the_model_loads(qwen3_dir):
+    import httpx
+
+    from llm_backends import load_model
+
+    release = threading.Event()
+
+    def slow_load(source, **kwargs):
+        release.wait(30)
+        return load_model(source, max_cache_bytes=2**26)
+
+    registry = ModelRegistry([str(qwen3_dir)], load=slow_load)
+    config = app.AppConfig(port=free_port())
+    demo = app.serve(config, registry, prevent_thread_lock=True, quiet=True)
+    try:
+        base = f"http://127.0.0.1:{config.port}"
+        assert httpx.get(base + "/", timeout=10).status_code == 200, "the page is up before the model"
+        r = httpx.post(base + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading"
+        client = Client(base + "/", verbose=False)
+        job = client.submit("Hello", "", 0, 1, 0, 16, 1, 0, False, api_name="/chat")
+        time.sleep(0.5)
+        release.set()
+        assert job.result(timeout=60), "a message sent during the load is answered once it finishes"
+        assert registry.get().get_model_info()["family"] == "qwen3"
+    finally:
+        release.set()
+        demo.close()
