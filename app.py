@@ -16,6 +16,7 @@ import gradio as gr
 
 from llm_backends import ModelLoadError
 from llm_backends.http_api import add_openai_routes
+from llm_backends.loading import QUANTIZATIONS
 from llm_backends.remote import RemoteError
 from llm_backends.serving import ModelRegistry
 
@@ -84,8 +85,8 @@ def parse_args(argv: Sequence[str] | None = None, env: dict | None = None) -> Ap
     )
     parser.add_argument(
         "--quantization",
-        choices=["auto", "nf4", "int8", "none"],
-        help="auto: NF4 on CUDA, none on CPU [LLM_QUANTIZATION]",
+        choices=QUANTIZATIONS,
+        help="auto: NF4 on CUDA, packed fp16 weights on x86 CPU; fp16, nf4, int8, none [LLM_QUANTIZATION]",
     )
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1) [LLM_HOST]")
     parser.add_argument("--port", type=int, help="port (default 7860) [LLM_PORT]")
@@ -139,8 +140,8 @@ def parse_args(argv: Sequence[str] | None = None, env: dict | None = None) -> Ap
     config.insecure_no_auth = bool(pick("insecure_no_auth", bool))
     if config.concurrency < 1:
         raise SystemExit("--concurrency must be at least 1")
-    if config.quantization not in ("auto", "nf4", "int8", "none"):
-        raise SystemExit(f"LLM_QUANTIZATION must be auto, nf4, int8 or none, not {config.quantization!r}")
+    if config.quantization not in QUANTIZATIONS:
+        raise SystemExit(f"LLM_QUANTIZATION must be one of {', '.join(QUANTIZATIONS)}, not {config.quantization!r}")
     return config
 
 

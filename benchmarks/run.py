@@ -338,14 +338,21 @@ def plots(results: dict, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "ttft_per_turn.png", dpi=110)
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(12, 3.6))
     runs = results["precisions"] + ([results["peer"]] if results.get("peer") else [])
     a.bar([r["precision"] for r in runs], [statistics.median(t["decode_tok_s"] for t in r["turns"]) for r in runs])
-    a.set(ylabel="decode tok/s", title="by precision")
+    a.set(ylabel="decode tok/s", title="one session, by precision")
     a.tick_params(axis="x", labelsize=7)
+    for run in results["precisions"]:
+        steps = run.get("batched_steps", [])
+        b.plot([r["sessions"] for r in steps], [r["tok_s"] for r in steps], marker="o", label=run["precision"])
+    b.set(xlabel="sessions in one forward pass", ylabel="aggregate tok/s", title="batched decode (engine)")
+    b.legend(fontsize=7)
     if results.get("users"):
-        b.bar([str(u["users"]) for u in results["users"]], [u["aggregate_tok_s"] for u in results["users"]])
-        b.set(xlabel="simultaneous sessions", ylabel="aggregate tok/s", title="by users (default precision, HTTP)")
+        c.bar([str(u["users"]) for u in results["users"]], [u["aggregate_tok_s"] for u in results["users"]])
+        c.set(xlabel="simultaneous sessions", ylabel="aggregate tok/s", title="many users over HTTP (default)")
+    else:
+        c.set_axis_off()
     fig.tight_layout()
     fig.savefig(out / "tokens_per_s.png", dpi=110)
 
@@ -357,10 +364,16 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when there is one)")
     parser.add_argument("--out", type=Path, default=OUT, help="folder for results.json, results.md and the plots")
     parser.add_argument("--no-page", action="store_true", help="skip the page-ready measurement")
+    parser.add_argument("--replot", action="store_true", help="redraw results.md and the plots from results.json")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(script(args.one, args.device)))
+        return
+    if args.replot:
+        results = json.loads((args.out / "results.json").read_text())
+        (args.out / "results.md").write_text(markdown(results))
+        plots(results, args.out)
         return
     args.out.mkdir(parents=True, exist_ok=True)
     results = {"precisions": []}

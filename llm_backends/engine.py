@@ -78,6 +78,8 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.max_checkpoints = max_checkpoints
         self.device = next(model.parameters()).device
+        # One forward at a time: concurrent prefills and decode batches would only fight over the cores.
+        self.compute = threading.Lock()
         self.batcher = DecodeBatcher(self, max_batch) if max_batch > 1 and _use_row_attention(model) else None
 
     def decode(self, entry: CacheEntry, token: int) -> torch.Tensor:
@@ -98,7 +100,7 @@ class Engine:
         masks = dict.fromkeys(set(getattr(self.model.config.get_text_config(), "layer_types", None) or ()), None)
         masks.setdefault("full_attention", None)
         try:
-            with _attention_backends(self.device):
+            with self.compute, _attention_backends(self.device):
                 out = self.model(
                     input_ids=input_ids,
                     position_ids=positions,
@@ -128,7 +130,7 @@ class Engine:
         """
         input_ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
         try:
-            with _attention_backends(self.device):
+            with self.compute, _attention_backends(self.device):
                 out = self.model(input_ids=input_ids, past_key_values=entry.cache, use_cache=True, logits_to_keep=1)
         except BaseException:
             entry.reset()
@@ -251,15 +253,17 @@ def _use_row_attention(model) -> bool:
 
 
 def _attention_backends(device: torch.device):
-    """On CUDA, sdpa without cuDNN: cuDNN plans a kernel per new key length, which halved decode speed on an
-    H100 (24 vs 12 tok/s, docs/benchmarks.md); flash / memory-efficient kernels take any length."""
+    """On CUDA, sdpa's math kernel only. The flash / memory-efficient kernels sum in an order that depends on
+    the query and key lengths, so a prompt read in two parts (reuse) and in one (fresh) drifted apart and
+    changed greedy answers of the tiny test models on an H100; the math kernel kept them equal there (fp32
+    and bf16). cuDNN's kernel also plans anew for every key length, which halved decode speed."""
     from contextlib import nullcontext
 
     if device.type != "cuda":
         return nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 @dataclass(eq=False)

@@ -13,6 +13,8 @@ embedding and output head hold the same rounded values.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -64,20 +66,23 @@ def pack_model(model: nn.Module) -> int:
     embeddings = model.get_input_embeddings()
     head = model.get_output_embeddings()
     packed_bytes = 0
-    replaced: dict[int, nn.Module] = {}
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                if id(child) not in replaced:
-                    replaced[id(child)] = PackedLinearFP16(child)
-                    packed_bytes += replaced[id(child)].nbytes
-                setattr(parent, name, replaced[id(child)])
-            elif child is embeddings:
-                if id(child) not in replaced:
-                    replaced[id(child)] = EmbeddingFP16(child)
-                setattr(parent, name, replaced[id(child)])
+    done: dict[int, nn.Module] = {}  # a module reached under two names (tied) is replaced by one object
+    # Walk by name and drop each fp32 Linear as soon as it is packed, so the load peaks near one copy.
+    for name in [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or m is embeddings]:
+        parent_name, _, attribute = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        child = getattr(parent, attribute)
+        if id(child) not in done:
+            done[id(child)] = PackedLinearFP16(child) if isinstance(child, nn.Linear) else EmbeddingFP16(child)
+            packed_bytes += getattr(done[id(child)], "nbytes", 0)
+        setattr(parent, attribute, done[id(child)])
+        del child
     if head is not None and not isinstance(model.get_output_embeddings(), PackedLinearFP16):
         raise RuntimeError("the output head was not packed")
     model.float()  # norms and other small parameters in fp32 (the fp16 embedding table is kept below)
     embeddings.weight.data = embeddings.weight.data.half()
+    # The loaded weights may be views of the memory-mapped checkpoint: copy what is left, so the mapping
+    # (the fp32 weights now packed) is released instead of staying resident.
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        tensor.data = tensor.data.clone()
     return packed_bytes

@@ -17,6 +17,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_models import build_gemma3, build_qwen3  # noqa: E402
 
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# How the tiny test models load; on a GPU machine e.g. LLM_TEST_DEVICE=cuda LLM_TEST_QUANTIZATION=none
+# LLM_TEST_DTYPE=float32 (the default there would be NF4 with bf16 arithmetic).
+TINY_LOAD = {
+    key: os.environ[f"LLM_TEST_{key.upper()}"]
+    for key in ("device", "quantization", "dtype")
+    if os.environ.get(f"LLM_TEST_{key.upper()}")
+}
 
 
 @pytest.fixture(scope="session")
@@ -33,14 +40,14 @@ def qwen3_dir(tmp_path_factory) -> Path:
 def gemma3(gemma3_dir):
     from llm_backends import load_model
 
-    return load_model(str(gemma3_dir), max_cache_bytes=256 * 2**20)
+    return load_model(str(gemma3_dir), max_cache_bytes=256 * 2**20, **TINY_LOAD)
 
 
 @pytest.fixture(scope="session")
 def qwen3(qwen3_dir):
     from llm_backends import load_model
 
-    return load_model(str(qwen3_dir), max_cache_bytes=256 * 2**20)
+    return load_model(str(qwen3_dir), max_cache_bytes=256 * 2**20, **TINY_LOAD)
 
 
 @pytest.fixture(scope="session")
