@@ -46,7 +46,7 @@ class AppConfig:
     share: bool = False
     auth: list[tuple[str, str]] = field(default_factory=list)
     max_cache_gb: float | None = None
-    concurrency: int = 2
+    concurrency: int = 8
     api_key: str | None = None
     insecure_no_auth: bool = False
     on_spaces: bool = False
@@ -108,7 +108,8 @@ def parse_args(argv: Sequence[str] | None = None, env: dict | None = None) -> Ap
     parser.add_argument(
         "--concurrency",
         type=int,
-        help="replies generated at once; later requests wait in the queue (default 2) [LLM_CONCURRENCY]",
+        help="replies generated at once (their decode steps share one batch); later requests wait in the queue "
+        "(default 8) [LLM_CONCURRENCY]",
     )
     parser.add_argument("--api-key", help="key required by the /v1 HTTP API [LLM_API_KEY]")
     parser.add_argument(
