@@ -318,15 +318,17 @@ class DecodeBatcher:
             step.done.wait()
             if not step.lead:
                 return self._result(step)
-        while step.logits is None and step.error is None:
-            self._run(self._take())
-        with self._lock:
-            if self._pending:
-                successor = self._pending[0]
-                successor.lead = True
-                successor.done.set()
-            else:
-                self._running = False
+        try:
+            while step.logits is None and step.error is None:
+                self._run(self._take())
+        finally:  # whatever happens, the lead passes on: a lost lead would stall every session
+            with self._lock:
+                if self._pending:
+                    successor = self._pending[0]
+                    successor.lead = True
+                    successor.done.set()
+                else:
+                    self._running = False
         return self._result(step)
 
     def _take(self) -> list[_Step]:
