@@ -7,17 +7,18 @@ import ipaddress
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import gradio as gr
 
-from llm_backends import ModelLoadError
+from llm_backends import BackendError, ChatModel, ChatRequest, ChatStream, ModelLoadError, SessionKey
 from llm_backends.http_api import add_openai_routes
 from llm_backends.loading import QUANTIZATIONS
-from llm_backends.remote import RemoteError
+from llm_backends.request import DEFAULT_MAX_NEW_TOKENS
 from llm_backends.serving import ModelRegistry
 
 log = logging.getLogger("llm_chat")
@@ -178,6 +179,45 @@ def check_exposure(config: AppConfig) -> None:
 # --- the page ---------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ChatSettings:
+    """The page's controls for one reply. Their order here is the order of ChatInterface's
+    ``additional_inputs`` (and of the ``/chat`` API's parameters after the message): both are built from it."""
+
+    system_prompt: str
+    temperature: float
+    top_p: float
+    top_k: int
+    max_new_tokens: int
+    repetition_penalty: float
+    seed: int | None
+    thinking: bool
+
+    @classmethod
+    def from_inputs(cls, values: Sequence) -> ChatSettings:
+        return cls(**dict(zip((f.name for f in fields(cls)), values, strict=True)))
+
+    def request(self, model: ChatModel, messages: list[dict], session: SessionKey) -> ChatRequest:
+        """The reply's request: what the page shows is what it sends; oldest turns are dropped to fit."""
+        return model.request(
+            messages,
+            session=session,
+            temperature=float(self.temperature),
+            top_p=float(self.top_p),
+            top_k=int(self.top_k),
+            max_new_tokens=int(self.max_new_tokens),
+            repetition_penalty=float(self.repetition_penalty),
+            seed=None if self.seed in (None, "", -1) else int(self.seed),
+            thinking=bool(self.thinking) if model.capabilities.thinking else None,
+            fit_context=True,
+        )
+
+
+def page_session(request: gr.Request) -> SessionKey:
+    """A browser tab's session: its own space, under the login that opened it (none on a local server)."""
+    return SessionKey("page", request.username or "", request.session_hash)
+
+
 def text_of(content) -> str:
     """A Gradio message's text: content arrives as a string or a list of typed parts."""
     if isinstance(content, str):
@@ -201,28 +241,13 @@ def to_messages(system_prompt: str, history: list[dict], message: str) -> list[d
     return messages
 
 
-def fit_context(model, messages: list[dict], reserve: int) -> tuple[list[dict], int]:
-    """Drops the oldest turns until the prompt plus ``reserve`` new tokens fits; returns (messages, turns dropped).
-    Remote models count their own tokens, so they are passed through."""
-    context = model.get_model_info()["context_length"]
-    if not hasattr(model, "render") or not context:
-        return messages, 0
-    head = messages[:1] if messages[0]["role"] == "system" else []
-    body = messages[len(head) :]
-    dropped = 0
-    while len(model.render(head + body)) + reserve > context and len(body) > 1:
-        cut = next((i for i in range(1, len(body)) if body[i]["role"] == "user"), len(body) - 1)
-        body = body[cut:]
-        dropped += 1
-    return head + body, dropped
-
-
 def stats_line(stats) -> str:
-    reused = f", {stats.cached_tokens} from cache" if stats.cached_tokens else ""
-    return (
-        f"{stats.ttft_s:.2f} s to first token · {stats.tokens_per_s:.1f} tok/s · "
-        f"{stats.prompt_tokens} prompt tokens{reused}"
-    )
+    if stats.prompt_tokens is None:
+        prompt = "prompt size not reported by the server"
+    else:
+        reused = f", {stats.cached_tokens} from cache" if stats.cached_tokens else ""
+        prompt = f"{stats.prompt_tokens} prompt tokens{reused}"
+    return f"{stats.ttft_s:.2f} s to first token · {stats.tokens_per_s:.1f} tok/s · {prompt}"
 
 
 def note(title: str) -> gr.ChatMessage:
@@ -244,69 +269,148 @@ def reply_messages(notes: list, answer: str, reasoning: str, stats, started: flo
     return shown
 
 
-def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
-    """The page: model dropdown, chat, sampling accordion, thinking toggle, stats under each reply."""
+class Replies:
+    """Generates the page's replies and keeps each tab's running stream, so Stop and leaving the page close it
+    (stopping the model before its next token) instead of waiting for garbage collection."""
 
-    def family_controls(model):
-        defaults = model.family.sampling_defaults(thinking=model.family.can_think)
-        return (
-            gr.update(value=defaults.temperature),
-            gr.update(value=defaults.top_p),
-            gr.update(value=defaults.top_k or 0),
-            gr.update(visible=model.family.can_think, value=model.family.can_think),
-        )
+    def __init__(self, registry: ModelRegistry):
+        self.registry = registry
+        self._streams: dict[SessionKey, ChatStream] = {}
+        self._lock = threading.Lock()
 
-    def respond(
-        message,
-        history,
-        system_prompt,
-        temperature,
-        top_p,
-        top_k,
-        max_new_tokens,
-        repetition_penalty,
-        seed,
-        thinking,
-        request: gr.Request,
-    ):
+    def respond(self, message, history, request: gr.Request, *settings_values):
+        """ChatInterface's function: streams the reply as the chat's messages (notices, thinking, answer, stats).
+        Gradio inserts ``request`` where its annotation stands; ChatSettings orders the values after it."""
+        settings = ChatSettings.from_inputs(settings_values)
         try:
-            model = registry.wait_ready(timeout=600)
+            model = self.registry.wait_ready(timeout=600)
         except RuntimeError as e:
             raise gr.Error(str(e)) from e
-        messages = to_messages(system_prompt, history, message)
+        session = page_session(request)
+        messages = to_messages(settings.system_prompt, history, message)
         try:
-            messages, dropped = fit_context(model, messages, reserve=min(int(max_new_tokens), 1024))
-            stream = model.stream_chat(
-                messages,
-                session_id=request.session_hash,
-                temperature=float(temperature),
-                top_p=float(top_p),
-                top_k=int(top_k) or None,
-                max_new_tokens=int(max_new_tokens),
-                repetition_penalty=None if float(repetition_penalty) == 1.0 else float(repetition_penalty),
-                seed=None if seed in (None, "", -1) else int(seed),
-                enable_thinking=bool(thinking),
-            )
+            stream = model.stream(settings.request(model, messages, session))
         except ValueError as e:
             raise gr.Error(str(e)) from e
         notes = []
-        if dropped:
-            context = model.get_model_info()["context_length"]
+        if stream.dropped_turns:
             notes.append(
                 note(
-                    f"⚠️ {dropped} earlier turn(s) left out: the conversation no longer fits the model's "
-                    f"context of {context} tokens"
+                    f"⚠️ {stream.dropped_turns} earlier turn(s) left out: the conversation no longer fits the "
+                    f"model's context of {model.info.context_length} tokens"
                 )
             )
+        self._hold(session, stream)
         answer, reasoning, started = "", "", time.perf_counter()
         try:
             for chunk in stream:
                 answer += chunk.text
                 reasoning += chunk.reasoning
                 yield reply_messages(notes, answer, reasoning, chunk.stats, started)
-        except RemoteError as e:
+        except BackendError as e:
             yield reply_messages([*notes, note(f"⚠️ {e}")], answer, reasoning, None, started)
+        except Exception as e:  # shown as one line in the chat; the traceback goes to the server log
+            log.exception("generation failed")
+            failure = note(f"⚠️ internal error while generating ({type(e).__name__}); see the server log")
+            yield reply_messages([*notes, failure], answer, reasoning, None, started)
+        finally:
+            self._release(session, stream)
 
+    def stop(self, request: gr.Request) -> None:
+        """Closes the tab's running reply (the Stop button)."""
+        with self._lock:
+            stream = self._streams.pop(page_session(request), None)
+        if stream is not None:
+            stream.close()
+
+    def forget(self, request: gr.Request) -> None:
+        """Stops the tab's reply and frees its cache (New chat, clearing the chat, leaving the page)."""
+        self.stop(request)
+        self.registry.clear_session(page_session(request))
+
+    def _hold(self, session: SessionKey, stream: ChatStream) -> None:
+        with self._lock:
+            previous = self._streams.pop(session, None)
+            self._streams[session] = stream
+        if previous is not None:
+            previous.close()
+
+    def _release(self, session: SessionKey, stream: ChatStream) -> None:
+        with self._lock:
+            if self._streams.get(session) is stream:
+                del self._streams[session]
+        stream.close()
+
+
+def family_controls(model: ChatModel, thinking: bool | None = None) -> tuple:
+    """Updates for temperature, top-p, top-k and the thinking box: the family's recommended values for the
+    thinking mode (``thinking`` None: the family's default mode); unknown family (remote): left as they are."""
+    can_think = model.capabilities.thinking
+    if model.family is None:
+        return (gr.update(), gr.update(), gr.update(), gr.update(visible=can_think))
+    thinking = can_think if thinking is None else thinking
+    defaults = model.family.sampling_defaults(thinking=thinking)
+    return (
+        gr.update(value=defaults.temperature),
+        gr.update(value=defaults.top_p),
+        gr.update(value=defaults.top_k or 0),
+        gr.update(visible=can_think, value=thinking and can_think),
+    )
+
+
+def info_text(registry: ModelRegistry) -> str:
+    if registry.model is None:
+        return f"⏳ {registry.load_error or f'loading {registry.loading or registry.ids[0]}…'}"
+    info = registry.get().info
+    parts = [f"**{info.name}**", info.family or "remote", info.quantization]
+    if info.dtype:
+        parts.append(f"{info.dtype} on {info.device}")
+    if info.memory_footprint_bytes:
+        parts.append(f"{info.memory_footprint_bytes / 2**20:.0f} MiB")
+    if info.context_length:
+        parts.append(f"context {info.context_length}")
+    return " · ".join(parts)
+
+
+def model_header(registry: ModelRegistry) -> tuple[gr.Dropdown, gr.Markdown]:
+    with gr.Row():
+        dropdown = gr.Dropdown(
+            registry.ids,
+            value=registry.current_id,
+            label="Model",
+            scale=3,
+            info="Switching loads the model for everyone using this server.",
+        )
+        info = gr.Markdown(info_text(registry))
+    return dropdown, info
+
+
+def settings_panel(registry: ModelRegistry) -> dict[str, gr.components.Component]:
+    """The system prompt, sampling and thinking controls, by ChatSettings field name. Their first values are
+    placeholders until the loaded model's family sets them (``family_controls``)."""
+    can_think = registry.model is not None and registry.model.capabilities.thinking
+    with gr.Accordion("System prompt and sampling", open=False):
+        controls = {"system_prompt": gr.Textbox("", label="System prompt", lines=2)}
+        with gr.Row():
+            controls["temperature"] = gr.Slider(0, 2, value=1.0, step=0.05, label="Temperature (0 = greedy)")
+            controls["top_p"] = gr.Slider(0.05, 1, value=1.0, step=0.05, label="Top-p")
+            controls["top_k"] = gr.Slider(0, 200, value=0, step=1, label="Top-k (0 = off)")
+        with gr.Row():
+            controls["max_new_tokens"] = gr.Slider(
+                16, 4096, value=DEFAULT_MAX_NEW_TOKENS, step=16, label="Max new tokens"
+            )
+            controls["repetition_penalty"] = gr.Slider(1.0, 2.0, value=1.0, step=0.05, label="Repetition penalty")
+            controls["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1 = random)")
+    controls["thinking"] = gr.Checkbox(
+        value=can_think,
+        visible=can_think,
+        label="Thinking (reasoning shown collapsed, never sent back to the model)",
+    )
+    return controls
+
+
+def chat_panel(replies: Replies, controls: dict, config: AppConfig) -> gr.ChatInterface:
+    respond = replies.respond
     if config.on_spaces and os.environ.get("SPACE_ID"):
         try:
             import spaces
@@ -314,100 +418,61 @@ def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
             respond = spaces.GPU(duration=120)(respond)
         except ImportError:
             pass
+    chatbot = gr.Chatbot(label="Chat", height=520, buttons=["copy"])
+    return gr.ChatInterface(
+        respond,
+        chatbot=chatbot,
+        additional_inputs=[controls[f.name] for f in fields(ChatSettings)],
+        editable=True,
+        api_name="chat",
+        concurrency_limit=config.concurrency,
+        fill_height=True,
+    )
+
+
+def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
+    """The page: model dropdown, chat, sampling accordion, thinking toggle, stats under each reply."""
+    replies = Replies(registry)
+    hidden = {"queue": False, "api_visibility": "undocumented"}
 
     def switch_model(model_id, progress=gr.Progress()):  # noqa: B008 (Gradio injects it)
         try:
             model = registry.switch(model_id, progress=lambda f, msg: progress(f, desc=msg))
         except (ModelLoadError, ValueError, KeyError) as e:
             gr.Warning(f"Could not load {model_id}: {e}. Still serving {registry.current_id}.")
-            return (gr.update(value=registry.current_id), *[gr.update()] * 4, info_text())
+            return (gr.update(value=registry.current_id), *[gr.update()] * 4, info_text(registry))
         gr.Info(f"Now serving {model_id}")
-        return (gr.update(value=model_id), *family_controls(model), info_text())
-
-    def info_text():
-        if registry.model is None:
-            return f"⏳ {registry.load_error or f'loading {registry.loading or registry.ids[0]}…'}"
-        info = registry.get().get_model_info()
-        size = info["memory_footprint_bytes"] / 2**20
-        return (
-            f"**{info['name']}** · {info['family']} · {info['quantization']} · {info['dtype']} on "
-            f"{info['device']} · {size:.0f} MiB · context {info['context_length']}"
-        )
-
-    def thinking_defaults(thinking):
-        defaults = registry.get().family.sampling_defaults(thinking=bool(thinking))
-        return (
-            gr.update(value=defaults.temperature),
-            gr.update(value=defaults.top_p),
-            gr.update(value=defaults.top_k or 0),
-        )
+        return (gr.update(value=model_id), *family_controls(model), info_text(registry))
 
     def on_load():
         try:
             model = registry.wait_ready(timeout=600)
         except RuntimeError:
-            return (gr.update(), *[gr.update()] * 4, info_text())
-        return (gr.update(value=registry.current_id), *family_controls(model), info_text())
+            return (gr.update(), *[gr.update()] * 4, info_text(registry))
+        return (gr.update(value=registry.current_id), *family_controls(model), info_text(registry))
 
-    def forget_session(request: gr.Request):
-        registry.clear_session(request.session_hash)
-
-    can_think = registry.model is not None and registry.model.family.can_think
     with gr.Blocks(title="Local LLM chat", fill_height=True) as demo:
-        with gr.Row():
-            dropdown = gr.Dropdown(
-                registry.ids,
-                value=registry.current_id,
-                label="Model",
-                scale=3,
-                info="Switching loads the model for everyone using this server.",
-            )
-            info = gr.Markdown(info_text())
-        with gr.Accordion("System prompt and sampling", open=False):
-            system_prompt = gr.Textbox("", label="System prompt", lines=2)
-            with gr.Row():
-                temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature (0 = greedy)")
-                top_p = gr.Slider(0.05, 1, value=0.95, step=0.05, label="Top-p")
-                top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k (0 = off)")
-            with gr.Row():
-                max_new_tokens = gr.Slider(16, 4096, value=512, step=16, label="Max new tokens")
-                repetition_penalty = gr.Slider(1.0, 2.0, value=1.0, step=0.05, label="Repetition penalty")
-                seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)")
-        thinking = gr.Checkbox(
-            value=can_think,
-            visible=can_think,
-            label="Thinking (reasoning shown collapsed, never sent back to the model)",
-        )
-        chatbot = gr.Chatbot(label="Chat", height=520, buttons=["copy"])
-        chat = gr.ChatInterface(
-            respond,
-            chatbot=chatbot,
-            additional_inputs=[
-                system_prompt,
-                temperature,
-                top_p,
-                top_k,
-                max_new_tokens,
-                repetition_penalty,
-                seed,
-                thinking,
-            ],
-            editable=True,
-            api_name="chat",
-            concurrency_limit=config.concurrency,
-            fill_height=True,
-        )
+        dropdown, info = model_header(registry)
+        controls = settings_panel(registry)
+        chat = chat_panel(replies, controls, config)
         new_chat = gr.Button("New chat", variant="secondary", size="sm")
-        hidden = {"queue": False, "api_visibility": "undocumented"}
-        new_chat.click(forget_session, None, None, **hidden).then(
+        new_chat.click(replies.forget, None, None, **hidden).then(
             lambda: ([], []), None, [chat.chatbot, chat.chatbot_state], **hidden
         )
-        chatbot.clear(forget_session, None, None, **hidden)
-        controls = [temperature, top_p, top_k, thinking]
-        dropdown.input(switch_model, [dropdown], [dropdown, *controls, info], concurrency_limit=1)
-        thinking.change(thinking_defaults, [thinking], [temperature, top_p, top_k], **hidden)
-        demo.load(on_load, None, [dropdown, *controls, info], api_visibility="undocumented", concurrency_limit=None)
-        demo.unload(forget_session)
+        chat.chatbot.clear(replies.forget, None, None, **hidden)
+        chat.textbox.stop(replies.stop, None, None, **hidden)
+        sampling = [controls["temperature"], controls["top_p"], controls["top_k"]]
+        dropdown.input(switch_model, [dropdown], [dropdown, *sampling, controls["thinking"], info], concurrency_limit=1)
+        mode_defaults = lambda thinking: family_controls(registry.get(), bool(thinking))[:3]  # noqa: E731
+        controls["thinking"].change(mode_defaults, [controls["thinking"]], sampling, **hidden)
+        demo.load(
+            on_load,
+            None,
+            [dropdown, *sampling, controls["thinking"], info],
+            api_visibility="undocumented",
+            concurrency_limit=None,
+        )
+        demo.unload(replies.forget)
     demo.queue(default_concurrency_limit=config.concurrency, max_size=256)
     return demo
 

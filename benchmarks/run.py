@@ -111,12 +111,12 @@ def batched_steps(model, counts=(1, 2, 4, 8, 16)) -> list[dict]:
     rows = []
     for n in counts:
         for _ in range(2):
-            engine.forward_rows(entries[:n], [1] * n)
+            engine.runner.forward_rows(entries[:n], [1] * n)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         started = time.perf_counter()
         for _ in range(5):
-            logits = engine.forward_rows(entries[:n], [1] * n)
+            logits = engine.runner.forward_rows(entries[:n], [1] * n)
         float(logits[0, 0])  # waits for the device
         step = (time.perf_counter() - started) / 5
         rows.append({"sessions": n, "step_ms": step * 1000, "tok_s": n / step})

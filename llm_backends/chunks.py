@@ -2,29 +2,27 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
 class Stats:
-    """Figures for one reply. ``cached_tokens`` counts prompt tokens reused from the session cache."""
+    """Figures for one reply. ``cached_tokens`` counts prompt tokens reused from the session cache; both are
+    None where a remote upstream did not say."""
 
-    prompt_tokens: int
-    cached_tokens: int
+    prompt_tokens: int | None
+    cached_tokens: int | None
     completion_tokens: int
     ttft_s: float
     tokens_per_s: float
     total_s: float
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
     @classmethod
     def timed(
         cls,
         *,
-        prompt_tokens: int,
-        cached_tokens: int,
+        prompt_tokens: int | None,
+        cached_tokens: int | None,
         completion_tokens: int,
         started: float,
         first: float | None,

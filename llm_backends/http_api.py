@@ -1,14 +1,14 @@
 """The OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models) on the app's own FastAPI server.
 
 Errors leave in OpenAI's shape: {"error": {"message", "type", "param", "code"}}. A model id is only ever a
-registered id, never a path to load. A client that disconnects mid-stream closes its stream, which stops
-the model.
+registered id, never a path to load. Whatever ends a streamed response (its end, an error, a client that
+disconnects) closes its ChatStream, which stops the model before its next token.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
+import hashlib
 import hmac
 import json
 import logging
@@ -18,14 +18,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from . import openai_api
-from .errors import ModelLoadError
+from .backend import ChatStream
+from .errors import BackendError, ModelLoadError
 from .remote import RemoteError
 from .serving import ModelRegistry
 
 log = logging.getLogger(__name__)
-FIELDS = (
-    {"messages", "model", "temperature", "top_p", "max_tokens", "stream"} | openai_api.EXTRA | set(openai_api.NEUTRAL)
-)
+FIELDS = {"messages", "model", "stream", "user"} | openai_api.FIELDS
 
 
 class APIError(Exception):
@@ -65,7 +64,12 @@ def text_content(content, index: int) -> str:
 
 
 def add_openai_routes(app: FastAPI, registry: ModelRegistry, *, api_key: str | None, exposed: bool) -> None:
-    """Adds /v1 routes. With ``exposed`` (a share link or a non-loopback host) they need ``api_key``."""
+    """Adds /v1 routes. With ``exposed`` (a share link or a non-loopback host) they need ``api_key``.
+
+    API sessions live in their own space, under the key's fingerprint as principal, so no field or header of
+    a /v1 request can reach a page session's cache or a Python caller's.
+    """
+    principal = "" if api_key is None else "key:" + hashlib.sha256(api_key.encode()).hexdigest()[:16]
 
     def authorize(request: Request) -> None:
         if api_key is None:
@@ -134,6 +138,12 @@ def add_openai_routes(app: FastAPI, registry: ModelRegistry, *, api_key: str | N
             raise APIError(400, "the request body must be a JSON object")
         if not isinstance(body.get("messages"), list):
             raise APIError(400, "messages is required and must be a list", param="messages")
+        if "session_id" in body:
+            raise APIError(
+                400,
+                "session_id is not accepted: name your session with user or the X-Session-Id header",
+                param="session_id",
+            )
         messages = [
             {**m, "content": text_content(m.get("content"), i)} if isinstance(m, dict) else m
             for i, m in enumerate(body["messages"])
@@ -141,29 +151,41 @@ def add_openai_routes(app: FastAPI, registry: ModelRegistry, *, api_key: str | N
         ignored = set(body) - FIELDS
         if ignored:
             log.info("ignoring unsupported request fields: %s", ", ".join(sorted(ignored)))
-        kwargs = {k: v for k, v in body.items() if k in FIELDS and k not in ("messages", "model")}
-        session = request.headers.get("x-session-id") or body.get("user")
-        if session is not None:
-            if not isinstance(session, str):
-                raise APIError(400, "user must be a string", param="user")
-            kwargs["user"] = f"api:{session}"
-        stream = bool(kwargs.pop("stream", False))
+        fields = {k: v for k, v in body.items() if k in openai_api.FIELDS}
+        stream = bool(body.get("stream", False))
         model, model_id = await anyio.to_thread.run_sync(model_for, body.get("model"))
         try:
-            result = await anyio.to_thread.run_sync(
-                lambda: model.create(messages, model=model_id, stream=stream, **kwargs)
-            )
+            session = openai_api.session_for("api", principal, request.headers.get("x-session-id") or body.get("user"))
+            wants_usage = openai_api.include_usage(fields)
+            chat_request = openai_api.chat_request(model, messages, fields, session=session, stream=stream)
+            chat = await anyio.to_thread.run_sync(model.stream, chat_request)
         except ValueError as e:
             raise APIError(400, str(e)) from e
-        except RemoteError as e:
-            raise APIError(502, str(e), type_="server_error", code="upstream_error") from e
-        if not stream:
-            return result
-        return StreamingResponse(_sse(result, request), media_type="text/event-stream")
+        head = openai_api.head(model, model_id)
+        if stream:
+            events = openai_api.chunk_events(chat, head, wants_usage)
+            return StreamingResponse(_sse(chat, events, request), media_type="text/event-stream")
+        try:
+            return await anyio.to_thread.run_sync(openai_api.completion, chat, head)
+        except Exception as e:
+            raise server_error(e) from e
 
 
-async def _sse(events, request: Request):
-    """Server-sent events from a blocking iterator; closing it when the client goes stops the model."""
+def server_error(error: Exception) -> APIError:
+    """An error raised while generating, as the APIError a client sees (the traceback stays in the log)."""
+    if isinstance(error, RemoteError):
+        return APIError(502, str(error), type_="server_error", code="upstream_error")
+    if isinstance(error, BackendError):
+        return APIError(500, str(error), type_="server_error")
+    log.error("generation failed", exc_info=error)
+    return APIError(
+        500, f"internal error while generating ({type(error).__name__}); see the server log", type_="server_error"
+    )
+
+
+async def _sse(chat: ChatStream, events, request: Request):
+    """Server-sent events from a blocking iterator. Closing ``chat`` (whatever ends the response: the end of
+    the reply, an error, a client that left) stops the model before its next token."""
     sentinel = object()
     try:
         while True:
@@ -175,13 +197,9 @@ async def _sse(events, request: Request):
                 break
         yield "data: [DONE]\n\n"
     except Exception as e:  # an error mid-stream can only be reported in-band
-        log.warning("stream failed: %s", e)
-        error = {"error": {"message": str(e), "type": "server_error", "param": None, "code": None}}
-        yield f"data: {json.dumps(error)}\n\n"
+        error = server_error(e)
+        body = {"error": {"message": error.message, "type": error.type, "param": None, "code": error.code}}
+        yield f"data: {json.dumps(body)}\n\n"
     finally:
-        for _ in range(200):
-            try:
-                events.close()
-                break
-            except ValueError:  # "generator already executing": a next() is still finishing in its thread
-                await asyncio.sleep(0.01)
+        with anyio.CancelScope(shield=True):  # a client that left cancels this task: close all the same
+            await anyio.to_thread.run_sync(chat.close)

@@ -1,6 +1,6 @@
-"""The MLX backend (Apple Silicon; also mlx[cpu] on Linux): the same ChatModel over an mlx-lm model.
+"""The MLX backend (Apple Silicon; also mlx[cpu] on Linux): the same LocalModel over an mlx-lm model.
 
-Only the engine differs: mlx-lm's ``load`` and model call, its prompt cache (make_prompt_cache, trimming).
+Only the runner differs: mlx-lm's ``load`` and model call, its prompt cache (make_prompt_cache, trimming).
 Templates, the text layer, validation, sampling, the session store and the ledger rule are shared, so the
 same exactness tests hold. Sliding-window (rotating) caches past their window cannot be trimmed; such a
 session falls back to a re-prefill (no restore points on this backend yet).
@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .chat_model import ChatModel, ModelInfo
-from .engine import Engine
+from .backend import ModelInfo
 from .errors import ModelLoadError
+from .loading import LoadOptions, default_cache_bytes, local_label, locate
+from .local import LocalModel
 from .registry import family_for
 from .session_cache import CacheEntry
 
@@ -69,15 +71,11 @@ def _arrays(state):
         yield state
 
 
-class MLXEngine(Engine):
-    """Engine whose forward runs an mlx-lm model; sampling stays in the shared (torch) sampler."""
+class MLXRunner:
+    """Feeds tokens into an mlx-lm model; sampling stays in the shared (torch) sampler."""
 
-    def __init__(self, model, *, stop_ids: frozenset[int], prefill_chunk: int = 512):
+    def __init__(self, model):
         self.model = model
-        self.stop_ids = stop_ids
-        self.prefill_chunk = prefill_chunk
-        self.max_checkpoints = 0
-        self.device = torch.device("cpu")
 
     def new_entry(self) -> MLXCacheEntry:
         from mlx_lm.models.cache import make_prompt_cache
@@ -98,13 +96,27 @@ class MLXEngine(Engine):
         entry.ids.extend(tokens)
         return torch.from_numpy(np.array(logits))
 
+    def decode(self, entry: CacheEntry, token: int) -> torch.Tensor:
+        return self.forward(entry, [token])
 
-def load_mlx(folder: str, *, name: str, source: str, max_cache_bytes: int) -> ChatModel:
-    """Loads an mlx-lm checkpoint folder (plain or mlx-community quantized) into a ChatModel."""
+    def decoding(self):
+        return nullcontext()
+
+
+def label(target: str | None) -> str:
+    return f"{local_label(target)} (mlx)"
+
+
+def load(target: str | None, options: LoadOptions) -> LocalModel:
+    """Loads an mlx-lm checkpoint folder (plain or mlx-community quantized); None: the embedded model."""
+    where = locate(target, options.progress)
+    if where.gguf_file or where.kind == "hub":
+        raise ModelLoadError("backend='mlx' loads a local checkpoint folder (e.g. an mlx-community download)")
+    folder, name = where.folder, where.name
     try:
         import mlx.core as mx
         from mlx.utils import tree_flatten
-        from mlx_lm import load
+        from mlx_lm import load as mlx_load
     except ImportError as e:
         raise ModelLoadError("backend='mlx' needs mlx and mlx-lm: pip install -r requirements-mlx.txt") from e
     config_path = Path(folder) / "config.json"
@@ -113,7 +125,7 @@ def load_mlx(folder: str, *, name: str, source: str, max_cache_bytes: int) -> Ch
     config = json.loads(config_path.read_text())
     family = family_for(config.get("model_type"))
     try:
-        model, wrapper = load(folder)
+        model, wrapper = mlx_load(folder)
     except Exception as e:  # any failure inside mlx-lm is a load failure, explained by its cause
         raise ModelLoadError(f"mlx-lm could not load {name}: {type(e).__name__}: {e}") from e
     tokenizer = getattr(wrapper, "_tokenizer", wrapper)
@@ -124,6 +136,7 @@ def load_mlx(folder: str, *, name: str, source: str, max_cache_bytes: int) -> Ch
         name=name,
         family=family.name,
         backend="mlx",
+        source=where.kind if where.kind == "embedded" else folder,
         quantization=f"mlx-{quantization['bits']}bit"
         if isinstance(quantization, dict) and "bits" in quantization
         else "none",
@@ -132,13 +145,12 @@ def load_mlx(folder: str, *, name: str, source: str, max_cache_bytes: int) -> Ch
         parameters=int(sum(w.size for _, w in weights)),
         memory_footprint_bytes=int(sum(w.nbytes for _, w in weights)),
         context_length=int(text_config.get("max_position_embeddings") or 8192),
-        source=source,
     )
-    return ChatModel(
-        model,
+    return LocalModel(
         tokenizer,
         family,
         info,
-        max_cache_bytes=max_cache_bytes,
-        make_engine=lambda stop_ids: MLXEngine(model, stop_ids=stop_ids),
+        MLXRunner(model),
+        max_cache_bytes=options.max_cache_bytes or default_cache_bytes("cpu"),
+        model=model,
     )

@@ -8,33 +8,21 @@ from __future__ import annotations
 
 import gc
 import logging
-import re
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-from .chat_model import ChatModel
-from .default_model import NAME as DEFAULT_NAME
-from .loading import load_model
-from .remote import PREFIX, parse_source
+from .backend import ChatModel
+from .loading import load_model, parse_source
+from .request import SessionKey
 
 log = logging.getLogger(__name__)
 
 
 def label_for(source: str | None) -> str:
     """A short readable name for a model source."""
-    if source is None:
-        return f"{DEFAULT_NAME} (embedded)"
-    if str(source).startswith(PREFIX):
-        base, name = parse_source(str(source))
-        return f"{name} @ {base.split('://', 1)[1].split('/', 1)[0]}"
-    text = str(source).rstrip("/")
-    if text.startswith("mlx:"):
-        return f"{Path(text[4:]).name} (mlx)"
-    if "/" in text and not Path(text).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", text):
-        return text  # a Hub repo id reads best whole
-    return Path(text).name or text
+    return parse_source(source).label
 
 
 @dataclass(frozen=True)
@@ -125,14 +113,13 @@ class ModelRegistry:
         thread.start()
         return thread
 
-    def clear_session(self, session_id: str) -> None:
+    def clear_session(self, session: SessionKey) -> None:
         if self.model is not None:
-            self.model.clear_cache(session_id)
+            self.model.clear_cache(session)
 
 
 def _free_memory() -> None:
-    import torch
-
     gc.collect()
-    if torch.cuda.is_available():
+    torch = sys.modules.get("torch")  # only a local model imported it; a remote-only server never does
+    if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()

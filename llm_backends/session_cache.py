@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -143,7 +143,7 @@ class CacheEntry:
 
 
 class SessionStore:
-    """Session id -> CacheEntry, least recently used evicted first when over the byte budget or the count.
+    """Session key -> CacheEntry, least recently used evicted first when over the byte budget or the count.
 
     A stream checks its entry out for its whole run and back in at the end, so one cache is never used by
     two streams at once; a second concurrent stream of the same session simply starts from an empty cache.
@@ -155,12 +155,12 @@ class SessionStore:
         self.max_bytes = max_bytes
         self.max_sessions = max_sessions
         self.evictions = 0
-        self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
-        self._leases: dict[int, str] = {}
+        self._entries: OrderedDict[Hashable, CacheEntry] = OrderedDict()
+        self._leases: dict[int, Hashable] = {}
         self._lease_ids = itertools.count()
         self._lock = threading.Lock()
 
-    def checkout(self, session_id: str, new_entry: Callable[[], CacheEntry]) -> tuple[int, CacheEntry]:
+    def checkout(self, session_id: Hashable, new_entry: Callable[[], CacheEntry]) -> tuple[int, CacheEntry]:
         """Takes the session's entry out of the store (a fresh one if it has none); returns (lease, entry)."""
         with self._lock:
             entry = self._entries.pop(session_id, None)
@@ -185,7 +185,7 @@ class SessionStore:
             total -= victim.nbytes
             self.evictions += 1
 
-    def clear(self, session_id: str | None = None) -> None:
+    def clear(self, session_id: Hashable | None = None) -> None:
         """Drops one session's cache (or all), including any that a running stream would put back."""
         with self._lock:
             if session_id is None:

@@ -167,16 +167,31 @@ def test_history_sent_to_the_model_leaves_out_thinking_stats_and_notices():
     ]
 
 
-def test_long_conversations_drop_the_oldest_turns(qwen3):
+def test_long_conversations_drop_the_fewest_oldest_turns_rendering_once_per_try(qwen3):
     turn = "word " * 600
     messages = [{"role": "system", "content": "s"}]
     for _ in range(4):
         messages += [{"role": "user", "content": turn}, {"role": "assistant", "content": turn}]
     messages.append({"role": "user", "content": "last"})
-    fitted, dropped = app.fit_context(qwen3, messages, reserve=256)
-    assert dropped >= 1 and fitted[0]["role"] == "system" and fitted[1]["role"] == "user"
-    assert fitted[-1] == {"role": "user", "content": "last"}
-    assert len(qwen3.render(fitted)) + 256 <= qwen3.get_model_info()["context_length"]
+    request = qwen3.request(messages, max_new_tokens=256, fit_context=True)
+    calls = []
+    render = qwen3.render
+    qwen3.render = lambda *args, **kwargs: calls.append(1) or render(*args, **kwargs)
+    try:
+        stream = qwen3.stream(request)
+    finally:
+        del qwen3.render
+    assert stream.dropped_turns >= 1
+    assert len(calls) <= 4, "rendered once, then bisected over 4 candidate cuts (at most 3 more renders)"
+    kept = messages[:1] + messages[1 + 2 * stream.dropped_turns :]
+    assert kept[1]["role"] == "user" and kept[-1] == {"role": "user", "content": "last"}
+    assert stream.prompt_tokens == len(qwen3.render(kept, enable_thinking=True))
+    assert stream.prompt_tokens + 256 <= qwen3.info.context_length
+    one_fewer = messages[:1] + messages[1 + 2 * (stream.dropped_turns - 1) :]
+    assert len(qwen3.render(one_fewer, enable_thinking=True)) + 256 > qwen3.info.context_length, "the fewest dropped"
+    stream.close()
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        qwen3.stream(qwen3.request(messages, max_new_tokens=256))
 
 
 def test_the_page_opens_while_the_model_loads(qwen3_dir):

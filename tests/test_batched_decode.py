@@ -49,7 +49,7 @@ def together(model, conversations, *, stop_after: dict[int, int] | None = None) 
 @pytest.mark.parametrize("name", ["gemma3", "qwen3"])
 def test_concurrent_sessions_batch_and_match_their_solo_answers(name, request):
     model = request.getfixturevalue(name)
-    batcher = model.engine.batcher
+    batcher = model.engine.runner.batcher
     assert batcher is not None, "the transformers engine batches decode steps"
     conversations = prompts(6)
     alone = [solo(model, messages) for messages in conversations]
@@ -66,7 +66,7 @@ def test_a_stream_closed_mid_batch_stops_alone(gemma3):
     results = together(gemma3, conversations, stop_after={1: 3})
     assert results[1] == alone[1][:3]
     assert [results[i] for i in (0, 2, 3)] == [alone[i] for i in (0, 2, 3)]
-    assert gemma3.engine.batcher._decoding == 0 and not gemma3.engine.batcher._running
+    assert gemma3.engine.runner.batcher._decoding == 0 and not gemma3.engine.runner.batcher._running
 
 
 def test_a_failed_batched_step_fails_each_stream_and_resets_its_cache(qwen3_dir, monkeypatch):
@@ -84,6 +84,6 @@ def test_a_failed_batched_step_fails_each_stream_and_resets_its_cache(qwen3_dir,
     results = together(model, conversations)
     assert all(isinstance(r, RuntimeError) and "simulated" in str(r) for r in results)
     monkeypatch.setattr(model.model, "forward", forward)
-    assert model.engine.batcher._decoding == 0 and not model.engine.batcher._running
+    assert model.engine.runner.batcher._decoding == 0 and not model.engine.runner.batcher._running
     again = together(model, conversations)
     assert again == alone, "after the failure the sessions answer exactly, from a fresh cache"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import hashlib
 import itertools
 import logging
 import math
@@ -18,7 +19,7 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 import app
-from llm_backends import load_model
+from llm_backends import SessionKey, load_model
 from llm_backends.serving import ModelRegistry
 from test_app import free_port
 
@@ -167,9 +168,10 @@ def test_bad_input_through_the_python_api_changes_no_cache(qwen3):
     assert qwen3.cache_info() == before
 
 
-def session_ids(registry, session_id: str) -> list[int]:
-    """The token ledger one session's cache holds (peeking at the store, for this test only)."""
-    return list(registry.get().sessions._entries[session_id].ids)
+def session_ids(registry, user: str) -> list[int]:
+    """The token ledger one API user's cache holds (peeking at the store, for this test only)."""
+    principal = "key:" + hashlib.sha256(KEY.encode()).hexdigest()[:16]
+    return list(registry.get().sessions._entries[SessionKey("api", principal, user)].ids)
 
 
 BAD_HTTP = [
@@ -193,7 +195,7 @@ def test_bad_input_through_http_gets_clear_errors_and_the_server_stays_up(server
     auth = {"Authorization": f"Bearer {KEY}"}
     good = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "user": "keep"}
     assert httpx.post(f"{base}/v1/chat/completions", json=good, headers=auth, timeout=60).status_code == 200
-    before = session_ids(registry, "api:keep")
+    before = session_ids(registry, "keep")
     for body in BAD_HTTP:
         r = httpx.post(f"{base}/v1/chat/completions", json={**body, "user": "keep"}, headers=auth, timeout=60)
         assert r.status_code in (400, 404), (body, r.text)
@@ -208,7 +210,7 @@ def test_bad_input_through_http_gets_clear_errors_and_the_server_stays_up(server
         headers={**auth, "Content-Type": "application/x-www-form-urlencoded"},
     )
     assert r.status_code == 400
-    assert session_ids(registry, "api:keep") == before, "bad requests left the session's cache as it was"
+    assert session_ids(registry, "keep") == before, "bad requests left the session's cache as it was"
     assert httpx.post(f"{base}/v1/chat/completions", json=good, headers=auth, timeout=60).status_code == 200
 
 

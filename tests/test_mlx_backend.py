@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import CI
 
-from llm_backends import load_model
+from llm_backends import SessionKey, load_model
 from llm_backends.mlx_backend import available
 
 if not available():
@@ -57,7 +57,7 @@ def test_mlx_closing_a_stream_stops_it(mlx_qwen3):
     next(stream)
     stream.close()
     assert mlx_qwen3.cache_info()["in_use"] == 0
-    entry = mlx_qwen3.sessions._entries["mlx-close"]
+    entry = mlx_qwen3.sessions._entries[SessionKey("python", "", "mlx-close")]
     assert len(entry.ids) < 40, "generation stopped at the close"
 
 

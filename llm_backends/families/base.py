@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
 class SamplingDefaults:
-    """A family's recommended sampling for one mode (used by the app and API when the caller sets none)."""
+    """A family's recommended sampling for one mode; ``request.build_request`` fills unset fields from it."""
 
     temperature: float
     top_p: float
@@ -30,7 +30,6 @@ class Family:
     thinking_sampling: SamplingDefaults | None = None
     think_tags: tuple[str, str] | None = None
     fallback_chat_template: str | None = None
-    template_kwargs: dict = field(default_factory=dict)
 
     @property
     def can_think(self) -> bool:

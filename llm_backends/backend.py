@@ -1,0 +1,179 @@
+"""The interface every backend implements, and the Python door built only on it.
+
+A backend (transformers and MLX through ``local.LocalModel``, an OpenAI-compatible server through
+``remote.RemoteChatModel``) subclasses ``ChatModel`` and provides:
+
+- ``info``: a ``ModelInfo`` (``context_length`` None when unknown) and ``family`` (None when unknown);
+- ``capabilities``: what the page and API may offer for it (thinking, images);
+- ``stream(request) -> ChatStream``: the reply to a ``ChatRequest``; raises ValueError before any work when
+  the request cannot be served (too long, unsupported), BackendError while streaming when generation fails;
+- ``count_tokens(request)``: the prompt's token count, or None where the backend cannot count;
+- ``cache_info()`` and ``clear_cache(session=None)``.
+
+Everything else here (``stream_chat``, ``create``, ``get_model_info``, ``request``) is written once on top of
+those. The page and ``/v1`` use nothing else, so a new backend is one file plus one line in ``registry.py``.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+from .chunks import Chunk
+from .families.base import Family
+from .request import ChatRequest, SessionKey, build_request
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a loaded model is. Figures a backend cannot know (a remote model's size) are None."""
+
+    name: str
+    family: str | None
+    backend: str
+    source: str
+    device: str
+    quantization: str = "none"
+    dtype: str | None = None
+    parameters: int | None = None
+    memory_footprint_bytes: int | None = None
+    context_length: int | None = None
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do with a request: reason before answering (a thinking toggle), read images."""
+
+    thinking: bool = False
+    images: bool = False
+
+
+class ChatStream:
+    """An iterator of Chunk objects for one reply; the last chunk carries finish_reason and stats.
+
+    ``prompt_tokens`` (None where the backend cannot count) and ``dropped_turns`` (oldest turns left out to
+    fit the context) are known before the first chunk. ``close()`` stops the model before its next token and
+    ends the stream; it is safe from any thread, also while another thread waits in ``next()``, and it is the
+    one way every door stops a reply. ``cancel()`` stops it too but still delivers a last chunk with
+    finish_reason "cancelled" and stats.
+    """
+
+    def __init__(
+        self,
+        chunks: Iterator[Chunk],
+        cancel_event: threading.Event,
+        *,
+        prompt_tokens: int | None = None,
+        dropped_turns: int = 0,
+    ):
+        self._chunks = chunks
+        self._cancel = cancel_event
+        self._lock = threading.Lock()
+        self._closed = False
+        self.prompt_tokens = prompt_tokens
+        self.dropped_turns = dropped_turns
+
+    def __iter__(self) -> ChatStream:
+        return self
+
+    def __next__(self) -> Chunk:
+        with self._lock:
+            if self._closed:
+                raise StopIteration
+            return next(self._chunks)
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def close(self) -> None:
+        # The cancel flag makes a next() running in another thread return at its next token; the lock then
+        # lets this thread close the generator (whose finally keeps the cache ledger true).
+        self._cancel.set()
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._chunks.close()
+
+    def __enter__(self) -> ChatStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class ChatModel(ABC):
+    """A loaded model behind one interface, whatever runs it. Built by ``load_model``."""
+
+    info: ModelInfo
+    family: Family | None = None
+    capabilities: Capabilities = Capabilities()
+
+    @abstractmethod
+    def stream(self, request: ChatRequest) -> ChatStream:
+        """Streams the reply to ``request``; ValueError before any work if it cannot be served."""
+
+    @abstractmethod
+    def count_tokens(self, request: ChatRequest) -> int | None:
+        """The prompt's length in tokens as this model would read it, or None where it cannot tell."""
+
+    @abstractmethod
+    def cache_info(self) -> dict:
+        """Sessions held, their bytes, the byte budget, the session limit, evictions so far, streams running."""
+
+    @abstractmethod
+    def clear_cache(self, session: SessionKey | None = None) -> None:
+        """Drops one session's cache, or every session's."""
+
+    def request(self, messages, **fields) -> ChatRequest:
+        """A ChatRequest for this model: its family's defaults and context length fill what ``fields`` leave
+        unset. Raises ValueError naming the first bad field."""
+        return build_request(messages, family=self.family, context_length=self.info.context_length, **fields)
+
+    def stream_chat(
+        self,
+        messages,
+        *,
+        session_id=None,
+        max_new_tokens=None,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        repetition_penalty=None,
+        seed=None,
+        enable_thinking=None,
+        stop=None,
+    ) -> ChatStream:
+        """Streams the model's reply to ``messages`` (the last one from the user) as Chunk objects.
+
+        Unset sampling fields take the family's recommended values. Raises ValueError for bad input before
+        any work starts and before the session is touched. With ``session_id`` (a Python caller's own name)
+        the session's cache is reused for the longest common token prefix.
+        """
+        if session_id is not None and not isinstance(session_id, str):
+            raise ValueError(f"session_id must be a string, not {type(session_id).__name__}")
+        request = self.request(
+            messages,
+            session=None if session_id is None else SessionKey("python", "", session_id),
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            thinking=enable_thinking,
+            stop=stop,
+        )
+        return self.stream(request)
+
+    def create(self, messages, *, model=None, stream=False, **fields):
+        """An OpenAI ``chat.completion`` dict, or with ``stream=True`` an iterator of ``chat.completion.chunk``
+        dicts. Takes the OpenAI request fields (``temperature``, ``max_tokens``, ``user``, ...); ``user``
+        names a session among this Python caller's own. Raises ValueError for bad input before generating."""
+        from . import openai_api
+
+        return openai_api.create(self, messages, model=model, stream=stream, space="python", principal="", **fields)
+
+    def get_model_info(self) -> dict:
+        return asdict(self.info)

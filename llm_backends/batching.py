@@ -1,0 +1,198 @@
+"""Concurrent sessions' decode steps as one forward pass: the batcher, and the attention that lets each row
+of the batch read its own session's cache. The one place that reaches into transformers' attention registry.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from .session_cache import CacheEntry
+
+ROW_ATTENTION = "llm_chat_rows"
+
+
+class RowStates:
+    """One layer's keys and values for each row of a batched decode step (rows differ in length)."""
+
+    __slots__ = ("keys", "values")
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
+        self.keys, self.values = keys, values
+
+
+class RowCaches:
+    """Stands in for a transformers Cache in a batched decode step: row i's new key/value go into session
+    i's own cache, and the attention sees each row's full states (``RowStates``), not a padded batch."""
+
+    def __init__(self, caches: list):
+        self.caches = caches
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        keys, values = [], []
+        for i, cache in enumerate(self.caches):
+            k, v = cache.update(key_states[i : i + 1], value_states[i : i + 1], layer_idx)
+            keys.append(k)
+            values.append(v)
+        states = RowStates(keys, values)
+        return states, states
+
+
+def _row_attention(module, query, key, value, attention_mask, **kwargs):
+    """sdpa, except that a batched decode step (``RowStates``) attends row by row over each row's cache.
+
+    A decode row attends to everything its cache returns: full layers hold the whole history and sliding
+    layers return exactly the last window, so no mask is needed."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if not isinstance(key, RowStates):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    rows = [
+        sdpa_attention_forward(module, query[i : i + 1], k, v, None, **kwargs)[0]
+        for i, (k, v) in enumerate(zip(key.keys, key.values, strict=True))
+    ]
+    return torch.cat(rows, dim=0), None
+
+
+def use_row_attention(model) -> bool:
+    """Switches an sdpa model to the row-aware attention (registered once); False where it cannot."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    if getattr(model.config, "_attn_implementation", None) not in ("sdpa", ROW_ATTENTION):
+        return False
+    AttentionInterface.register(ROW_ATTENTION, _row_attention)
+    AttentionMaskInterface.register(ROW_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(ROW_ATTENTION)
+    return True
+
+
+def attention_backends(device: torch.device):
+    """On CUDA, sdpa's math kernel only. The flash / memory-efficient kernels sum in an order that depends on
+    the query and key lengths, so a prompt read in two parts (reuse) and in one (fresh) drifted apart and
+    changed greedy answers of the tiny test models on an H100; the math kernel kept them equal there (fp32
+    and bf16). cuDNN's kernel also plans anew for every key length, which halved decode speed."""
+    from contextlib import nullcontext
+
+    if device.type != "cuda":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+@dataclass(eq=False)
+class _Step:
+    entry: CacheEntry
+    token: int
+    done: threading.Event = field(default_factory=threading.Event)
+    lead: bool = False
+    logits: torch.Tensor | None = None
+    error: BaseException | None = None
+
+
+class DecodeBatcher:
+    """Runs concurrent sessions' decode steps as one forward pass, without a thread of its own.
+
+    A session asking for a step joins the pending list. If no step is running, it leads: it waits a moment
+    (at most ``gather_s``) for the other decoding sessions to ask too, takes up to ``max_batch`` pending
+    steps, runs them, hands each its logits, and passes the lead to the oldest step still pending. So the
+    work happens in the callers' threads and one session alone never waits.
+    """
+
+    def __init__(
+        self,
+        forward_rows: Callable[[Sequence[CacheEntry], Sequence[int]], torch.Tensor],
+        max_batch: int,
+        gather_s: float = 0.01,
+    ):
+        self.forward_rows = forward_rows
+        self.max_batch = max_batch
+        self.gather_s = gather_s
+        self._lock = threading.Condition()
+        self._pending: list[_Step] = []
+        self._running = False
+        self._decoding = 0  # sessions between their first and last decode step
+        self.batches = 0
+        self.rows = 0
+
+    @contextmanager
+    def decoding(self) -> Iterator[None]:
+        """Held by a session from its first to its last decode step: the lead waits for such sessions."""
+        self.join()
+        try:
+            yield
+        finally:
+            self.leave()
+
+    def join(self) -> None:
+        with self._lock:
+            self._decoding += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._decoding -= 1
+            self._lock.notify_all()
+
+    def step(self, entry: CacheEntry, token: int) -> torch.Tensor:
+        step = _Step(entry, token)
+        with self._lock:
+            self._pending.append(step)
+            self._lock.notify_all()
+            if self._running:
+                lead = False
+            else:
+                self._running = lead = True
+        if not lead:
+            step.done.wait()
+            if not step.lead:
+                return self._result(step)
+        try:
+            while step.logits is None and step.error is None:
+                self._run(self._take())
+        finally:  # whatever happens, the lead passes on: a lost lead would stall every session
+            with self._lock:
+                if self._pending:
+                    successor = self._pending[0]
+                    successor.lead = True
+                    successor.done.set()
+                else:
+                    self._running = False
+        return self._result(step)
+
+    def _take(self) -> list[_Step]:
+        deadline = time.monotonic() + self.gather_s
+        with self._lock:
+            while len(self._pending) < min(self._decoding, self.max_batch):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._lock.wait(left)
+            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+            return batch
+
+    def _run(self, batch: list[_Step]) -> None:
+        try:
+            logits = self.forward_rows([s.entry for s in batch], [s.token for s in batch])
+        except BaseException as e:
+            for s in batch:
+                s.error = e
+        else:
+            for i, s in enumerate(batch):
+                s.logits = logits[i]
+        self.batches += 1
+        self.rows += len(batch)
+        for s in batch:
+            s.lead = False
+            s.done.set()
+
+    @staticmethod
+    def _result(step: _Step) -> torch.Tensor:
+        if step.error is not None:
+            raise step.error
+        return step.logits

@@ -1,0 +1,241 @@
+"""The transformers backend: load a checkpoint (device, dtype, quantization) and run it over cache entries."""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Sequence
+from contextlib import nullcontext
+
+import torch
+from transformers import DynamicCache
+
+from . import fp16_weights
+from .backend import ModelInfo
+from .batching import DecodeBatcher, RowCaches, attention_backends, use_row_attention
+from .errors import ModelLoadError
+from .loading import LoadOptions, default_cache_bytes, local_label, locate
+from .local import LocalModel
+from .registry import family_for
+from .session_cache import CacheEntry
+
+DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+}
+
+
+class TorchRunner:
+    """Feeds tokens into a transformers causal LM; concurrent sessions' decode steps share one forward pass."""
+
+    def __init__(self, model, *, max_checkpoints: int = 4, max_batch: int = 16):
+        self.model = model
+        self.max_checkpoints = max_checkpoints
+        self.device = next(model.parameters()).device
+        # One forward at a time: concurrent prefills and decode batches would only fight over the cores.
+        self.compute = threading.Lock()
+        batched = max_batch > 1 and use_row_attention(model)
+        self.batcher = DecodeBatcher(self.forward_rows, max_batch) if batched else None
+
+    def new_entry(self) -> CacheEntry:
+        config = self.model.config
+        return CacheEntry(make_cache=lambda: DynamicCache(config=config), max_checkpoints=self.max_checkpoints)
+
+    @torch.inference_mode()
+    def forward(self, entry: CacheEntry, tokens: Sequence[int]) -> torch.Tensor:
+        """Feeds ``tokens`` after what the cache holds; returns the last position's logits.
+
+        The ledger grows only once the model has run; a failure mid-forward leaves the cache in an unknown
+        state, so the entry is reset rather than trusted.
+        """
+        input_ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
+        try:
+            with self.compute, attention_backends(self.device):
+                out = self.model(input_ids=input_ids, past_key_values=entry.cache, use_cache=True, logits_to_keep=1)
+        except BaseException:
+            entry.reset()
+            raise
+        entry.ids.extend(tokens)
+        return out.logits[0, -1]
+
+    @torch.inference_mode()
+    def forward_rows(self, entries: Sequence[CacheEntry], tokens: Sequence[int]) -> torch.Tensor:
+        """One token for each of several sessions in one forward pass; returns their logits, one row each.
+
+        Every row keeps its own cache and position: the linear layers see a batch, attention runs per row
+        over that row's cache. If the pass fails, every entry in it is reset (its cache state is unknown).
+        """
+        input_ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=self.device)
+        positions = torch.tensor([[len(e.ids)] for e in entries], dtype=torch.long, device=self.device)
+        masks = dict.fromkeys(set(getattr(self.model.config.get_text_config(), "layer_types", None) or ()), None)
+        masks.setdefault("full_attention", None)
+        try:
+            with self.compute, attention_backends(self.device):
+                out = self.model(
+                    input_ids=input_ids,
+                    position_ids=positions,
+                    attention_mask=masks,
+                    past_key_values=RowCaches([e.cache for e in entries]),
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+        except BaseException:
+            for entry in entries:
+                entry.reset()
+            raise
+        for entry, token in zip(entries, tokens, strict=True):
+            entry.ids.append(token)
+        return out.logits[:, -1]
+
+    def decode(self, entry: CacheEntry, token: int) -> torch.Tensor:
+        if self.batcher is None:
+            return self.forward(entry, [token])
+        return self.batcher.step(entry, token)
+
+    def decoding(self):
+        return nullcontext() if self.batcher is None else self.batcher.decoding()
+
+
+def label(target: str | None) -> str:
+    return local_label(target)
+
+
+def load(target: str | None, options: LoadOptions) -> LocalModel:
+    """Loads a local checkpoint folder, .gguf file or Hub repo id (None: the embedded model)."""
+    device = _resolve_device(options.device)
+    quantization = options.quantization
+    if quantization == "auto":
+        quantization = _auto_quantization(device, options.dtype)
+    if quantization == "fp16" and (device != "cpu" or not fp16_weights.available()):
+        raise ValueError("quantization='fp16' (packed fp16 weights) runs on x86 CPUs: use device='cpu'")
+    dtype = _resolve_dtype(options.dtype, device, quantization)
+    if quantization == "fp16" and dtype != torch.float32:
+        raise ValueError("quantization='fp16' computes in float32: leave dtype unset or pass 'float32'")
+    where = locate(target, options.progress)
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = {"gguf_file": where.gguf_file} if where.gguf_file else {}
+    try:
+        config = AutoConfig.from_pretrained(where.folder, **gguf)
+    except OSError as e:
+        if where.kind == "hub":
+            raise ModelLoadError(
+                f"could not fetch {target!r} from the Hugging Face Hub ({str(e).splitlines()[0]}). "
+                "Without network access, download the checkpoint elsewhere and pass its local folder: "
+                "load_model('/path/to/checkpoint')"
+            ) from e
+        raise ModelLoadError(_explain(e, where.name)) from e
+    family = family_for(getattr(config, "model_type", None))
+
+    quantization_config = _quantization_config(quantization, dtype)
+    kwargs = {"dtype": dtype, **gguf}
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    if device.startswith("cuda"):
+        kwargs["device_map"] = "auto" if device == "cuda" else device
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where.folder, **gguf)
+        model = AutoModelForCausalLM.from_pretrained(where.folder, **kwargs)
+        if "device_map" not in kwargs and quantization_config is None:
+            model.to(device)
+    except Exception as e:  # any failure inside transformers is a load failure, explained by its cause
+        raise ModelLoadError(_explain(e, where.name)) from e
+    model.eval()
+    parameters = _count_parameters(model)
+    packed_bytes = fp16_weights.pack_model(model) if quantization == "fp16" else 0
+    if not (tokenizer.chat_template or family.fallback_chat_template):
+        raise ModelLoadError(f"{where.name} ships no chat template and its family ({family.name}) has no fallback")
+
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    info = ModelInfo(
+        name=where.name,
+        family=family.name,
+        backend="transformers",
+        source=where.source,
+        device=str(next(model.parameters()).device),
+        quantization=quantization,
+        dtype=str(dtype).removeprefix("torch."),
+        parameters=parameters,
+        memory_footprint_bytes=int(model.get_memory_footprint()) + packed_bytes,
+        context_length=int(getattr(text_config, "max_position_embeddings", 0) or 8192),
+    )
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return LocalModel(
+        tokenizer,
+        family,
+        info,
+        TorchRunner(model),
+        max_cache_bytes=options.max_cache_bytes or default_cache_bytes(device),
+        eos_ids=eos if isinstance(eos, list) else [eos],
+        model=model,
+    )
+
+
+def _resolve_device(device: str | None) -> str:
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not isinstance(device, str) or not re.fullmatch(r"cpu|mps|cuda(:\d+)?", device):
+        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'mps', not {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError("device 'cuda' was asked for, but torch sees no CUDA GPU")
+    return device
+
+
+def _auto_quantization(device: str, dtype) -> str:
+    """NF4 on CUDA; packed fp16 weights on an x86 CPU in float32 (half the bytes per token, fp32 sums)."""
+    if device.startswith("cuda"):
+        return "nf4"
+    if device == "cpu" and dtype in (None, "float32", "fp32", torch.float32) and fp16_weights.available():
+        return "fp16"
+    return "none"
+
+
+def _resolve_dtype(dtype, device: str, quantization: str):
+    if dtype is None:
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # On CPU, 4-bit keeps its unquantized parts (embeddings, norms) in bf16 to stay small.
+        return torch.bfloat16 if quantization == "nf4" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return getattr(torch, DTYPES[dtype.lower()])
+    raise ValueError(f"dtype must be one of {', '.join(sorted(DTYPES))} or a torch.dtype, not {dtype!r}")
+
+
+def _quantization_config(quantization: str, dtype):
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def _explain(error: BaseException, name: str) -> str:
+    text = str(error)
+    if "out of memory" in text.lower() or type(error).__name__ == "OutOfMemoryError":
+        return f"not enough memory to load {name}: try quantization='nf4' or a smaller model ({text.splitlines()[0]})"
+    if type(error).__name__ == "SafetensorError" or "header" in text.lower() or "deserializ" in text.lower():
+        return f"the weights of {name} are corrupt or truncated: {text.splitlines()[0] if text else error!r}"
+    return f"could not load {name}: {type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _count_parameters(model) -> int:
+    total = 0
+    for parameter in model.parameters():
+        # bitsandbytes packs two 4-bit weights per byte; its parameters report the packed count.
+        packed = type(parameter).__name__ == "Params4bit"
+        total += parameter.numel() * (2 if packed else 1)
+    return total
