@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Generator, Iterable
 from dataclasses import asdict, dataclass
 
 from .chunks import Chunk
@@ -62,13 +62,14 @@ class ChatStream:
 
     def __init__(
         self,
-        chunks: Iterator[Chunk],
+        chunks: Iterable[Chunk],
         cancel_event: threading.Event,
         *,
         prompt_tokens: int | None = None,
         dropped_turns: int = 0,
     ):
-        self._chunks = chunks
+        # A generator's close() runs its finally blocks (which keep a cache ledger true); wrap anything else.
+        self._chunks = chunks if isinstance(chunks, Generator) else (chunk for chunk in chunks)
         self._cancel = cancel_event
         self._lock = threading.Lock()
         self._closed = False
