@@ -8,7 +8,7 @@ A backend (transformers and MLX through ``local.LocalModel``, an OpenAI-compatib
 - ``stream(request) -> ChatStream``: the reply to a ``ChatRequest``; raises ValueError before any work when
   the request cannot be served (too long, unsupported), BackendError while streaming when generation fails;
 - ``count_tokens(request)``: the prompt's token count, or None where the backend cannot count;
-- ``cache_info()`` and ``clear_cache(session=None)``.
+- ``cache_info()`` and ``clear_sessions(session=None)``.
 
 Everything else here (``stream_chat``, ``create``, ``get_model_info``, ``request``) is written once on top of
 those. The page and ``/v1`` use nothing else, so a new backend is one file plus one line in ``registry.py``.
@@ -124,8 +124,13 @@ class ChatModel(ABC):
         """Sessions held, their bytes, the byte budget, the session limit, evictions so far, streams running."""
 
     @abstractmethod
-    def clear_cache(self, session: SessionKey | None = None) -> None:
+    def clear_sessions(self, session: SessionKey | None = None) -> None:
         """Drops one session's cache, or every session's."""
+
+    def clear_cache(self, session: SessionKey | str | None = None) -> None:
+        """Drops one session's cache (a string names a Python caller's own, as ``stream_chat``'s
+        ``session_id`` does), or every session's."""
+        self.clear_sessions(SessionKey("python", "", session) if isinstance(session, str) else session)
 
     def request(self, messages, **fields) -> ChatRequest:
         """A ChatRequest for this model: its family's defaults and context length fill what ``fields`` leave
@@ -156,7 +161,7 @@ class ChatModel(ABC):
             raise ValueError(f"session_id must be a string, not {type(session_id).__name__}")
         request = self.request(
             messages,
-            session=None if session_id is None else SessionKey("python", "", session_id),
+            session=None if session_id is None else SessionKey("python", "", session_id),  # as clear_cache
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_p=top_p,

@@ -169,5 +169,5 @@ class LocalModel(ChatModel):
     def cache_info(self) -> dict:
         return self.sessions.info()
 
-    def clear_cache(self, session: SessionKey | None = None) -> None:
+    def clear_sessions(self, session: SessionKey | None = None) -> None:
         self.sessions.clear(session)

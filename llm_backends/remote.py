@@ -177,7 +177,7 @@ class RemoteChatModel(ChatModel):
     def cache_info(self) -> dict:
         return {"sessions": 0, "bytes": 0, "budget_bytes": 0, "max_sessions": 0, "evictions": 0, "in_use": 0}
 
-    def clear_cache(self, session: SessionKey | None = None) -> None:
+    def clear_sessions(self, session: SessionKey | None = None) -> None:
         """The upstream owns its caches; nothing is held here."""
 
 

@@ -91,6 +91,13 @@ def test_fields_no_backend_honours_yet_are_refused_not_ignored(qwen3):
     assert qwen3.create(HELLO, max_tokens=1, response_format={"type": "text"})["object"] == "chat.completion"
 
 
+def test_a_python_caller_names_and_clears_its_own_sessions_by_string(qwen3):
+    list(qwen3.stream_chat(HELLO, session_id="alice", temperature=0, max_new_tokens=2))
+    assert SessionKey("python", "", "alice") in qwen3.sessions._entries
+    qwen3.clear_cache("alice")
+    assert SessionKey("python", "", "alice") not in qwen3.sessions._entries
+
+
 def test_a_request_names_sessions_only_through_session_keys():
     with pytest.raises(ValueError, match="SessionKey"):
         build_request(HELLO, family=None, context_length=None, session="page-hash")
@@ -122,7 +129,7 @@ class EchoModel(ChatModel):
     def cache_info(self):
         return {"sessions": 0}
 
-    def clear_cache(self, session=None):
+    def clear_sessions(self, session=None):
         self.cleared.append(session)
 
 
