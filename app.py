@@ -48,7 +48,7 @@ class AppConfig:
     auth: list[tuple[str, str]] = field(default_factory=list)
     max_cache_gb: float | None = None
     concurrency: int = 8
-    api_key: str | None = None
+    api_keys: list[str] = field(default_factory=list)
     insecure_no_auth: bool = False
     on_spaces: bool = False
 
@@ -112,7 +112,12 @@ def parse_args(argv: Sequence[str] | None = None, env: dict | None = None) -> Ap
         help="replies generated at once (their decode steps share one batch); later requests wait in the queue "
         "(default 8) [LLM_CONCURRENCY]",
     )
-    parser.add_argument("--api-key", help="key required by the /v1 HTTP API [LLM_API_KEY]")
+    parser.add_argument(
+        "--api-key",
+        action="append",
+        help="a key for the /v1 API and /metrics (repeatable; each key's sessions are its own) "
+        "[LLM_API_KEY, comma-separated]",
+    )
     parser.add_argument(
         "--insecure-no-auth",
         action="store_true",
@@ -138,7 +143,7 @@ def parse_args(argv: Sequence[str] | None = None, env: dict | None = None) -> Ap
     config.auth = _auth_pairs(args.auth or [v for v in env.get(ENV["auth"], "").split(",") if v.strip()])
     config.max_cache_gb = pick("max_cache_gb", float)
     config.concurrency = pick("concurrency", int) or config.concurrency
-    config.api_key = pick("api_key")
+    config.api_keys = args.api_key or [k.strip() for k in env.get(ENV["api_key"], "").split(",") if k.strip()]
     config.insecure_no_auth = bool(pick("insecure_no_auth", bool))
     if config.concurrency < 1:
         raise SystemExit("--concurrency must be at least 1")
@@ -198,19 +203,55 @@ class ChatSettings:
         return cls(**dict(zip((f.name for f in fields(cls)), values, strict=True)))
 
     def request(self, model: ChatModel, messages: list[dict], session: SessionKey) -> ChatRequest:
-        """The reply's request: what the page shows is what it sends; oldest turns are dropped to fit."""
+        """The reply's request; oldest turns are dropped to fit. A control still at the default the page shows
+        for it is sent as unset, so the default keeps one owner (build_request, or a remote upstream)."""
+        thinking = bool(self.thinking) if model.capabilities.thinking else None
+        mode_default = shown_defaults(model, None)["thinking"]
+        shown = shown_defaults(model, thinking)
+
+        def changed(name: str, value):
+            return None if value == shown[name] else value
+
         return model.request(
             messages,
             session=session,
-            temperature=float(self.temperature),
-            top_p=float(self.top_p),
-            top_k=int(self.top_k),
-            max_new_tokens=int(self.max_new_tokens),
-            repetition_penalty=float(self.repetition_penalty),
+            temperature=changed("temperature", float(self.temperature)),
+            top_p=changed("top_p", float(self.top_p)),
+            top_k=changed("top_k", int(self.top_k)),
+            max_new_tokens=changed("max_new_tokens", int(self.max_new_tokens)),
+            repetition_penalty=changed("repetition_penalty", float(self.repetition_penalty)),
             seed=None if self.seed in (None, "", -1) else int(self.seed),
-            thinking=bool(self.thinking) if model.capabilities.thinking else None,
+            thinking=None if thinking == mode_default else thinking,
             fit_context=True,
         )
+
+
+# What the controls show before a model says otherwise, and for a model whose family is unknown (remote).
+PLACEHOLDERS = {
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": 0,
+    "max_new_tokens": DEFAULT_MAX_NEW_TOKENS,
+    "repetition_penalty": 1.0,
+}
+PROBE = ({"role": "user", "content": "?"},)
+
+
+def shown_defaults(model: ChatModel, thinking: bool | None) -> dict:
+    """Each control's default for ``model`` in a thinking mode (None: the model's default mode): what
+    build_request fills in for the family, or the placeholders where the family is unknown."""
+    if model.family is None:
+        return {**PLACEHOLDERS, "thinking": model.capabilities.thinking if thinking is None else thinking}
+    request = model.request(PROBE, thinking=thinking)
+    sampling = request.sampling
+    return {
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "top_k": sampling.top_k or 0,
+        "max_new_tokens": sampling.max_new_tokens,
+        "repetition_penalty": sampling.repetition_penalty or 1.0,
+        "thinking": bool(request.thinking),
+    }
 
 
 def page_session(request: gr.Request) -> SessionKey:
@@ -275,7 +316,8 @@ class Replies:
 
     def __init__(self, registry: ModelRegistry):
         self.registry = registry
-        self._streams: dict[SessionKey, ChatStream] = {}
+        self._streams: dict[SessionKey, ChatStream | None] = {}  # None: a reply is being prepared
+        self._stopped: set[SessionKey] = set()
         self._lock = threading.Lock()
 
     def respond(self, message, history, request: gr.Request, *settings_values):
@@ -287,11 +329,22 @@ class Replies:
         except RuntimeError as e:
             raise gr.Error(str(e)) from e
         session = page_session(request)
+        self._begin(session)
         messages = to_messages(settings.system_prompt, history, message)
         try:
             stream = model.stream(settings.request(model, messages, session))
-        except ValueError as e:
+        except ValueError as e:  # the input is wrong: a message box, and the chat stays as it was
+            self._release(session, None)
             raise gr.Error(str(e)) from e
+        except Exception as e:
+            self._release(session, None)
+            log.exception("could not start a reply")
+            yield [note(f"⚠️ could not start the reply ({type(e).__name__}); see the server log")]
+            return
+        stream = self.registry.metrics.track(stream, "page")
+        if not self._hold(session, stream):  # Stop was pressed while the reply was being prepared
+            stream.close()
+            return
         notes = []
         if stream.dropped_turns:
             notes.append(
@@ -300,7 +353,6 @@ class Replies:
                     f"model's context of {model.info.context_length} tokens"
                 )
             )
-        self._hold(session, stream)
         answer, reasoning, started = "", "", time.perf_counter()
         try:
             for chunk in stream:
@@ -317,9 +369,12 @@ class Replies:
             self._release(session, stream)
 
     def stop(self, request: gr.Request) -> None:
-        """Closes the tab's running reply (the Stop button)."""
+        """Closes the tab's running reply (the Stop button), also one still being prepared."""
+        session = page_session(request)
         with self._lock:
-            stream = self._streams.pop(page_session(request), None)
+            if session in self._streams and self._streams[session] is None:
+                self._stopped.add(session)
+            stream = self._streams.pop(session, None)
         if stream is not None:
             stream.close()
 
@@ -328,33 +383,41 @@ class Replies:
         self.stop(request)
         self.registry.clear_session(page_session(request))
 
-    def _hold(self, session: SessionKey, stream: ChatStream) -> None:
+    def _begin(self, session: SessionKey) -> None:
+        """A new reply for the tab: an earlier one still running is closed."""
         with self._lock:
-            previous = self._streams.pop(session, None)
-            self._streams[session] = stream
+            previous = self._streams.get(session)
+            self._streams[session] = None
+            self._stopped.discard(session)
         if previous is not None:
             previous.close()
 
-    def _release(self, session: SessionKey, stream: ChatStream) -> None:
+    def _hold(self, session: SessionKey, stream: ChatStream) -> bool:
+        """Records the tab's running reply; False if Stop came while it was being prepared."""
+        with self._lock:
+            if session in self._stopped:
+                self._stopped.discard(session)
+                return False
+            self._streams[session] = stream
+            return True
+
+    def _release(self, session: SessionKey, stream: ChatStream | None) -> None:
         with self._lock:
             if self._streams.get(session) is stream:
                 del self._streams[session]
-        stream.close()
+        if stream is not None:
+            stream.close()
 
 
 def family_controls(model: ChatModel, thinking: bool | None = None) -> tuple:
-    """Updates for temperature, top-p, top-k and the thinking box: the family's recommended values for the
-    thinking mode (``thinking`` None: the family's default mode); unknown family (remote): left as they are."""
-    can_think = model.capabilities.thinking
-    if model.family is None:
-        return (gr.update(), gr.update(), gr.update(), gr.update(visible=can_think))
-    thinking = can_think if thinking is None else thinking
-    defaults = model.family.sampling_defaults(thinking=thinking)
+    """Updates for temperature, top-p, top-k and the thinking box: the defaults shown for ``model`` in a
+    thinking mode (None: its default mode)."""
+    shown = shown_defaults(model, thinking)
     return (
-        gr.update(value=defaults.temperature),
-        gr.update(value=defaults.top_p),
-        gr.update(value=defaults.top_k or 0),
-        gr.update(visible=can_think, value=thinking and can_think),
+        gr.update(value=shown["temperature"]),
+        gr.update(value=shown["top_p"]),
+        gr.update(value=shown["top_k"]),
+        gr.update(visible=model.capabilities.thinking, value=shown["thinking"]),
     )
 
 
@@ -388,21 +451,28 @@ def model_header(registry: ModelRegistry) -> tuple[gr.Dropdown, gr.Markdown]:
 def settings_panel(registry: ModelRegistry) -> dict[str, gr.components.Component]:
     """The system prompt, sampling and thinking controls, by ChatSettings field name. Their first values are
     placeholders until the loaded model's family sets them (``family_controls``)."""
+    shown = {**PLACEHOLDERS, "thinking": False}
+    if registry.model is not None:
+        shown = shown_defaults(registry.model, None)
     can_think = registry.model is not None and registry.model.capabilities.thinking
     with gr.Accordion("System prompt and sampling", open=False):
         controls = {"system_prompt": gr.Textbox("", label="System prompt", lines=2)}
         with gr.Row():
-            controls["temperature"] = gr.Slider(0, 2, value=1.0, step=0.05, label="Temperature (0 = greedy)")
-            controls["top_p"] = gr.Slider(0.05, 1, value=1.0, step=0.05, label="Top-p")
-            controls["top_k"] = gr.Slider(0, 200, value=0, step=1, label="Top-k (0 = off)")
+            controls["temperature"] = gr.Slider(
+                0, 2, value=shown["temperature"], step=0.05, label="Temperature (0 = greedy)"
+            )
+            controls["top_p"] = gr.Slider(0.05, 1, value=shown["top_p"], step=0.05, label="Top-p")
+            controls["top_k"] = gr.Slider(0, 200, value=shown["top_k"], step=1, label="Top-k (0 = off)")
         with gr.Row():
             controls["max_new_tokens"] = gr.Slider(
-                16, 4096, value=DEFAULT_MAX_NEW_TOKENS, step=16, label="Max new tokens"
+                16, 4096, value=shown["max_new_tokens"], step=16, label="Max new tokens"
             )
-            controls["repetition_penalty"] = gr.Slider(1.0, 2.0, value=1.0, step=0.05, label="Repetition penalty")
+            controls["repetition_penalty"] = gr.Slider(
+                1.0, 2.0, value=shown["repetition_penalty"], step=0.05, label="Repetition penalty"
+            )
             controls["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1 = random)")
     controls["thinking"] = gr.Checkbox(
-        value=can_think,
+        value=shown["thinking"],
         visible=can_think,
         label="Thinking (reasoning shown collapsed, never sent back to the model)",
     )
@@ -498,7 +568,7 @@ def serve(config: AppConfig, registry: ModelRegistry | None = None, **launch_kwa
         **launch_kwargs,
     )
     exposed = config.share or not is_loopback(config.host)
-    add_openai_routes(demo.app, registry, api_key=config.api_key, exposed=exposed)
+    add_openai_routes(demo.app, registry, api_key=config.api_keys, exposed=exposed)
     if block:
         demo.block_thread()
     return demo

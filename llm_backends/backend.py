@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Generator, Iterable
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import asdict, dataclass
 
 from .chunks import Chunk
@@ -67,14 +67,16 @@ class ChatStream:
         *,
         prompt_tokens: int | None = None,
         dropped_turns: int = 0,
+        on_close: Callable[[], None] | None = None,
     ):
         # A generator's close() runs its finally blocks (which keep a cache ledger true); wrap anything else.
         self._chunks = chunks if isinstance(chunks, Generator) else (chunk for chunk in chunks)
-        self._cancel = cancel_event
+        self.cancel_event = cancel_event
         self._lock = threading.Lock()
         self._closed = False
         self.prompt_tokens = prompt_tokens
         self.dropped_turns = dropped_turns
+        self._on_close = on_close
 
     def __iter__(self) -> ChatStream:
         return self
@@ -86,12 +88,15 @@ class ChatStream:
             return next(self._chunks)
 
     def cancel(self) -> None:
-        self._cancel.set()
+        self.cancel_event.set()
 
     def close(self) -> None:
-        # The cancel flag makes a next() running in another thread return at its next token; the lock then
-        # lets this thread close the generator (whose finally keeps the cache ledger true).
-        self._cancel.set()
+        # The cancel flag makes a next() running in another thread return at its next token (``on_close``
+        # ends a wait that is not for a token, such as a network read); the lock then lets this thread close
+        # the generator, whose finally keeps the cache ledger true.
+        self.cancel_event.set()
+        if self._on_close is not None:
+            self._on_close()
         with self._lock:
             if not self._closed:
                 self._closed = True
@@ -180,6 +185,16 @@ class ChatModel(ABC):
         from . import openai_api
 
         return openai_api.create(self, messages, model=model, stream=stream, space="python", principal="", **fields)
+
+    def create_completion(self, prompt: str, *, model=None, stream=False, **fields):
+        """An OpenAI ``text_completion`` dict for a raw ``prompt`` (continued as written, no chat template), or
+        with ``stream=True`` an iterator of them. Takes ``max_tokens``, ``stop``, ``logprobs`` (an int), the
+        sampling fields and ``user``. Raises ValueError for bad input before generating."""
+        from . import openai_api
+
+        return openai_api.create_completion(
+            self, prompt, model=model, stream=stream, space="python", principal="", **fields
+        )
 
     def get_model_info(self) -> dict:
         return asdict(self.info)

@@ -43,10 +43,21 @@ class Stats:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One answer token's log-probability under the model, and the likeliest tokens at its place."""
+
+    text: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Chunk:
-    """One step of a reply: new answer text, new reasoning text; the last chunk has finish_reason and stats."""
+    """One step of a reply: new answer text, new reasoning text, the log-probabilities of the answer tokens
+    since the last chunk (when asked for); the last chunk has finish_reason and stats."""
 
     text: str = ""
     reasoning: str = ""
     finish_reason: str | None = None
     stats: Stats | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()

@@ -94,13 +94,27 @@ class Engine:
         entry: CacheEntry,
         params: SamplingParams,
         cancel: threading.Event | None = None,
+        constraint: Constraint | None = None,
+        logprobs: int | None = None,
     ) -> DecodeRun:
-        return DecodeRun(self, list(prompt_ids), entry, params, cancel or threading.Event())
+        return DecodeRun(self, list(prompt_ids), entry, params, cancel or threading.Event(), constraint, logprobs)
+
+
+class Constraint(Protocol):
+    """Restricts which tokens may come next (constrained decoding)."""
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits with forbidden tokens at -inf (a new tensor; the input is kept)."""
+
+    def advance(self, token: int) -> None:
+        """Follows the token that was chosen."""
 
 
 class DecodeRun:
     """One reply's decode. Iterating yields token ids (the stop token included, last); afterwards
-    ``finish_reason`` is "stop", "length" or "cancelled", ``cached_tokens`` the prompt tokens reused."""
+    ``finish_reason`` is "stop", "length" or "cancelled", ``cached_tokens`` the prompt tokens reused.
+    With ``logprobs`` N, ``logprobs[i]`` is (log-probability of token i, its N likeliest (id, log-prob)), from
+    the model's own distribution (before sampling settings and constraints)."""
 
     def __init__(
         self,
@@ -109,6 +123,8 @@ class DecodeRun:
         entry: CacheEntry,
         params: SamplingParams,
         cancel: threading.Event,
+        constraint: Constraint | None = None,
+        logprobs: int | None = None,
     ):
         if not prompt_ids:
             raise ValueError("the prompt has no tokens")
@@ -119,6 +135,9 @@ class DecodeRun:
         self.entry = entry
         self.params = params
         self.cancel = cancel
+        self.constraint = constraint
+        self.top_logprobs = logprobs
+        self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
         self.cached_tokens = 0
         self.completion_ids: list[int] = []
         self.finish_reason: str | None = None
@@ -140,7 +159,12 @@ class DecodeRun:
         with engine.runner.decoding():
             while True:
                 with torch.inference_mode():
-                    token = sample_next(logits, params, seen, generator)
+                    scores = logits if self.constraint is None else self.constraint.mask(logits)
+                    token = sample_next(scores, params, seen, generator)
+                    if self.top_logprobs is not None:
+                        self.logprobs.append(_logprobs(logits, token, self.top_logprobs))
+                if self.constraint is not None:
+                    self.constraint.advance(token)
                 self.completion_ids.append(token)
                 if token in engine.stop_ids:
                     self.finish_reason = "stop"
@@ -155,3 +179,10 @@ class DecodeRun:
                 if seen is not None:
                     seen = torch.cat([seen, torch.tensor([token], device=seen.device)])
                 logits = engine.runner.decode(self.entry, token)
+
+
+def _logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    scores = torch.log_softmax(logits.float(), dim=-1)
+    best = torch.topk(scores, top) if top else None
+    pairs = [] if best is None else list(zip(best.indices.tolist(), best.values.tolist(), strict=True))
+    return float(scores[token]), pairs

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models) on the app's own FastAPI server.
+"""The HTTP door on the app's own FastAPI server: OpenAI's /v1/chat/completions, /v1/completions and
+/v1/models, plus /health and Prometheus' /metrics.
 
 Errors leave in OpenAI's shape: {"error": {"message", "type", "param", "code"}}. A model id is only ever a
 registered id, never a path to load. Whatever ends a streamed response (its end, an error, a client that
@@ -12,10 +13,13 @@ import hashlib
 import hmac
 import json
 import logging
+from collections.abc import Sequence
+from dataclasses import replace
 
 import anyio
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import openai_api
 from .backend import ChatStream
@@ -24,7 +28,6 @@ from .remote import RemoteError
 from .serving import ModelRegistry
 
 log = logging.getLogger(__name__)
-FIELDS = {"messages", "model", "stream", "user"} | openai_api.FIELDS
 
 
 class APIError(Exception):
@@ -35,20 +38,6 @@ class APIError(Exception):
     def response(self) -> JSONResponse:
         body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
         return JSONResponse(body, status_code=self.status)
-
-
-def openai_errors(route):
-    """Turns APIError into its JSON response. (Routes are added after Gradio's server has started, when app-wide
-    exception handlers can no longer be registered.)"""
-
-    @functools.wraps(route)
-    async def wrapped(request: Request):
-        try:
-            return await route(request)
-        except APIError as error:
-            return error.response()
-
-    return wrapped
 
 
 def text_content(content, index: int) -> str:
@@ -63,16 +52,27 @@ def text_content(content, index: int) -> str:
     return content
 
 
-def add_openai_routes(app: FastAPI, registry: ModelRegistry, *, api_key: str | None, exposed: bool) -> None:
-    """Adds /v1 routes. With ``exposed`` (a share link or a non-loopback host) they need ``api_key``.
+def fingerprint(api_key: str) -> str:
+    """An API key's principal: sessions under one key are that key's alone."""
+    return "key:" + hashlib.sha256(api_key.encode()).hexdigest()[:16]
 
-    API sessions live in their own space, under the key's fingerprint as principal, so no field or header of
-    a /v1 request can reach a page session's cache or a Python caller's.
+
+def add_openai_routes(
+    app: FastAPI, registry: ModelRegistry, *, api_key: str | Sequence[str] | None, exposed: bool
+) -> None:
+    """Adds ``/health``, ``/metrics`` and the ``/v1`` routes. With ``exposed`` (a share link or a non-loopback
+    host) ``/v1`` and ``/metrics`` need an API key; ``/health`` is public and says only whether a model is ready.
+
+    API sessions live in their own space, under the fingerprint of the key that sent the request as principal,
+    so no field or header of a /v1 request can reach a page session's cache, a Python caller's, or another
+    key's.
     """
-    principal = "" if api_key is None else "key:" + hashlib.sha256(api_key.encode()).hexdigest()[:16]
+    keys = [api_key] if isinstance(api_key, str) else list(api_key or [])
+    metrics = registry.metrics
 
-    def authorize(request: Request) -> None:
-        if api_key is None:
+    def authorize(request: Request) -> str:
+        """The caller's principal; APIError 401 without a valid key where one is needed."""
+        if not keys:
             if exposed:
                 raise APIError(
                     401,
@@ -80,15 +80,35 @@ def add_openai_routes(app: FastAPI, registry: ModelRegistry, *, api_key: str | N
                     type_="authentication_error",
                     code="invalid_api_key",
                 )
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-            raise APIError(
-                401,
-                "invalid or missing API key (send Authorization: Bearer <key>)",
-                type_="authentication_error",
-                code="invalid_api_key",
-            )
+            return ""
+        given = request.headers.get("authorization", "").encode()
+        for key in keys:
+            if hmac.compare_digest(given, f"Bearer {key}".encode()):
+                return fingerprint(key)
+        raise APIError(
+            401,
+            "invalid or missing API key (send Authorization: Bearer <key>)",
+            type_="authentication_error",
+            code="invalid_api_key",
+        )
+
+    def openai_errors(route):
+        """Turns every failure into an OpenAI-shaped response. (Routes are added after Gradio's server has
+        started, when app-wide exception handlers can no longer be registered.)"""
+
+        @functools.wraps(route)
+        async def wrapped(request: Request):
+            try:
+                return await route(request)
+            except APIError as error:
+                metrics.http_errors.labels(str(error.status)).inc()
+                return error.response()
+            except Exception as error:  # the traceback goes to the log, one line to the client
+                failure = server_error(error)
+                metrics.http_errors.labels(str(failure.status)).inc()
+                return failure.response()
+
+        return wrapped
 
     def model_for(model_id):
         if model_id is not None and not isinstance(model_id, str):
@@ -117,6 +137,17 @@ def add_openai_routes(app: FastAPI, registry: ModelRegistry, *, api_key: str | N
         except RuntimeError as e:
             raise APIError(503, str(e), type_="server_error", code="model_loading") from e
 
+    @app.get("/health")
+    async def health():
+        ready = registry.model is not None and registry.loading is None
+        return JSONResponse({"status": "ok" if ready else "loading"}, status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    @openai_errors
+    async def prometheus(request: Request):
+        authorize(request)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/v1/models")
     @openai_errors
     async def list_models(request: Request):
@@ -124,51 +155,64 @@ def add_openai_routes(app: FastAPI, registry: ModelRegistry, *, api_key: str | N
         data = [{"id": i, "object": "model", "created": 0, "owned_by": "local"} for i in registry.ids]
         return {"object": "list", "data": data}
 
-    @app.post("/v1/chat/completions")
-    @openai_errors
-    async def chat_completions(request: Request):
-        authorize(request)
-        if "json" not in request.headers.get("content-type", ""):
-            raise APIError(400, "send the request body as JSON (Content-Type: application/json)")
-        try:
-            body = json.loads(await request.body())
-        except ValueError as e:
-            raise APIError(400, f"the request body is not valid JSON: {e}") from e
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object")
-        if not isinstance(body.get("messages"), list):
-            raise APIError(400, "messages is required and must be a list", param="messages")
+    async def serve(request: Request, kind: str):
+        principal = authorize(request)
+        body = await read_body(request)
         if "session_id" in body:
             raise APIError(
                 400,
                 "session_id is not accepted: name your session with user or the X-Session-Id header",
                 param="session_id",
             )
-        messages = [
-            {**m, "content": text_content(m.get("content"), i)} if isinstance(m, dict) else m
-            for i, m in enumerate(body["messages"])
-        ]
-        ignored = set(body) - FIELDS
-        if ignored:
-            log.info("ignoring unsupported request fields: %s", ", ".join(sorted(ignored)))
-        fields = {k: v for k, v in body.items() if k in openai_api.FIELDS}
-        stream = bool(body.get("stream", False))
+        if kind == "chat":
+            if not isinstance(body.get("messages"), list):
+                raise APIError(400, "messages is required and must be a list", param="messages")
+            body["messages"] = [
+                {**m, "content": text_content(m.get("content"), i)} if isinstance(m, dict) else m
+                for i, m in enumerate(body["messages"])
+            ]
         model, model_id = await anyio.to_thread.run_sync(model_for, body.get("model"))
         try:
             session = openai_api.session_for("api", principal, request.headers.get("x-session-id") or body.get("user"))
-            wants_usage = openai_api.include_usage(fields)
-            chat_request = openai_api.chat_request(model, messages, fields, session=session, stream=stream)
-            chat = await anyio.to_thread.run_sync(model.stream, chat_request)
+            opener = openai_api.open_chat if kind == "chat" else openai_api.open_completion
+            call = await anyio.to_thread.run_sync(lambda: opener(model, body, session=session, model_name=model_id))
         except ValueError as e:
-            raise APIError(400, str(e)) from e
-        head = openai_api.head(model, model_id)
-        if stream:
-            events = openai_api.chunk_events(chat, head, wants_usage)
-            return StreamingResponse(_sse(chat, events, request), media_type="text/event-stream")
-        try:
-            return await anyio.to_thread.run_sync(openai_api.completion, chat, head)
-        except Exception as e:
-            raise server_error(e) from e
+            raise APIError(400, str(e), param=_param_of(str(e))) from e
+        call = replace(call, stream=metrics.track(call.stream, f"/v1/{kind}"))
+        shape = {"chat": (openai_api.chat_events, openai_api.chat_completion)}.get(
+            kind, (openai_api.text_events, openai_api.text_completion)
+        )
+        if openai_api.wants_stream(body):
+            return ClosingStreamingResponse(call.stream, _sse(shape[0](call), request))
+        return await _whole(call, shape[1], request)
+
+    @app.post("/v1/chat/completions")
+    @openai_errors
+    async def chat_completions(request: Request):
+        return await serve(request, "chat")
+
+    @app.post("/v1/completions")
+    @openai_errors
+    async def completions(request: Request):
+        return await serve(request, "text")
+
+
+async def read_body(request: Request) -> dict:
+    if "json" not in request.headers.get("content-type", ""):
+        raise APIError(400, "send the request body as JSON (Content-Type: application/json)")
+    try:
+        body = json.loads(await request.body())
+    except ValueError as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}") from e
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    return body
+
+
+def _param_of(message: str) -> str | None:
+    """The field a validation message names first, for the error's ``param``."""
+    word = message.split(" ", 1)[0].split("[", 1)[0].split(".", 1)[0].rstrip(":,")
+    return word if word.isidentifier() else None
 
 
 def server_error(error: Exception) -> APIError:
@@ -183,13 +227,53 @@ def server_error(error: Exception) -> APIError:
     )
 
 
-async def _sse(chat: ChatStream, events, request: Request):
-    """Server-sent events from a blocking iterator. Closing ``chat`` (whatever ends the response: the end of
-    the reply, an error, a client that left) stops the model before its next token."""
+async def _whole(call, shape, request: Request) -> dict:
+    """The whole reply; a client that disconnects meanwhile closes the stream, which stops the model."""
+    outcome: dict = {}
+
+    async def read() -> None:
+        try:
+            outcome["reply"] = await anyio.to_thread.run_sync(shape, call)
+        except Exception as e:  # raised below, outside the task group (which would wrap it)
+            outcome["error"] = e
+        group.cancel_scope.cancel()
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        await anyio.to_thread.run_sync(call.stream.close)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(watch)
+        group.start_soon(read)
+    if "error" in outcome:
+        raise server_error(outcome["error"]) from outcome["error"]
+    return outcome["reply"]
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """Server-sent events that close their ChatStream however the response ends (finished, failed, or the
+    client gone before or during a send), so the model stops before its next token."""
+
+    def __init__(self, stream: ChatStream, content):
+        super().__init__(content, media_type="text/event-stream")
+        self._chat = stream
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._chat.close)
+
+
+async def _sse(events, request: Request):
+    """Server-sent events from a blocking iterator. A client that leaves cancels this at once (the thread
+    reading the next event is abandoned; closing the stream ends it at the next token)."""
     sentinel = object()
     try:
         while True:
-            event = await anyio.to_thread.run_sync(next, events, sentinel)
+            event = await anyio.to_thread.run_sync(next, events, sentinel, abandon_on_cancel=True)
             if event is sentinel:
                 break
             yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
@@ -200,6 +284,3 @@ async def _sse(chat: ChatStream, events, request: Request):
         error = server_error(e)
         body = {"error": {"message": error.message, "type": error.type, "param": None, "code": error.code}}
         yield f"data: {json.dumps(body)}\n\n"
-    finally:
-        with anyio.CancelScope(shield=True):  # a client that left cancels this task: close all the same
-            await anyio.to_thread.run_sync(chat.close)

@@ -10,9 +10,14 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
+from functools import partial
 
+from jinja2 import TemplateError
+
+from . import tools as tool_calls
 from .backend import Capabilities, ChatModel, ChatStream, ModelInfo
-from .chunks import Chunk, Stats
+from .chunks import Chunk, Stats, TokenLogprob
+from .constrained import Grammars
 from .engine import Engine, Runner
 from .errors import BackendError
 from .families.base import Family
@@ -23,6 +28,8 @@ from .text_stream import ReplyText
 # A prompt fits when it leaves room for min(max_new_tokens, REPLY_ROOM) new tokens; the reply is then
 # capped at what is left of the context.
 REPLY_ROOM = 1024
+# The context assumed for a checkpoint whose config does not say (the loaders' one fallback).
+FALLBACK_CONTEXT = 8192
 
 
 class LocalModel(ChatModel):
@@ -36,6 +43,7 @@ class LocalModel(ChatModel):
         runner: Runner,
         *,
         max_cache_bytes: int,
+        vocab_size: int,
         max_sessions: int = 256,
         eos_ids: Iterable[int | None] = (),
         model=None,
@@ -55,17 +63,36 @@ class LocalModel(ChatModel):
         )
         self.engine = Engine(runner, stop_ids=self.stop_ids)
         self.sessions = SessionStore(max_cache_bytes, max_sessions)
+        self.grammars = Grammars(tokenizer, vocab_size, self.stop_ids)
+        # Templates that know tools (Qwen 3's) render them; for others tools.inline writes them into turns.
+        self.template_has_tools = "tools" in (self.chat_template or "")
 
-    def render(self, messages, *, enable_thinking: bool | None = None) -> list[int]:
-        """The prompt's token ids: the whole conversation through the chat template, ready for the reply."""
+    def render(self, messages, *, enable_thinking: bool | None = None, tools=None) -> list[int]:
+        """The prompt's token ids: the whole conversation through the chat template, ready for the reply,
+        with ``tools`` offered to the model."""
         kwargs = {"enable_thinking": enable_thinking} if self.family.can_think else {}
-        text = self.tokenizer.apply_chat_template(
-            list(messages), chat_template=self.chat_template, tokenize=False, add_generation_prompt=True, **kwargs
-        )
+        messages = [dict(m) for m in messages]
+        if self.template_has_tools:
+            if tools:
+                kwargs["tools"] = list(tools)
+        elif tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+            messages = tool_calls.inline(messages, list(tools or ()))
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True, **kwargs
+            )
+        except TemplateError as e:  # e.g. "roles must alternate": the conversation, not the server, is wrong
+            raise ValueError(f"the model's chat template refused the conversation: {e}") from e
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def _render(self, request: ChatRequest, messages) -> list[int]:
+        if request.prompt is not None:
+            return list(self.tokenizer(request.prompt)["input_ids"])
+        tools = request.tools if request.tool_choice != "none" else None
+        return self.render(messages, enable_thinking=request.thinking, tools=tools)
+
     def count_tokens(self, request: ChatRequest) -> int:
-        return len(self.render(request.messages, enable_thinking=request.thinking))
+        return len(self._render(request, request.messages))
 
     def fit(self, request: ChatRequest) -> tuple[list[int], int]:
         """The prompt's token ids and how many of the oldest turns were left out so that it fits.
@@ -78,12 +105,12 @@ class LocalModel(ChatModel):
         room = min(request.sampling.max_new_tokens, REPLY_ROOM)
 
         def render(messages) -> list[int]:
-            return self.render(messages, enable_thinking=request.thinking)
+            return self._render(request, messages)
 
         ids = render(request.messages)
         if len(ids) + room <= context:
             return ids, 0
-        if not request.fit_context:
+        if not request.fit_context or request.prompt is not None:
             raise ValueError(
                 f"the conversation is {len(ids)} tokens; with room for {room} new ones it exceeds the model's "
                 f"context of {context}: drop earlier turns or ask for fewer new tokens"
@@ -109,33 +136,61 @@ class LocalModel(ChatModel):
     def stream(self, request: ChatRequest) -> ChatStream:
         started = time.perf_counter()
         prompt_ids, dropped = self.fit(request)
+        if not prompt_ids:
+            raise ValueError("the prompt has no tokens")
         left = self.info.context_length - len(prompt_ids)
         params = replace(request.sampling, max_new_tokens=min(request.sampling.max_new_tokens, left))
-        reply = ReplyText(self.tokenizer, think_ids=self.think_ids, thinking=bool(request.thinking), stop=request.stop)
+        grammar = self.grammars.for_request(request.response_format, request.tools, request.tool_choice)
+        think_ids = None if request.prompt is not None else self.think_ids
+        constraint = None
+        if grammar is not None:
+            wait_for = think_ids[1] if think_ids and request.thinking else None
+            constraint = self.grammars.constraint(grammar, wait_for)
+        reply = ReplyText(self.tokenizer, think_ids=think_ids, thinking=bool(request.thinking), stop=request.stop)
         cancel = threading.Event()
-        chunks = self._chunks(cancel, prompt_ids, request.session, params, reply, started)
+        generate = partial(
+            self.engine.generate,
+            prompt_ids,
+            params=params,
+            cancel=cancel,
+            constraint=constraint,
+            logprobs=request.logprobs,
+        )
+        chunks = self._chunks(generate, request.session, reply, cancel, started)
         return ChatStream(chunks, cancel, prompt_tokens=len(prompt_ids), dropped_turns=dropped)
 
+    def _token_logprob(self, token: int, logprob: float, top: list[tuple[int, float]]) -> TokenLogprob:
+        decode = self.tokenizer.decode
+        return TokenLogprob(decode([token]), logprob, tuple((decode([i]), lp) for i, lp in top))
+
     def _chunks(
-        self, cancel: threading.Event, prompt_ids, session: SessionKey | None, params, reply: ReplyText, started
+        self, generate, session: SessionKey | None, reply: ReplyText, cancel: threading.Event, started: float
     ) -> Iterator[Chunk]:
+        """The reply's chunks; ``generate(entry)`` starts the decode. The session's cache is checked out only
+        once the stream is read, and checked back in however the stream ends."""
         if session is None:
             lease, entry = None, self.engine.new_entry()
         else:
             lease, entry = self.sessions.checkout(session, self.engine.new_entry)
-        run = self.engine.generate(prompt_ids, entry, params, cancel)
-        tokens = iter(run)
+        tokens = None
         first = last = None
+        pending: list[TokenLogprob] = []
         try:
+            run = generate(entry)
+            tokens = iter(run)
             finish = None
             for token in tokens:
                 last = time.perf_counter()
                 first = first or last
                 if token in self.stop_ids:
                     continue
+                if run.top_logprobs is not None and reply.is_answer(token):
+                    pending.append(self._token_logprob(token, *run.logprobs[-1]))
                 text, reasoning = reply.push(token)
                 if text or reasoning:
-                    yield Chunk(text=text, reasoning=reasoning)
+                    yield Chunk(text=text, reasoning=reasoning, logprobs=tuple(pending) if text else ())
+                    if text:
+                        pending = []
                 if reply.stopped:
                     finish = "stop"
                     break
@@ -151,12 +206,13 @@ class LocalModel(ChatModel):
                 "try a shorter conversation, fewer new tokens or a smaller model"
             ) from e
         finally:
-            tokens.close()
+            if tokens is not None:
+                tokens.close()
             if lease is not None:
                 self.sessions.checkin(lease, entry)
         text, reasoning = reply.flush()
         stats = Stats.timed(
-            prompt_tokens=len(prompt_ids),
+            prompt_tokens=len(run.prompt_ids),
             cached_tokens=run.cached_tokens,
             completion_tokens=len(run.completion_ids),
             started=started,
@@ -164,7 +220,7 @@ class LocalModel(ChatModel):
             last=last,
             end=time.perf_counter(),
         )
-        yield Chunk(text=text, reasoning=reasoning, finish_reason=finish, stats=stats)
+        yield Chunk(text=text, reasoning=reasoning, finish_reason=finish, stats=stats, logprobs=tuple(pending))
 
     def cache_info(self) -> dict:
         return self.sessions.info()

@@ -19,7 +19,7 @@ import torch
 from .backend import ModelInfo
 from .errors import ModelLoadError
 from .loading import LoadOptions, default_cache_bytes, local_label, locate
-from .local import LocalModel
+from .local import FALLBACK_CONTEXT, LocalModel
 from .registry import family_for
 from .session_cache import CacheEntry
 
@@ -144,7 +144,7 @@ def load(target: str | None, options: LoadOptions) -> LocalModel:
         dtype=str(weights[0][1].dtype).removeprefix("mlx.core.") if weights else "unknown",
         parameters=int(sum(w.size for _, w in weights)),
         memory_footprint_bytes=int(sum(w.nbytes for _, w in weights)),
-        context_length=int(text_config.get("max_position_embeddings") or 8192),
+        context_length=int(text_config.get("max_position_embeddings") or FALLBACK_CONTEXT),
     )
     return LocalModel(
         tokenizer,
@@ -152,5 +152,6 @@ def load(target: str | None, options: LoadOptions) -> LocalModel:
         info,
         MLXRunner(model),
         max_cache_bytes=options.max_cache_bytes or default_cache_bytes("cpu"),
+        vocab_size=int(text_config["vocab_size"]),
         model=model,
     )

@@ -1,70 +1,51 @@
-"""OpenAI chat-completion shapes, shared by ``ChatModel.create()`` and the HTTP routes: request fields onto a
-ChatRequest, and a ChatStream into ``chat.completion`` / ``chat.completion.chunk`` dicts."""
+"""OpenAI shapes, shared by ``ChatModel.create()`` / ``create_completion()`` and the HTTP routes: a request
+body onto a ChatRequest (every field either honoured or refused by name), and a ChatStream into
+``chat.completion`` / ``chat.completion.chunk`` or ``text_completion`` dicts, tool calls and logprobs included.
+"""
 
 from __future__ import annotations
 
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 
+from . import tools as tool_calls
 from .backend import ChatModel, ChatStream
-from .request import ChatRequest, SessionKey
+from .chunks import Chunk
+from .request import SessionKey
 
 # Accepted for compatibility; only their neutral values are supported.
-NEUTRAL = {"n": 1, "frequency_penalty": 0, "presence_penalty": 0}
-# Request fields besides messages, model, stream and user. response_format, tools and logprobs reach
-# build_request, which refuses what no backend honours yet instead of answering without it.
-FIELDS = {
-    "temperature",
-    "top_p",
-    "max_tokens",
+NEUTRAL = {"n": 1, "frequency_penalty": 0, "presence_penalty": 0, "logit_bias": None}
+COMPLETION_NEUTRAL = {**NEUTRAL, "best_of": 1, "echo": False, "suffix": None}
+# Fields OpenAI documents as hints or bookkeeping: accepted, and nothing to honour (``user`` names a session).
+HINTS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key", "safety_identifier"}
+SAMPLING = {"temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop", "max_tokens", "stream_options"}
+CHAT_FIELDS = SAMPLING | {
+    "messages",
+    "model",
+    "stream",
     "max_completion_tokens",
-    "stop",
-    "seed",
-    "top_k",
-    "repetition_penalty",
     "enable_thinking",
     "chat_template_kwargs",
     "reasoning_effort",
-    "stream_options",
     "response_format",
     "tools",
     "tool_choice",
     "logprobs",
     "top_logprobs",
-} | set(NEUTRAL)
+}
+COMPLETION_FIELDS = SAMPLING | {"prompt", "model", "stream", "logprobs"}
 
 
-def chat_request(model: ChatModel, messages, fields: dict, *, session: SessionKey | None, stream: bool) -> ChatRequest:
-    """Maps OpenAI request fields onto a ChatRequest for ``model``; ValueError naming an unknown or bad one."""
-    fields = dict(fields)
-    for name, neutral in NEUTRAL.items():
-        if fields.pop(name, neutral) not in (neutral, None):
-            raise ValueError(f"{name} other than {neutral!r} is not supported")
-    unknown = set(fields) - FIELDS
-    if unknown:
-        raise ValueError(f"unsupported field(s): {', '.join(sorted(unknown))}")
-    max_tokens = fields.get("max_completion_tokens")
-    if max_tokens is None:
-        max_tokens = fields.get("max_tokens")
-    if fields.get("tool_choice") not in (None, "none") and not fields.get("tools"):
-        raise ValueError("tool_choice needs tools")
-    return model.request(
-        messages,
-        session=session,
-        max_new_tokens=max_tokens,
-        temperature=fields.get("temperature"),
-        top_p=fields.get("top_p"),
-        top_k=fields.get("top_k"),
-        repetition_penalty=fields.get("repetition_penalty"),
-        seed=fields.get("seed"),
-        thinking=_thinking(fields),
-        stop=fields.get("stop"),
-        stream=stream,
-        response_format=fields.get("response_format"),
-        tools=fields.get("tools"),
-        logprobs=(fields.get("top_logprobs") or 0) if fields.get("logprobs") else None,
-    )
+@dataclass(frozen=True)
+class Call:
+    """An accepted request: its stream, and how its events are shaped."""
+
+    stream: ChatStream
+    head: dict
+    include_usage: bool
+    parse_tools: bool = False
 
 
 def session_for(space: str, principal: str, user) -> SessionKey | None:
@@ -76,15 +57,50 @@ def session_for(space: str, principal: str, user) -> SessionKey | None:
     return SessionKey(space, principal, user)
 
 
-def _thinking(fields: dict) -> bool | None:
-    template_kwargs = fields.get("chat_template_kwargs") or {}
+def wants_stream(body: dict) -> bool:
+    value = body.get("stream", False)
+    if value is not None and not isinstance(value, bool):
+        raise ValueError("stream must be true or false")
+    return bool(value)
+
+
+def _check_fields(body: dict, known: set[str], neutral: dict) -> None:
+    for name, value in neutral.items():
+        if body.get(name, value) not in (value, None):
+            raise ValueError(f"{name} other than {value!r} is not supported")
+    unknown = set(body) - known - HINTS - set(neutral)
+    if unknown:
+        raise ValueError(f"unsupported field(s): {', '.join(sorted(unknown))}")
+
+
+def _include_usage(body: dict) -> bool:
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise ValueError("stream_options must be an object")
+    return bool(options.get("include_usage"))
+
+
+def _sampling(body: dict, max_tokens) -> dict:
+    return {
+        "max_new_tokens": max_tokens,
+        "temperature": body.get("temperature"),
+        "top_p": body.get("top_p"),
+        "top_k": body.get("top_k"),
+        "repetition_penalty": body.get("repetition_penalty"),
+        "seed": body.get("seed"),
+        "stop": body.get("stop"),
+    }
+
+
+def _thinking(body: dict) -> bool | None:
+    template_kwargs = body.get("chat_template_kwargs") or {}
     if not isinstance(template_kwargs, dict):
         raise ValueError("chat_template_kwargs must be an object")
     if "enable_thinking" in template_kwargs:
         return template_kwargs["enable_thinking"]
-    if fields.get("enable_thinking") is not None:
-        return fields["enable_thinking"]
-    effort = fields.get("reasoning_effort")
+    if body.get("enable_thinking") is not None:
+        return body["enable_thinking"]
+    effort = body.get("reasoning_effort")
     if effort is None:
         return None
     if effort not in ("none", "minimal", "low", "medium", "high"):
@@ -92,15 +108,80 @@ def _thinking(fields: dict) -> bool | None:
     return effort not in ("none", "minimal")
 
 
-def include_usage(fields: dict) -> bool:
-    options = fields.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise ValueError("stream_options must be an object")
-    return bool(options.get("include_usage"))
+def _head(model: ChatModel, name: str | None, prefix: str) -> dict:
+    return {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": name or model.info.name}
 
 
-def head(model: ChatModel, name: str | None) -> dict:
-    return {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name or model.info.name}
+def open_chat(model: ChatModel, body: dict, *, session: SessionKey | None, model_name: str | None = None) -> Call:
+    """Validates a chat request body and starts its reply; ValueError naming the first bad field."""
+    _check_fields(body, CHAT_FIELDS, NEUTRAL)
+    max_tokens = body.get("max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = body.get("max_tokens")
+    logprobs = body.get("logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise ValueError("logprobs must be true or false (top_logprobs says how many alternatives)")
+    if body.get("top_logprobs") is not None and not logprobs:
+        raise ValueError("top_logprobs needs logprobs: true")
+    stream = wants_stream(body)
+    request = model.request(
+        body.get("messages"),
+        session=session,
+        thinking=_thinking(body),
+        stream=stream,
+        response_format=body.get("response_format"),
+        tools=body.get("tools"),
+        tool_choice=body.get("tool_choice"),
+        logprobs=(body.get("top_logprobs") or 0) if logprobs else None,
+        **_sampling(body, max_tokens),
+    )
+    include_usage = _include_usage(body)
+    chat = model.stream(request)
+    parse = bool(request.tools) and request.tool_choice != "none"
+    return Call(chat, _head(model, model_name, "chatcmpl"), include_usage, parse)
+
+
+def open_completion(model: ChatModel, body: dict, *, session: SessionKey | None, model_name: str | None = None) -> Call:
+    """Validates a raw completion request body (``prompt``) and starts it; ValueError naming a bad field."""
+    _check_fields(body, COMPLETION_FIELDS, COMPLETION_NEUTRAL)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise ValueError("prompt must be a string (or a list of one string)")
+    logprobs = body.get("logprobs")
+    if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)):
+        raise ValueError("logprobs must be an integer: how many alternatives per token")
+    request = model.request(
+        None,
+        prompt=prompt,
+        session=session,
+        stream=wants_stream(body),
+        logprobs=logprobs,
+        **_sampling(body, body.get("max_tokens")),
+    )
+    include_usage = _include_usage(body)
+    return Call(model.stream(request), _head(model, model_name, "cmpl"), include_usage)
+
+
+def create(chat_model: ChatModel, messages, *, model=None, stream=False, space: str, principal: str, **fields):
+    """A ``chat.completion`` dict, or with ``stream`` an iterator of ``chat.completion.chunk`` dicts, for a
+    caller in ``space``/``principal`` whose ``user`` field names one of its sessions.
+
+    Raises ValueError for bad input before generating.
+    """
+    session = session_for(space, principal, fields.get("user"))
+    call = open_chat(chat_model, {**fields, "messages": messages, "stream": stream}, session=session, model_name=model)
+    return chat_events(call) if stream else chat_completion(call)
+
+
+def create_completion(chat_model: ChatModel, prompt, *, model=None, stream=False, space: str, principal: str, **fields):
+    """A ``text_completion`` dict, or with ``stream`` an iterator of them, for a raw ``prompt``."""
+    session = session_for(space, principal, fields.get("user"))
+    call = open_completion(
+        chat_model, {**fields, "prompt": prompt, "stream": stream}, session=session, model_name=model
+    )
+    return text_events(call) if stream else text_completion(call)
 
 
 def usage(stats) -> dict | None:
@@ -115,59 +196,121 @@ def usage(stats) -> dict | None:
     }
 
 
-def create(chat_model: ChatModel, messages, *, model=None, stream=False, space: str, principal: str, **fields):
-    """A ``chat.completion`` dict, or with ``stream`` an iterator of ``chat.completion.chunk`` dicts, for a
-    caller in ``space``/``principal`` whose ``user`` field names one of its sessions.
-
-    Raises ValueError for bad input before generating.
-    """
-    session = session_for(space, principal, fields.pop("user", None))
-    wants_usage = include_usage(fields)
-    request = chat_request(chat_model, messages, fields, session=session, stream=bool(stream))
-    chat = chat_model.stream(request)
-    if stream:
-        return chunk_events(chat, head(chat_model, model), wants_usage)
-    return completion(chat, head(chat_model, model))
+def _token_entry(text: str, logprob: float) -> dict:
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
 
-def completion(chat: ChatStream, head: dict) -> dict:
+def chat_logprobs(chunks: list[Chunk]) -> dict | None:
+    entries = [
+        {**_token_entry(t.text, t.logprob), "top_logprobs": [_token_entry(s, lp) for s, lp in t.top]}
+        for chunk in chunks
+        for t in chunk.logprobs
+    ]
+    return {"content": entries} if entries else None
+
+
+def _read(call: Call) -> tuple[list[Chunk], Chunk]:
+    chunks = []
+    with call.stream:
+        chunks = list(call.stream)
+    return chunks, chunks[-1]
+
+
+def chat_completion(call: Call) -> dict:
     """Reads the whole reply into a ``chat.completion`` dict."""
-    text, reasoning, last = [], [], None
-    with chat:
-        for chunk in chat:
-            text.append(chunk.text)
-            reasoning.append(chunk.reasoning)
-            last = chunk
-    message = {"role": "assistant", "content": "".join(text)}
-    if any(reasoning):
-        message["reasoning_content"] = "".join(reasoning)
-    return {
-        **head,
-        "object": "chat.completion",
-        "choices": [{"index": 0, "message": message, "finish_reason": last.finish_reason, "logprobs": None}],
-        "usage": usage(last.stats),
-    }
+    chunks, last = _read(call)
+    text = "".join(c.text for c in chunks)
+    reasoning = "".join(c.reasoning for c in chunks)
+    finish = last.finish_reason
+    message: dict = {"role": "assistant", "content": text}
+    if call.parse_tools:
+        rest, calls = tool_calls.parse(text)
+        if calls:
+            message = {"role": "assistant", "content": rest or None, "tool_calls": [c.openai() for c in calls]}
+            finish = "tool_calls"
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    choice = {"index": 0, "message": message, "finish_reason": finish, "logprobs": chat_logprobs(chunks)}
+    return {**call.head, "object": "chat.completion", "choices": [choice], "usage": usage(last.stats)}
 
 
-def chunk_events(chat: ChatStream, head: dict, include_usage: bool) -> Iterator[dict]:
-    """``chat.completion.chunk`` dicts as the reply streams; closing the iterator closes ``chat``."""
+def chat_events(call: Call) -> Iterator[dict]:
+    """``chat.completion.chunk`` dicts as the reply streams; closing the iterator closes the stream. Tool
+    calls arrive whole, each in one ``delta.tool_calls`` entry, once its block is complete."""
+    head = {**call.head, "object": "chat.completion.chunk"}
 
-    def event(delta: dict, finish_reason=None) -> dict:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
-        return {**head, "object": "chat.completion.chunk", "choices": [choice]}
+    def event(delta: dict, finish_reason=None, logprobs=None) -> dict:
+        return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}]}
 
-    with chat:
+    splitter = tool_calls.StreamingCalls() if call.parse_tools else None
+    sent_calls = 0
+    with call.stream:
         yield event({"role": "assistant", "content": ""})
-        for chunk in chat:
+        for chunk in call.stream:
+            text, found = (chunk.text, []) if splitter is None else splitter.push(chunk.text)
+            if chunk.finish_reason is not None and splitter is not None:
+                text += splitter.flush()
             delta = {}
             if chunk.reasoning:
                 delta["reasoning_content"] = chunk.reasoning
-            if chunk.text:
-                delta["content"] = chunk.text
+            if text:
+                delta["content"] = text
+            if found:
+                delta["tool_calls"] = [{"index": sent_calls + i, **c.openai()} for i, c in enumerate(found)]
+                sent_calls += len(found)
             if delta:
-                yield event(delta)
+                yield event(delta, logprobs=chat_logprobs([chunk]))
             if chunk.finish_reason is not None:
-                yield event({}, chunk.finish_reason)
+                yield event({}, "tool_calls" if sent_calls else chunk.finish_reason)
                 counted = usage(chunk.stats)
-                if include_usage and counted is not None:
-                    yield {**head, "object": "chat.completion.chunk", "choices": [], "usage": counted}
+                if call.include_usage and counted is not None:
+                    yield {**head, "choices": [], "usage": counted}
+
+
+def text_logprobs(chunks: list[Chunk], offset: int = 0) -> dict | None:
+    tokens = [t for chunk in chunks for t in chunk.logprobs]
+    if not tokens:
+        return None
+    offsets, position = [], offset
+    for t in tokens:
+        offsets.append(position)
+        position += len(t.text)
+    return {
+        "tokens": [t.text for t in tokens],
+        "token_logprobs": [t.logprob for t in tokens],
+        "top_logprobs": [dict(t.top) for t in tokens],
+        "text_offset": offsets,
+    }
+
+
+def text_completion(call: Call) -> dict:
+    """Reads the whole continuation into a ``text_completion`` dict."""
+    chunks, last = _read(call)
+    choice = {
+        "index": 0,
+        "text": "".join(c.text for c in chunks),
+        "logprobs": text_logprobs(chunks),
+        "finish_reason": last.finish_reason,
+    }
+    return {**call.head, "object": "text_completion", "choices": [choice], "usage": usage(last.stats)}
+
+
+def text_events(call: Call) -> Iterator[dict]:
+    """``text_completion`` dicts as the continuation streams; the last one carries finish_reason."""
+    head = {**call.head, "object": "text_completion"}
+    offset = 0
+    with call.stream:
+        for chunk in call.stream:
+            if chunk.text or chunk.finish_reason is not None:
+                choice = {
+                    "index": 0,
+                    "text": chunk.text,
+                    "logprobs": text_logprobs([chunk], offset),
+                    "finish_reason": chunk.finish_reason,
+                }
+                offset += len(chunk.text)
+                yield {**head, "choices": [choice]}
+            if chunk.finish_reason is not None:
+                counted = usage(chunk.stats)
+                if call.include_usage and counted is not None:
+                    yield {**head, "choices": [], "usage": counted}

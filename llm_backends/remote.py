@@ -18,12 +18,14 @@ from collections.abc import Iterator
 
 import httpx
 
+from . import tools
 from .backend import Capabilities, ChatModel, ChatStream, ModelInfo
-from .chunks import Chunk, Stats
+from .chunks import Chunk, Stats, TokenLogprob
 from .errors import BackendError, ModelLoadError
 from .request import ChatRequest, SessionKey
 
 PREFIX = "openai:"
+WHOLE_REPLY_TIMEOUT = 600.0
 
 
 class RemoteError(BackendError):
@@ -93,7 +95,6 @@ class RemoteChatModel(ChatModel):
         sampling = request.sampling
         fields = {
             "model": self.model_name,
-            "messages": list(request.messages),
             "max_tokens": sampling.max_new_tokens,
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,
@@ -103,46 +104,94 @@ class RemoteChatModel(ChatModel):
             "stop": list(request.stop) or None,
             "user": None if request.session is None else _opaque(request.session),
         }
+        if request.prompt is not None:
+            fields.update(prompt=request.prompt, logprobs=request.logprobs)
+        else:
+            fields.update(
+                messages=list(request.messages),
+                response_format=request.response_format,
+                tools=list(request.tools) if request.tools else None,
+                tool_choice=_openai_tool_choice(request.tool_choice),
+                logprobs=None if request.logprobs is None else True,
+                top_logprobs=request.logprobs or None,
+            )
         body = {k: v for k, v in fields.items() if v is not None}
-        if request.thinking is not None:
+        if request.thinking is not None and request.prompt is None:
             body["chat_template_kwargs"] = {"enable_thinking": request.thinking}
         if request.stream:
             body.update(stream=True, stream_options={"include_usage": True})
         return body
 
     def stream(self, request: ChatRequest) -> ChatStream:
-        """Upstream failures raise RemoteError while iterating."""
+        """Upstream failures raise RemoteError while iterating; closing the stream closes the connection."""
         cancel = threading.Event()
         body = self.body(request)
-        chunks = self._streamed(body, cancel) if request.stream else self._whole(body)
-        return ChatStream(chunks, cancel)
+        path = "/completions" if request.prompt is not None else "/chat/completions"
+        connection = _Connection(self, path, body, cancel, whole=not request.stream)
+        chunks = connection.streamed() if request.stream else connection.whole()
+        return ChatStream(chunks, cancel, on_close=connection.close)
 
-    def _post(self, body: dict):
-        return httpx.stream(
-            "POST", f"{self.base_url}/chat/completions", json=body, headers=self._headers, timeout=self.timeout
-        )
+    def cache_info(self) -> dict:
+        return {"sessions": 0, "bytes": 0, "budget_bytes": 0, "max_sessions": 0, "evictions": 0, "in_use": 0}
 
-    def _whole(self, body: dict) -> Iterator[Chunk]:
+    def clear_sessions(self, session: SessionKey | None = None) -> None:
+        """The upstream owns its caches; nothing is held here."""
+
+
+class _Connection:
+    """One upstream request, read whole or as server-sent events. ``close()`` (from any thread) ends it."""
+
+    def __init__(self, model: RemoteChatModel, path: str, body: dict, cancel: threading.Event, *, whole: bool):
+        self.base_url, self.timeout = model.base_url, model.timeout
+        self._request = (f"{model.base_url}{path}", body, model._headers)
+        # A whole reply may take minutes to arrive: its read timeout is generous, and closing still ends it.
+        self._timeout = httpx.Timeout(model.timeout)
+        if whole:
+            self._timeout = httpx.Timeout(model.timeout, read=max(model.timeout, WHOLE_REPLY_TIMEOUT))
+        self._cancel = cancel
+        self._response = None
+
+    def close(self) -> None:
+        self._cancel.set()
+        response = self._response
+        if response is not None:
+            response.close()
+
+    def _open(self):
+        url, body, headers = self._request
+        return httpx.stream("POST", url, json=body, headers=headers, timeout=self._timeout)
+
+    def whole(self) -> Iterator[Chunk]:
         started = time.perf_counter()
-        with self._errors(), self._post(body) as response:
-            self._raise_for_status(response)
+        reply = None
+        with self._errors(), self._open() as response:
+            self._response = response
+            _raise_for_status(self.base_url, response)
             reply = json.loads(response.read())
+        if reply is None:  # closed while waiting
+            yield Chunk(finish_reason="cancelled", stats=_stats(None, 0, started, None, None, time.perf_counter()))
+            return
         choice = (reply.get("choices") or [{}])[0]
         message = choice.get("message") or {}
+        text = message.get("content") or choice.get("text") or ""
+        text += "".join(_call_text(c) for c in message.get("tool_calls") or [])
         end = time.perf_counter()
         yield Chunk(
-            text=message.get("content") or "",
+            text=text,
             reasoning=message.get("reasoning_content") or message.get("reasoning") or "",
             finish_reason=choice.get("finish_reason") or "stop",
             stats=_stats(reply.get("usage"), 0, started, end, end, end),
+            logprobs=_logprobs(choice.get("logprobs")),
         )
 
-    def _streamed(self, body: dict, cancel: threading.Event) -> Iterator[Chunk]:
+    def streamed(self) -> Iterator[Chunk]:
         started = time.perf_counter()
         first = last = None
         finish, usage, deltas = None, None, 0
-        with self._errors(), self._post(body) as response:
-            self._raise_for_status(response)
+        calls: dict[int, dict] = {}  # tool calls arrive in pieces: name first, arguments in fragments
+        with self._errors(), self._open() as response:
+            self._response = response
+            _raise_for_status(self.base_url, response)
             for line in response.iter_lines():
                 if not line.startswith("data:"):
                     continue
@@ -153,44 +202,81 @@ class RemoteChatModel(ChatModel):
                 usage = event.get("usage") or usage
                 for choice in event.get("choices", []):
                     delta = choice.get("delta") or {}
-                    text = delta.get("content") or ""
+                    text = delta.get("content") or choice.get("text") or ""
                     reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
+                    for piece in delta.get("tool_calls") or []:
+                        call = calls.setdefault(piece.get("index", 0), {"name": "", "arguments": ""})
+                        function = piece.get("function") or {}
+                        call["name"] += function.get("name") or ""
+                        call["arguments"] += function.get("arguments") or ""
                     finish = choice.get("finish_reason") or finish
                     if text or reasoning:
                         last = time.perf_counter()
                         first = first or last
                         deltas += 1
-                        yield Chunk(text=text, reasoning=reasoning)
-                if cancel.is_set():
-                    finish = "cancelled"
+                        yield Chunk(text=text, reasoning=reasoning, logprobs=_logprobs(choice.get("logprobs")))
+                if self._cancel.is_set():
                     break
+        if self._cancel.is_set():
+            finish = "cancelled"
+        text = "".join(tools.call_text(c["name"], c["arguments"] or "{}") for _, c in sorted(calls.items()))
         stats = _stats(usage, deltas, started, first, last, time.perf_counter())
-        yield Chunk(finish_reason=finish or "stop", stats=stats)
-
-    def _raise_for_status(self, response) -> None:
-        if response.status_code != 200:
-            raise RemoteError(f"{self.base_url} answered {response.status_code}: {_error_message(response.read())}")
+        yield Chunk(text=text, finish_reason=finish or "stop", stats=stats)
 
     def _errors(self):
-        return _HTTPErrors(self.base_url, self.timeout)
+        return _HTTPErrors(self.base_url, self.timeout, self._cancel)
 
-    def cache_info(self) -> dict:
-        return {"sessions": 0, "bytes": 0, "budget_bytes": 0, "max_sessions": 0, "evictions": 0, "in_use": 0}
 
-    def clear_sessions(self, session: SessionKey | None = None) -> None:
-        """The upstream owns its caches; nothing is held here."""
+def _raise_for_status(base_url: str, response) -> None:
+    if response.status_code != 200:
+        raise RemoteError(f"{base_url} answered {response.status_code}: {_error_message(response.read())}")
+
+
+def _call_text(call: dict) -> str:
+    function = call.get("function") or {}
+    return tools.call_text(function.get("name", ""), function.get("arguments") or "{}")
+
+
+def _openai_tool_choice(choice: str | None):
+    if choice in (None, "auto", "none", "required"):
+        return choice
+    return {"type": "function", "function": {"name": choice}}
+
+
+def _logprobs(data) -> tuple[TokenLogprob, ...]:
+    """Upstream logprobs (chat's ``content`` list, or completions' parallel lists) as TokenLogprob entries."""
+    if not isinstance(data, dict):
+        return ()
+    if isinstance(data.get("content"), list):
+        return tuple(
+            TokenLogprob(
+                e.get("token", ""),
+                float(e.get("logprob", 0.0)),
+                tuple((t.get("token", ""), float(t.get("logprob", 0.0))) for t in e.get("top_logprobs") or []),
+            )
+            for e in data["content"]
+        )
+    tokens, values = data.get("tokens") or [], data.get("token_logprobs") or []
+    tops = data.get("top_logprobs") or [None] * len(tokens)
+    return tuple(
+        TokenLogprob(t, float(v or 0.0), tuple((top or {}).items()))
+        for t, v, top in zip(tokens, values, tops, strict=False)
+    )
 
 
 class _HTTPErrors:
-    """Turns httpx failures into RemoteError messages a person can act on."""
+    """Turns httpx failures into RemoteError messages a person can act on; after a close, the failure that
+    closing the connection causes is the expected end, not an error."""
 
-    def __init__(self, base_url: str, timeout: float):
-        self.base_url, self.timeout = base_url, timeout
+    def __init__(self, base_url: str, timeout: float, cancel: threading.Event):
+        self.base_url, self.timeout, self.cancel = base_url, timeout, cancel
 
     def __enter__(self):
         return self
 
     def __exit__(self, kind, error, traceback):
+        if error is not None and self.cancel.is_set() and not isinstance(error, GeneratorExit):
+            return True
         if isinstance(error, httpx.TimeoutException):
             raise RemoteError(f"{self.base_url} did not answer within {self.timeout:.0f} s") from error
         if isinstance(error, httpx.HTTPError):

@@ -12,11 +12,13 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from . import tools as tool_calls
 from .families.base import Family
 
 DEFAULT_MAX_NEW_TOKENS = 512
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 MAX_STOP_STRINGS = 16
+MAX_TOP_LOGPROBS = 20
 SPACES = ("page", "api", "python", "seed")
 
 
@@ -25,7 +27,7 @@ class SamplingParams:
     """How to pick tokens. ``temperature == 0`` is greedy; ``top_k`` None disables it. A field that is None
     in a request to a remote model is left to the upstream server."""
 
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    max_new_tokens: int
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
@@ -55,12 +57,14 @@ class SessionKey:
 class ChatRequest:
     """Everything one reply needs. Built only by ``build_request``.
 
+    Either ``messages`` (a chat) or ``prompt`` (raw text, continued as it is: ``/v1/completions``).
     ``thinking`` is None only where the model's family is unknown (the upstream decides). With
     ``fit_context`` the oldest turns are dropped until the conversation fits; without it a conversation that
     does not fit is refused. ``stream`` says whether the caller reads the reply as it comes (a remote backend
     asks its upstream for the whole reply otherwise, which also returns the upstream's exact usage).
-    ``response_format``, ``tools`` and ``logprobs`` are carried for the backends that will honour them; until
-    then a request that sets them is refused rather than silently answered without them.
+    ``response_format`` (None, or json_object / json_schema) and a forcing ``tool_choice`` ("required" or a
+    function's name) constrain the answer; ``tools`` are offered to the model ("auto") or not ("none").
+    ``logprobs`` None: none; N: each answer token's log-probability and its N likeliest alternatives.
     """
 
     messages: tuple[dict, ...]
@@ -70,8 +74,10 @@ class ChatRequest:
     thinking: bool | None = None
     fit_context: bool = False
     stream: bool = True
+    prompt: str | None = None
     response_format: dict | None = None
     tools: tuple[dict, ...] | None = None
+    tool_choice: str | None = None
     logprobs: int | None = None
 
 
@@ -91,19 +97,31 @@ def build_request(
     stop=None,
     fit_context: bool = False,
     stream: bool = True,
+    prompt=None,
     response_format=None,
     tools=None,
+    tool_choice=None,
     logprobs=None,
 ) -> ChatRequest:
     """The validated request; raises ValueError naming the first bad field, before anything is touched.
 
     None means "unset" for every field: ``family``'s recommended sampling (for the resolved thinking mode)
     fills it, and ``max_new_tokens`` defaults to DEFAULT_MAX_NEW_TOKENS. ``top_k=0`` switches top-k off.
+    Pass ``messages=None`` and a ``prompt`` string for a raw completion.
     """
     if session is not None and not isinstance(session, SessionKey):
         raise ValueError(f"session must be a SessionKey, not {type(session).__name__}")
-    clean = check_messages(messages)
+    if prompt is not None:
+        if messages is not None:
+            raise ValueError("send either messages or a prompt, not both")
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError("prompt must be a non-empty string")
+        clean = ()
+    else:
+        clean = check_messages(messages)
     thinking = _flag("enable_thinking", thinking)
+    if prompt is not None:
+        thinking = False  # raw text is continued as it is: no template, no reasoning split
     if family is not None:
         thinking = family.can_think and thinking is not False
     defaults = family.sampling_defaults(thinking=bool(thinking)) if family is not None else None
@@ -124,12 +142,9 @@ def build_request(
         ),
         seed=_optional(_integer, "seed", seed, 0, 2**63 - 1),
     )
-    if response_format is not None and response_format != {"type": "text"}:
-        raise ValueError("response_format other than {'type': 'text'} is not supported yet")
-    if tools:
-        raise ValueError("tools (function calling) are not supported yet")
-    if logprobs is not None and logprobs is not False:
-        raise ValueError("logprobs are not supported yet")
+    checked_tools = tool_calls.check_tools(tools)
+    if checked_tools and prompt is not None:
+        raise ValueError("tools need messages, not a raw prompt")
     return ChatRequest(
         messages=clean,
         sampling=sampling,
@@ -138,11 +153,34 @@ def build_request(
         thinking=thinking,
         fit_context=_flag("fit_context", fit_context) or False,
         stream=_flag("stream", stream) is not False,
+        prompt=prompt,
+        response_format=check_response_format(response_format),
+        tools=checked_tools,
+        tool_choice=tool_calls.check_tool_choice(tool_choice, checked_tools),
+        logprobs=_optional(_integer, "top_logprobs", logprobs, 0, MAX_TOP_LOGPROBS),
     )
 
 
+def check_response_format(response_format) -> dict | None:
+    """None for free text; {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}."""
+    if response_format is None:
+        return None
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise ValueError("response_format.json_schema must be an object with a 'schema' object")
+        return {"type": "json_schema", "json_schema": {"name": spec.get("name"), "schema": spec["schema"]}}
+    raise ValueError("response_format.type must be text, json_object or json_schema")
+
+
 def check_messages(messages) -> tuple[dict, ...]:
-    """The messages reduced to role and content; raises ValueError on any malformed one."""
+    """The messages reduced to what templates read (role, content; an assistant's tool_calls, a tool result's
+    tool_call_id); raises ValueError on any malformed one."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts")
     if not messages:
@@ -154,16 +192,48 @@ def check_messages(messages) -> tuple[dict, ...]:
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
             raise ValueError(f"messages[{i}].role is {role!r}; expected one of {', '.join(ROLES)}")
+        calls = message.get("tool_calls") if role == "assistant" else None
+        if calls is not None:
+            clean.append({"role": role, "content": content or "", "tool_calls": _check_calls(calls, i)})
+            if content is not None and not isinstance(content, str):
+                raise ValueError(f"messages[{i}].content must be a string or null, not {type(content).__name__}")
+            continue
         if not isinstance(content, str):
             raise ValueError(f"messages[{i}].content must be a string, not {type(content).__name__}")
         if role == "system" and i != 0:
             raise ValueError(f"messages[{i}] is a system message; only the first message may be one")
         if role == "user" and not content.strip():
             raise ValueError(f"messages[{i}] is an empty user message")
-        clean.append({"role": role, "content": content})
-    if clean[-1]["role"] != "user":
-        raise ValueError(f"the last message must be from the user, not {clean[-1]['role']!r}")
+        entry = {"role": role, "content": content}
+        if role == "tool":
+            if not isinstance(message.get("tool_call_id"), str):
+                raise ValueError(f"messages[{i}] is a tool result without a tool_call_id string")
+            entry["tool_call_id"] = message["tool_call_id"]
+        clean.append(entry)
+    if clean[-1]["role"] not in ("user", "tool"):
+        raise ValueError(f"the last message must be from the user (or a tool's result), not {clean[-1]['role']!r}")
     return tuple(clean)
+
+
+def _check_calls(calls, index: int) -> list[dict]:
+    if not isinstance(calls, list) or not calls:
+        raise ValueError(f"messages[{index}].tool_calls must be a non-empty list")
+    clean = []
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise ValueError(f"messages[{index}].tool_calls: each needs function.name and function.arguments")
+        arguments = function.get("arguments", "{}")
+        if not isinstance(arguments, str):
+            raise ValueError(f"messages[{index}].tool_calls: function.arguments must be a JSON string")
+        clean.append(
+            {
+                "id": str(call.get("id", "")),
+                "type": "function",
+                "function": {"name": function["name"], "arguments": arguments},
+            }
+        )
+    return clean
 
 
 def check_stop(stop) -> tuple[str, ...]:

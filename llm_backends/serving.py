@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from .backend import ChatModel
 from .loading import load_model, parse_source
+from .metrics import Metrics
 from .request import SessionKey
 
 log = logging.getLogger(__name__)
@@ -53,21 +54,17 @@ class ModelRegistry:
         self.loading: str | None = None
         self.load_error: str | None = None
         self._ready = threading.Event()
+        self.metrics = Metrics(lambda: self.model)
 
     @property
     def ids(self) -> list[str]:
         return list(self.entries)
 
-    def get(self, model_id: str | None = None) -> ChatModel:
-        """The loaded model, if ``model_id`` is None or names it; KeyError for an unknown id, LookupError
-        when the id is registered but not the one loaded, RuntimeError while nothing is loaded yet."""
-        if model_id is not None and model_id not in self.entries:
-            raise KeyError(model_id)
+    def get(self) -> ChatModel:
+        """The loaded model; RuntimeError while nothing is loaded yet."""
         model = self.model
         if model is None:
             raise RuntimeError("no model is loaded yet")
-        if model_id is not None and model_id != self.current_id:
-            raise LookupError(f"{model_id} is not the loaded model ({self.current_id})")
         return model
 
     def switch(self, model_id: str, progress: Callable[[float, str], None] | None = None) -> ChatModel:

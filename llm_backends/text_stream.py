@@ -85,6 +85,10 @@ class ReplyText:
         self._stop = StopStrings(stop)
         self._started = {"answer": False, "reasoning": False}
 
+    def is_answer(self, token_id: int) -> bool:
+        """Whether ``token_id``, pushed next, is part of the answer (not reasoning, not a think tag)."""
+        return not self._in_reasoning and (self._think_ids is None or token_id not in self._think_ids)
+
     @property
     def stopped(self) -> bool:
         """True once a stop string has been seen in the answer."""

@@ -15,7 +15,7 @@ from .backend import ModelInfo
 from .batching import DecodeBatcher, RowCaches, attention_backends, use_row_attention
 from .errors import ModelLoadError
 from .loading import LoadOptions, default_cache_bytes, local_label, locate
-from .local import LocalModel
+from .local import FALLBACK_CONTEXT, LocalModel
 from .registry import family_for
 from .session_cache import CacheEntry
 
@@ -162,7 +162,7 @@ def load(target: str | None, options: LoadOptions) -> LocalModel:
         dtype=str(dtype).removeprefix("torch."),
         parameters=parameters,
         memory_footprint_bytes=int(model.get_memory_footprint()) + packed_bytes,
-        context_length=int(getattr(text_config, "max_position_embeddings", 0) or 8192),
+        context_length=int(getattr(text_config, "max_position_embeddings", 0) or FALLBACK_CONTEXT),
     )
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     return LocalModel(
@@ -171,6 +171,7 @@ def load(target: str | None, options: LoadOptions) -> LocalModel:
         info,
         TorchRunner(model),
         max_cache_bytes=options.max_cache_bytes or default_cache_bytes(device),
+        vocab_size=int(text_config.vocab_size),
         eos_ids=eos if isinstance(eos, list) else [eos],
         model=model,
     )

@@ -147,7 +147,7 @@ def test_flags_have_environment_variables(tmp_path):
         },
     )
     assert config.models == ["a", "b"] and config.port == 9000 and config.concurrency == 3
-    assert config.auth == [("ann", "one"), ("bob", "two")] and config.share and config.api_key == "k"
+    assert config.auth == [("ann", "one"), ("bob", "two")] and config.share and config.api_keys == ["k"]
     assert app.parse_args(["--port", "1234"], env={"LLM_PORT": "9000"}).port == 1234
     assert app.parse_args([], env={"SPACE_ID": "me/space"}).host == "0.0.0.0"
 

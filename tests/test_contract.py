@@ -80,17 +80,6 @@ def test_an_api_caller_gets_the_family_defaults_over_http(qwen3_dir):
     assert request.session is None and request.thinking is False
 
 
-def test_fields_no_backend_honours_yet_are_refused_not_ignored(qwen3):
-    for fields_ in (
-        {"response_format": {"type": "json_object"}},
-        {"tools": [{"type": "function", "function": {"name": "f"}}]},
-        {"logprobs": True},
-    ):
-        with pytest.raises(ValueError, match="not supported"):
-            qwen3.create(HELLO, **fields_)
-    assert qwen3.create(HELLO, max_tokens=1, response_format={"type": "text"})["object"] == "chat.completion"
-
-
 def test_a_python_caller_names_and_clears_its_own_sessions_by_string(qwen3):
     list(qwen3.stream_chat(HELLO, session_id="alice", temperature=0, max_new_tokens=2))
     assert SessionKey("python", "", "alice") in qwen3.sessions._entries

@@ -32,7 +32,7 @@ GREEDY = {"temperature": 0, "max_new_tokens": 10, "enable_thinking": False}
 def server(qwen3_dir):
     registry = ModelRegistry([str(qwen3_dir)], max_cache_bytes=2**28)
     registry.switch(registry.ids[0])
-    config = app.AppConfig(port=free_port(), api_key=KEY, concurrency=16)
+    config = app.AppConfig(port=free_port(), api_keys=[KEY], concurrency=16)
     demo = app.serve(config, registry, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{config.port}", registry
     demo.close()

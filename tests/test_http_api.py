@@ -21,7 +21,7 @@ HELLO = [{"role": "user", "content": "Hello, how are you today?"}]
 def api(qwen3_dir, gemma3_dir):
     registry = ModelRegistry([str(qwen3_dir), str(gemma3_dir)], max_cache_bytes=2**28)
     registry.switch(registry.ids[0])
-    config = app.AppConfig(port=free_port(), api_key=KEY, concurrency=4)
+    config = app.AppConfig(port=free_port(), api_keys=[KEY], concurrency=4)
     demo = app.serve(config, registry, prevent_thread_lock=True, quiet=True)
     base = f"http://127.0.0.1:{config.port}"
     yield base, registry
