@@ -16,6 +16,10 @@ import torch
 
 from . import tools as tool_calls
 
+# JSON written the way json.dumps (and chat templates' tojson) write it: no free whitespace, so a reply is
+# compact, a weak model cannot fill its budget with blanks, and a tool call re-renders token for token.
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
 
 class Grammars:
     """Compiles grammars for one model's tokenizer; the tokenizer view is built on first use and kept."""
@@ -44,32 +48,32 @@ class Grammars:
             schema = tool_calls.call_schema(tools, tool_choice)
             grammar = llguidance.grammar_from("lark", self._call_lark(schema))
         elif response_format is not None and response_format.get("type") == "json_object":
-            grammar = llguidance.LLMatcher.grammar_from_json_schema({"type": "object"})
+            grammar = llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=JSON_STYLE)
         elif response_format is not None and response_format.get("type") == "json_schema":
             schema = response_format["json_schema"]["schema"]
             try:
-                grammar = llguidance.LLMatcher.grammar_from_json_schema(schema)
+                grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_STYLE)
             except ValueError as e:
                 raise ValueError(f"response_format.json_schema.schema cannot be compiled: {e}") from e
         else:
             return None
-        valid, error = self._validate(grammar)
-        if not valid:
-            raise ValueError(f"the schema cannot be enforced: {error}")
+        failed, messages = self._validate(grammar)
+        if failed:
+            raise ValueError(f"the schema cannot be enforced: {'; '.join(messages)}")
         return grammar
 
     def _call_lark(self, schema: dict) -> str:
         # The call is written exactly as the prompt asks for it (tools.call_text's shape).
         return (
             f"start: {json.dumps(tool_calls.OPEN + chr(10))} call {json.dumps(chr(10) + tool_calls.CLOSE)}\n"
-            f"call: %json {json.dumps(schema)}\n"
+            f"call: %json {json.dumps({**schema, 'x-guidance': JSON_STYLE})}\n"
         )
 
-    def _validate(self, grammar: str) -> tuple[bool, str]:
+    def _validate(self, grammar: str) -> tuple[bool, list[str]]:
+        """(whether it failed, the error or warnings)."""
         import llguidance
 
-        ok, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
-        return ok, "; ".join(messages)
+        return llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
 
     def constraint(self, grammar: str, wait_for: int | None) -> Constraint:
         import llguidance

@@ -88,8 +88,9 @@ class LocalModel(ChatModel):
     def _render(self, request: ChatRequest, messages) -> list[int]:
         if request.prompt is not None:
             return list(self.tokenizer(request.prompt)["input_ids"])
-        tools = request.tools if request.tool_choice != "none" else None
-        return self.render(messages, enable_thinking=request.thinking, tools=tools)
+        # Tools stay in the prompt with tool_choice "none" (as vLLM does): the prefix, and so the cache, stays
+        # the same across a tool round trip; "none" only means no call is parsed or forced.
+        return self.render(messages, enable_thinking=request.thinking, tools=request.tools)
 
     def count_tokens(self, request: ChatRequest) -> int:
         return len(self._render(request, request.messages))

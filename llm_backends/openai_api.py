@@ -258,7 +258,7 @@ def chat_events(call: Call) -> Iterator[dict]:
             if found:
                 delta["tool_calls"] = [{"index": sent_calls + i, **c.openai()} for i, c in enumerate(found)]
                 sent_calls += len(found)
-            if delta:
+            if delta or chunk.logprobs:
                 yield event(delta, logprobs=chat_logprobs([chunk]))
             if chunk.finish_reason is not None:
                 yield event({}, "tool_calls" if sent_calls else chunk.finish_reason)

@@ -101,3 +101,29 @@ def test_the_page_dropdown_can_hold_an_mlx_model(qwen3_dir):
     registry = ModelRegistry([f"mlx:{qwen3_dir}"], max_cache_bytes=2**26)
     assert registry.ids == [f"{qwen3_dir.name} (mlx)"]
     assert registry.switch(registry.ids[0]).get_model_info()["backend"] == "mlx"
+
+
+def test_mlx_structured_output_tool_calls_logprobs_and_completions(mlx_qwen3):
+    import json
+
+    import jsonschema
+    from test_api_features import ASK, PERSON, WEATHER
+
+    out = mlx_qwen3.create(
+        ASK,
+        max_tokens=120,
+        temperature=0,
+        enable_thinking=False,
+        response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}},
+        logprobs=True,
+        top_logprobs=3,
+    )
+    jsonschema.validate(json.loads(out["choices"][0]["message"]["content"]), PERSON)
+    assert len(out["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 3
+    called = mlx_qwen3.create(
+        ASK, max_tokens=120, temperature=0, tools=[WEATHER], tool_choice="required", enable_thinking=False
+    )
+    (call,) = called["choices"][0]["message"]["tool_calls"]
+    jsonschema.validate(json.loads(call["function"]["arguments"]), WEATHER["function"]["parameters"])
+    text = mlx_qwen3.create_completion("Once upon a time", max_tokens=5, temperature=0, logprobs=1)
+    assert text["usage"]["completion_tokens"] == 5 and len(text["choices"][0]["logprobs"]["tokens"]) == 5

@@ -18,8 +18,12 @@ CORPUS = [
     "Numbers 0 1 2 3 4 5 6 7 8 9 10 100 1000, code: def f(x): return x * 2",
 ] * 20
 
-# Qwen 3's template, minus tools: earlier turns lose their <think> blocks; thinking off adds an empty one.
-QWEN3_TEMPLATE = """{%- if messages[0].role == 'system' %}{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}{%- endif %}
+# Qwen 3's template: tools in the system turn, calls as <tool_call> blocks, results as <tool_response> in a
+# user turn; earlier turns lose their <think> blocks; thinking off adds an empty one.
+QWEN3_TEMPLATE = """{%- if tools %}{{- '<|im_start|>system\\n' }}{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}
+{{- "# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}{%- for tool in tools %}{{- "\\n" }}{{- tool | tojson }}{%- endfor %}
+{{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}
+{%- elif messages[0].role == 'system' %}{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}{%- endif %}
 {%- set ns = namespace(last_query_index=messages|length - 1) %}
 {%- for message in messages[::-1] %}{%- set index = (messages|length - 1) - loop.index0 %}
 {%- if message.role == 'user' and ns.last_query_index == messages|length - 1 and index <= ns.last_query_index %}{%- set ns.last_query_index = index %}{%- endif %}
@@ -36,7 +40,14 @@ QWEN3_TEMPLATE = """{%- if messages[0].role == 'system' %}{{- '<|im_start|>syste
 {%- if loop.index0 > ns.last_query_index and (loop.last or reasoning_content) %}
 {{- '<|im_start|>assistant\\n<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}
 {%- else %}{{- '<|im_start|>assistant\\n' + content }}{%- endif %}
+{%- if message.tool_calls %}{%- for tool_call in message.tool_calls %}{%- if (loop.first and content) or (not loop.first) %}{{- '\\n' }}{%- endif %}
+{%- if tool_call.function %}{%- set tool_call = tool_call.function %}{%- endif %}
+{{- '<tool_call>\\n{"name": "' }}{{- tool_call.name }}{{- '", "arguments": ' }}{%- if tool_call.arguments is string %}{{- tool_call.arguments }}{%- else %}{{- tool_call.arguments | tojson }}{%- endif %}{{- '}\\n</tool_call>' }}
+{%- endfor %}{%- endif %}
 {{- '<|im_end|>\\n' }}
+{%- elif message.role == 'tool' %}{%- if loop.first or (messages[loop.index0 - 1].role != 'tool') %}{{- '<|im_start|>user' }}{%- endif %}
+{{- '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}
+{%- if loop.last or (messages[loop.index0 + 1].role != 'tool') %}{{- '<|im_end|>\\n' }}{%- endif %}
 {%- endif %}
 {%- endfor %}
 {%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}
