@@ -357,3 +357,40 @@ def test_the_chat_api_parameters_follow_chat_settings(qwen3_dir):
         "thinking": "Thinking (reasoning shown collapsed, never sent back to the model)",
     }
     assert labels == [expected[f.name] for f in settings]
+
+
+class FakeRequest:
+    """What the page's handlers read of a gr.Request."""
+
+    def __init__(self, session_hash: str, username: str | None = None):
+        self.session_hash, self.username = session_hash, username
+
+
+def test_the_pages_stop_closes_a_reply_another_thread_is_reading(qwen3_dir):
+    registry = ModelRegistry([str(qwen3_dir)], max_cache_bytes=2**26)
+    model = registry.switch(registry.ids[0])
+    replies = app.Replies(registry)
+    tab = FakeRequest("tab-1")
+    settings = ("", 0, 1, 0, 2000, 1, -1, False)
+    updates, calls = [], []
+    handle = model.model.register_forward_hook(lambda *args: calls.append(1))
+    reader = threading.Thread(
+        target=lambda: updates.extend(replies.respond("Tell me a long story.", [], tab, *settings))
+    )
+    try:
+        reader.start()
+        while len(calls) < 5:
+            time.sleep(0.001)
+        replies.stop(tab)
+        settled = len(calls)
+        reader.join(10)
+        assert not reader.is_alive() and len(calls) <= settled + 1
+        assert model.cache_info()["in_use"] == 0
+    finally:
+        handle.remove()
+
+    replies._begin(SessionKey("page", "", "tab-2"))  # Stop arrives while the reply is being prepared
+    replies.stop(FakeRequest("tab-2"))
+    stream = model.stream_chat(HELLO, max_new_tokens=2)
+    assert replies._hold(SessionKey("page", "", "tab-2"), stream) is False, "the reply is not started"
+    stream.close()
