@@ -25,9 +25,10 @@ class Runner(Protocol):
     def new_entry(self) -> CacheEntry:
         """An empty cache entry for this model."""
 
-    def forward(self, entry: CacheEntry, tokens: Sequence[int]) -> torch.Tensor:
+    def forward(self, entry: CacheEntry, tokens: Sequence[int], *, logits: bool = True) -> torch.Tensor | None:
         """Feeds ``tokens`` after what ``entry`` holds; returns the last position's logits (1-D, on CPU or the
-        model's device). On failure the entry is reset, since its cache state is unknown."""
+        model's device), or None with ``logits=False`` (the output head is skipped). On failure the entry is
+        reset, since its cache state is unknown."""
 
     def decode(self, entry: CacheEntry, token: int) -> torch.Tensor:
         """One decode step (may share a forward pass with other sessions' steps)."""
@@ -76,15 +77,27 @@ class Engine:
         return self.runner.new_entry()
 
     def prefill(
-        self, entry: CacheEntry, tokens: Sequence[int], cancel: threading.Event | None = None
+        self,
+        entry: CacheEntry,
+        tokens: Sequence[int],
+        cancel: threading.Event | None = None,
+        boundaries: Sequence[int] = (),
     ) -> torch.Tensor | None:
-        """Feeds the uncached prompt tokens in chunks and saves a restore point at the prompt's end.
-        Returns the last logits, or None if ``cancel`` was set between two chunks."""
+        """Feeds the uncached prompt tokens in pieces of at most ``prefill_chunk`` that also end at each of
+        ``boundaries`` (offsets into ``tokens`` where a turn begins), saving a restore point at each boundary
+        and at the prompt's end. Returns the last logits, or None if ``cancel`` was set between two pieces."""
         logits = None
-        for start in range(0, len(tokens), self.prefill_chunk):
-            if cancel is not None and cancel.is_set():
-                return None
-            logits = self.runner.forward(entry, tokens[start : start + self.prefill_chunk])
+        stops = sorted({b for b in boundaries if 0 < b < len(tokens)} | {len(tokens)})
+        start = 0
+        for stop in stops:
+            while start < stop:
+                if cancel is not None and cancel.is_set():
+                    return None
+                end = min(start + self.prefill_chunk, stop)
+                logits = self.runner.forward(entry, tokens[start:end], logits=end == len(tokens))
+                start = end
+            if stop < len(tokens):
+                entry.save_checkpoint(None)
         entry.save_checkpoint(logits)
         return logits
 
@@ -96,8 +109,11 @@ class Engine:
         cancel: threading.Event | None = None,
         constraint: Constraint | None = None,
         logprobs: int | None = None,
+        boundaries: Sequence[int] = (),
     ) -> DecodeRun:
-        return DecodeRun(self, list(prompt_ids), entry, params, cancel or threading.Event(), constraint, logprobs)
+        """A reply's decode; ``boundaries`` are positions in the prompt where turns begin (restore points)."""
+        cancel = cancel or threading.Event()
+        return DecodeRun(self, list(prompt_ids), entry, params, cancel, constraint, logprobs, tuple(boundaries))
 
 
 class Constraint(Protocol):
@@ -125,6 +141,7 @@ class DecodeRun:
         cancel: threading.Event,
         constraint: Constraint | None = None,
         logprobs: int | None = None,
+        boundaries: tuple[int, ...] = (),
     ):
         if not prompt_ids:
             raise ValueError("the prompt has no tokens")
@@ -138,6 +155,7 @@ class DecodeRun:
         self.constraint = constraint
         self.top_logprobs = logprobs
         self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
+        self.boundaries = boundaries
         self.cached_tokens = 0
         self.completion_ids: list[int] = []
         self.finish_reason: str | None = None
@@ -146,7 +164,9 @@ class DecodeRun:
         engine, params = self.engine, self.params
         self.cached_tokens, logits = self.entry.rewind_for(self.prompt_ids)
         if logits is None:
-            logits = engine.prefill(self.entry, self.prompt_ids[self.cached_tokens :], self.cancel)
+            cached = self.cached_tokens
+            boundaries = [b - cached for b in self.boundaries if b > cached]
+            logits = engine.prefill(self.entry, self.prompt_ids[cached:], self.cancel, boundaries)
         if logits is None:
             self.finish_reason = "cancelled"
             return

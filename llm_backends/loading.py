@@ -41,13 +41,15 @@ class Source:
 class LoadOptions:
     """How to load: ``quantization`` one of QUANTIZATIONS, ``device`` cpu/cuda/cuda:N/mps (None: the best
     there is), ``dtype`` a name or torch dtype (None: the device's default), ``max_cache_bytes`` for session
-    caches (None: a share of free memory), ``progress(fraction, message)`` for long first-time work."""
+    caches (None: a share of free memory), ``progress(fraction, message)`` for long first-time work,
+    ``restore_turns``: how many of a session's last exchanges stay editable without re-reading older ones."""
 
     quantization: str = "auto"
     device: str | None = None
     dtype: object = None
     max_cache_bytes: int | None = None
     progress: Callable[[float, str], None] | None = None
+    restore_turns: int = 8
 
 
 def parse_source(source, backend: str = "transformers") -> Source:
@@ -74,13 +76,16 @@ def load_model(
     max_cache_bytes=None,
     backend="transformers",
     progress=None,
+    restore_turns=8,
 ) -> ChatModel:
     """Loads a Gemma 3 or Qwen 3 chat model, or connects to a remote one.
 
     ``source``: None for the embedded default, a checkpoint folder, a ``.gguf`` file, a Hugging Face repo id,
     ``openai:<base-url>#<model>`` for a model on another OpenAI-compatible server, or ``mlx:<folder>``
     (the same as ``backend="mlx"``); ``backend="auto"`` picks MLX on Apple Silicon when it is installed.
-    ``progress(fraction, message)`` hears about the embedded model's one-time conversion.
+    ``progress(fraction, message)`` hears about the embedded model's one-time conversion. ``restore_turns``:
+    an edit, undo or retry of any of a session's last N exchanges re-reads only from there (restore points;
+    they cost memory, counted against ``max_cache_bytes``, only for models with sliding-window layers).
     Raises ValueError for bad arguments and ModelLoadError when the model cannot be loaded.
     """
     if backend == "auto":
@@ -92,7 +97,9 @@ def load_model(
         isinstance(max_cache_bytes, bool) or not isinstance(max_cache_bytes, int) or max_cache_bytes <= 0
     ):
         raise ValueError(f"max_cache_bytes must be a positive integer, not {max_cache_bytes!r}")
-    options = LoadOptions(quantization, device, dtype, max_cache_bytes, progress)
+    if isinstance(restore_turns, bool) or not isinstance(restore_turns, int) or not 0 <= restore_turns <= 256:
+        raise ValueError(f"restore_turns must be an integer from 0 to 256, not {restore_turns!r}")
+    options = LoadOptions(quantization, device, dtype, max_cache_bytes, progress, restore_turns)
     return _backend(parsed.backend).load(parsed.target, options)
 
 

@@ -32,6 +32,13 @@ REPLY_ROOM = 1024
 FALLBACK_CONTEXT = 8192
 
 
+def restore_points(turns: int) -> int:
+    """Restore points a session keeps so that any of its last ``turns`` exchanges can be edited, undone or
+    retried from where it begins: a conversation that grows one exchange at a time leaves two per exchange
+    (where the user's turn begins, and the prompt's end)."""
+    return 2 * turns
+
+
 class LocalModel(ChatModel):
     """A tokenizer, a family, an engine over a runner, and per-session caches. Built by the loaders."""
 
@@ -60,6 +67,9 @@ class LocalModel(ChatModel):
         self.stop_ids = frozenset(stop_ids)
         self.think_ids = (
             tuple(tokenizer.convert_tokens_to_ids(t) for t in family.think_tags) if family.think_tags else None
+        )
+        self.user_turn_ids = (
+            tuple(tokenizer(family.user_turn, add_special_tokens=False)["input_ids"]) if family.user_turn else ()
         )
         self.engine = Engine(runner, stop_ids=self.stop_ids)
         self.sessions = SessionStore(max_cache_bytes, max_sessions)
@@ -156,9 +166,22 @@ class LocalModel(ChatModel):
             cancel=cancel,
             constraint=constraint,
             logprobs=request.logprobs,
+            boundaries=self.turn_boundaries(prompt_ids) if request.prompt is None else (),
         )
         chunks = self._chunks(generate, request.session, reply, cancel, started)
         return ChatStream(chunks, cancel, prompt_tokens=len(prompt_ids), dropped_turns=dropped)
+
+    def turn_boundaries(self, prompt_ids: list[int]) -> list[int]:
+        """Where the user's turns begin in a prompt (restore points go there), the first one excepted."""
+        marker = list(self.user_turn_ids)
+        if not marker:
+            return []
+        first = marker[0]
+        return [
+            i
+            for i, token in enumerate(prompt_ids)
+            if token == first and i > 1 and prompt_ids[i : i + len(marker)] == marker
+        ]
 
     def _token_logprob(self, token: int, logprob: float, top: list[tuple[int, float]]) -> TokenLogprob:
         decode = self.tokenizer.decode

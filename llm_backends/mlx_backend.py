@@ -83,7 +83,7 @@ class MLXRunner:
         model = self.model
         return MLXCacheEntry(make_cache=lambda: make_prompt_cache(model), max_checkpoints=0)
 
-    def forward(self, entry: CacheEntry, tokens: Sequence[int]) -> torch.Tensor:
+    def forward(self, entry: CacheEntry, tokens: Sequence[int], *, logits: bool = True) -> torch.Tensor:
         import mlx.core as mx
 
         try:

@@ -1,9 +1,11 @@
 """Per-session KV caches, each with the exact token ids it holds; bounded by bytes and count, LRU first out.
 
 A sliding-window layer keeps only its last window of keys, so once a conversation passes the window it
-cannot be rewound. So each entry keeps restore points (llama.cpp calls them context checkpoints) at the end
-of each prompt: the sliding layers' states there and the logits that followed. A retry, an undo, an edit or
-a re-tokenised answer resumes from the nearest one instead of re-reading the whole history.
+cannot be rewound. So each entry keeps restore points (llama.cpp calls them context checkpoints) where each
+turn begins and at the end of each prompt: the sliding layers' states there (and at a prompt's end the logits
+that followed). A retry, an undo, an edit of a recent turn or a re-tokenised answer resumes from the nearest
+one instead of re-reading the whole history. Models without sliding layers rewind by cropping and keep
+restore points only at prompt ends (for the logits a retry needs).
 """
 
 from __future__ import annotations
@@ -39,15 +41,17 @@ def _layer_bytes(layer) -> int:
 @dataclass(frozen=True)
 class Checkpoint:
     """The cache as it was when it held exactly ``length`` tokens: the sliding layers' keys and values
-    (None for a full layer, which a crop rewinds) and the logits that followed, so a retry needs no forward."""
+    (None for a full layer, which a crop rewinds) and, at a prompt's end, the logits that followed, so a
+    retry needs no forward pass (None where a turn begins inside a prompt)."""
 
     length: int
     states: tuple[tuple[torch.Tensor, torch.Tensor] | None, ...]
-    logits: torch.Tensor
+    logits: torch.Tensor | None
 
     @property
     def nbytes(self) -> int:
-        tensors = [t for state in self.states if state is not None for t in state] + [self.logits]
+        tensors = [t for state in self.states if state is not None for t in state]
+        tensors += [self.logits] if self.logits is not None else []
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -92,17 +96,22 @@ class CacheEntry:
             del self.ids[length:]
         self.checkpoints = [c for c in self.checkpoints if c.length <= length]
 
-    def save_checkpoint(self, logits: torch.Tensor) -> None:
-        """Records a restore point at the current length; ``logits`` are the model's output there."""
-        if self.max_checkpoints <= 0:
+    @property
+    def has_sliding_layers(self) -> bool:
+        return any(_is_sliding(layer) for layer in getattr(self.cache, "layers", ()))
+
+    def save_checkpoint(self, logits: torch.Tensor | None) -> None:
+        """Records a restore point at the current length; ``logits`` are the model's output there (a prompt's
+        end) or None (a turn boundary inside a prompt, which only a sliding cache needs)."""
+        if self.max_checkpoints <= 0 or (logits is None and not self.has_sliding_layers):
             return
         states = tuple(
             (layer.keys.clone(), layer.values.clone()) if _is_sliding(layer) and layer.is_initialized else None
             for layer in self.cache.layers
         )
-        self.checkpoints = [c for c in self.checkpoints if c.length != len(self.ids)]
-        self.checkpoints.append(Checkpoint(len(self.ids), states, logits.detach().clone()))
-        self.checkpoints = self.checkpoints[-self.max_checkpoints :]
+        kept = [c for c in self.checkpoints if c.length != len(self.ids)]
+        kept.append(Checkpoint(len(self.ids), states, None if logits is None else logits.detach().clone()))
+        self.checkpoints = sorted(kept, key=lambda c: c.length)[-self.max_checkpoints :]
 
     def restore(self, checkpoint: Checkpoint) -> None:
         """Rewinds to a restore point: full layers are cropped, sliding layers get their saved window back."""
@@ -126,7 +135,7 @@ class CacheEntry:
         """
         target = common_prefix_len(self.ids, prompt_ids)
         if target == len(prompt_ids):
-            exact = [c for c in self.checkpoints if c.length == target]
+            exact = [c for c in self.checkpoints if c.length == target and c.logits is not None]
             if exact:
                 self.restore(exact[0])
                 return target, exact[0].logits

@@ -15,7 +15,7 @@ from .backend import ModelInfo
 from .batching import DecodeBatcher, RowCaches, attention_backends, use_row_attention
 from .errors import ModelLoadError
 from .loading import LoadOptions, default_cache_bytes, local_label, locate
-from .local import FALLBACK_CONTEXT, LocalModel
+from .local import FALLBACK_CONTEXT, LocalModel, restore_points
 from .registry import family_for
 from .session_cache import CacheEntry
 
@@ -32,7 +32,7 @@ DTYPES = {
 class TorchRunner:
     """Feeds tokens into a transformers causal LM; concurrent sessions' decode steps share one forward pass."""
 
-    def __init__(self, model, *, max_checkpoints: int = 4, max_batch: int = 16):
+    def __init__(self, model, *, max_checkpoints: int, max_batch: int = 16):
         self.model = model
         self.max_checkpoints = max_checkpoints
         self.device = next(model.parameters()).device
@@ -46,21 +46,24 @@ class TorchRunner:
         return CacheEntry(make_cache=lambda: DynamicCache(config=config), max_checkpoints=self.max_checkpoints)
 
     @torch.inference_mode()
-    def forward(self, entry: CacheEntry, tokens: Sequence[int]) -> torch.Tensor:
-        """Feeds ``tokens`` after what the cache holds; returns the last position's logits.
+    def forward(self, entry: CacheEntry, tokens: Sequence[int], *, logits: bool = True) -> torch.Tensor | None:
+        """Feeds ``tokens`` after what the cache holds; returns the last position's logits (None with
+        ``logits=False``: the decoder alone runs, not the output head).
 
         The ledger grows only once the model has run; a failure mid-forward leaves the cache in an unknown
         state, so the entry is reset rather than trusted.
         """
         input_ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
+        model = self.model if logits else self.model.base_model
+        extra = {"logits_to_keep": 1} if logits else {}
         try:
             with self.compute, attention_backends(self.device):
-                out = self.model(input_ids=input_ids, past_key_values=entry.cache, use_cache=True, logits_to_keep=1)
+                out = model(input_ids=input_ids, past_key_values=entry.cache, use_cache=True, **extra)
         except BaseException:
             entry.reset()
             raise
         entry.ids.extend(tokens)
-        return out.logits[0, -1]
+        return out.logits[0, -1] if logits else None
 
     @torch.inference_mode()
     def forward_rows(self, entries: Sequence[CacheEntry], tokens: Sequence[int]) -> torch.Tensor:
@@ -169,7 +172,7 @@ def load(target: str | None, options: LoadOptions) -> LocalModel:
         tokenizer,
         family,
         info,
-        TorchRunner(model),
+        TorchRunner(model, max_checkpoints=restore_points(options.restore_turns)),
         max_cache_bytes=options.max_cache_bytes or default_cache_bytes(device),
         vocab_size=int(text_config.vocab_size),
         eos_ids=eos if isinstance(eos, list) else [eos],

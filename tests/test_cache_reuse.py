@@ -172,3 +172,31 @@ def test_sessions_do_not_share_caches(qwen3):
     assert last.stats.cached_tokens == 0
     _, _, last = reply(qwen3, a, "iso-a")
     assert last.stats.cached_tokens == last.stats.prompt_tokens
+
+
+def conversation_in_one_request(turns: int) -> list[dict]:
+    """A chat that arrives whole (an API client resuming it, a chat reopened from history)."""
+    messages = []
+    for i in range(turns):
+        messages.append({"role": "user", "content": f"Question {i}: tell me about the sea and the sky."})
+        messages.append({"role": "assistant", "content": f"Answer {i}: the sea is wide and the sky is high."})
+    messages.append({"role": "user", "content": "And the mountains?"})
+    return messages
+
+
+@pytest.mark.parametrize("back", [1, 3, 8])
+def test_an_edit_of_any_of_the_last_8_turns_of_a_whole_conversation_rereads_only_from_there(gemma3, back):
+    messages = conversation_in_one_request(10)
+    session = f"whole-{back}"
+    _, _, first = reply(gemma3, messages, session)
+    assert first.stats.cached_tokens == 0 and first.stats.prompt_tokens > 16 * 10, "far past the 16-token window"
+    edited = [dict(m) for m in messages]
+    index = len(edited) - 1 - 2 * back  # the user message `back` turns before the last one
+    edited[index] = {"role": "user", "content": "An edited question about the desert."}
+    del edited[index + 1 :]
+    text, _, last = reply(gemma3, edited, session)
+    fresh_text, _, fresh = reply(gemma3, edited)
+    assert text == fresh_text, "reuse from a restore point changed the answer"
+    unchanged = common_prefix_len(gemma3.render(messages), gemma3.render(edited))
+    # Restore points sit where turns begin: the edited turn is re-read, everything before it is not.
+    assert last.stats.cached_tokens >= unchanged - 8, (last.stats.cached_tokens, unchanged)

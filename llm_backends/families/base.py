@@ -20,7 +20,8 @@ class Family:
     """What one model family needs that others do not.
 
     ``fallback_chat_template`` is used only when a checkpoint ships no chat template;
-    ``think_tags`` names the tokens that open and close reasoning (None: the family cannot think).
+    ``think_tags`` names the tokens that open and close reasoning (None: the family cannot think);
+    ``user_turn`` is how the template begins a user's turn (restore points are kept there).
     """
 
     name: str
@@ -30,6 +31,7 @@ class Family:
     thinking_sampling: SamplingDefaults | None = None
     think_tags: tuple[str, str] | None = None
     fallback_chat_template: str | None = None
+    user_turn: str | None = None
 
     @property
     def can_think(self) -> bool:

@@ -29,4 +29,5 @@ FAMILY = Family(
     # Google's recommended settings for Gemma 3.
     sampling=SamplingDefaults(temperature=1.0, top_p=0.95, top_k=64),
     fallback_chat_template=GEMMA3_TEMPLATE,
+    user_turn="<start_of_turn>user",
 )

@@ -10,4 +10,5 @@ FAMILY = Family(
     sampling=SamplingDefaults(temperature=0.7, top_p=0.8, top_k=20),
     thinking_sampling=SamplingDefaults(temperature=0.6, top_p=0.95, top_k=20),
     think_tags=("<think>", "</think>"),
+    user_turn="<|im_start|>user",
 )
