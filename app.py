@@ -143,7 +143,8 @@ def parse_args(argv: Sequence[str] | None = None, env: dict | None = None) -> Ap
     config.auth = _auth_pairs(args.auth or [v for v in env.get(ENV["auth"], "").split(",") if v.strip()])
     config.max_cache_gb = pick("max_cache_gb", float)
     config.concurrency = pick("concurrency", int) or config.concurrency
-    config.api_keys = args.api_key or [k.strip() for k in env.get(ENV["api_key"], "").split(",") if k.strip()]
+    keys = args.api_key or env.get(ENV["api_key"], "").split(",")
+    config.api_keys = [k.strip() for k in keys if k.strip()]
     config.insecure_no_auth = bool(pick("insecure_no_auth", bool))
     if config.concurrency < 1:
         raise SystemExit("--concurrency must be at least 1")
@@ -403,7 +404,7 @@ class Replies:
 
     def _release(self, session: SessionKey, stream: ChatStream | None) -> None:
         with self._lock:
-            if self._streams.get(session) is stream:
+            if session in self._streams and self._streams[session] is stream:
                 del self._streams[session]
         if stream is not None:
             stream.close()

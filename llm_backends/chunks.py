@@ -44,11 +44,14 @@ class Stats:
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """One answer token's log-probability under the model, and the likeliest tokens at its place."""
+    """One answer token's log-probability under the model, and the likeliest tokens at its place; ``raw`` and
+    ``top_raw`` are the tokens' own bytes (a token may hold part of a UTF-8 character, which ``text`` cannot)."""
 
     text: str
     logprob: float
     top: tuple[tuple[str, float], ...] = ()
+    raw: bytes | None = None
+    top_raw: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True)

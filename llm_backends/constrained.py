@@ -16,6 +16,7 @@ import torch
 
 from . import tools as tool_calls
 
+_BITS = torch.arange(32, dtype=torch.int32)
 # JSON written the way json.dumps (and chat templates' tojson) write it: no free whitespace, so a reply is
 # compact, a weak model cannot fill its budget with blanks, and a tool call re-renders token for token.
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -90,30 +91,28 @@ class Constraint:
         import llguidance.torch
 
         self._matcher = matcher
-        self._bitmask = llguidance.torch.allocate_token_bitmask(1, vocab_size)
+        self._vocab_size = vocab_size
+        self._bitmask = torch.full(llguidance.torch.get_bitmask_shape(1, vocab_size), -1, dtype=torch.int32)
         self._stops = frozenset(i for i in stop_ids if i < vocab_size)
         self._stop_ids = torch.tensor(sorted(self._stops), dtype=torch.long)
         self._waiting = wait_for
-        self._apply = llguidance.torch.apply_token_bitmask_inplace
         self._fill = llguidance.torch.fill_next_token_bitmask
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
-        """The logits (1-D) with every token the grammar forbids at -inf; the input is left as it was."""
+        """The logits (1-D, on any device) with every token the grammar forbids at -inf; the input is kept."""
         if self._waiting is not None:
             return logits
-        masked = logits.float().clone()
-        if self._matcher.is_accepting() or self._matcher.is_stopped():
-            allowed = torch.full_like(masked, float("-inf"))
-            allowed[self._stop_ids] = masked[self._stop_ids]
-            if self._matcher.is_stopped():
-                return allowed
-            stops = allowed
-        else:
-            stops = None
+        stops = self._stop_ids.to(logits.device)
+        if self._matcher.is_stopped():
+            masked = torch.full_like(logits, float("-inf"), dtype=torch.float32)
+            masked[stops] = logits[stops].float()
+            return masked
         self._fill(self._matcher, self._bitmask, 0)
-        self._apply(masked.unsqueeze(0), self._bitmask)
-        if stops is not None:
-            masked = torch.maximum(masked, stops)
+        # Unpacked eagerly (llguidance's own kernel is torch.compile'd: a compiler and a pause on first use).
+        allowed = ((self._bitmask[0].unsqueeze(1) >> _BITS) & 1).flatten()[: logits.shape[0]].bool()
+        masked = logits.float().masked_fill(~allowed.to(logits.device), float("-inf"))
+        if self._matcher.is_accepting():
+            masked[stops] = logits[stops].float()
         return masked
 
     def advance(self, token: int) -> None:

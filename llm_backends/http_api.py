@@ -209,10 +209,25 @@ async def read_body(request: Request) -> dict:
     return body
 
 
+FIELD_NAMES = (
+    openai_api.CHAT_FIELDS
+    | openai_api.COMPLETION_FIELDS
+    | set(openai_api.COMPLETION_NEUTRAL)
+    | {
+        "max_new_tokens",
+        "user",
+    }
+)
+
+
 def _param_of(message: str) -> str | None:
-    """The field a validation message names first, for the error's ``param``."""
-    word = message.split(" ", 1)[0].split("[", 1)[0].split(".", 1)[0].rstrip(":,")
-    return word if word.isidentifier() else None
+    """The request field a validation message is about, for the error's ``param`` (None when it names none)."""
+    if message.startswith("unsupported field(s): "):
+        return message.removeprefix("unsupported field(s): ").split(",")[0]
+    first = message.split(" ", 1)[0].split("[", 1)[0].split(".", 1)[0].rstrip(":,")
+    if first == "max_new_tokens":
+        return "max_tokens"
+    return first if first in FIELD_NAMES else None
 
 
 def server_error(error: Exception) -> APIError:

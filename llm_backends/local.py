@@ -96,8 +96,10 @@ class LocalModel(ChatModel):
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _render(self, request: ChatRequest, messages) -> list[int]:
-        if request.prompt is not None:
-            return list(self.tokenizer(request.prompt)["input_ids"])
+        if request.prompt is not None:  # as written; BOS added unless the prompt already starts with it
+            bos = self.tokenizer.bos_token
+            starts_with_bos = bool(bos) and request.prompt.startswith(bos)
+            return list(self.tokenizer(request.prompt, add_special_tokens=not starts_with_bos)["input_ids"])
         # Tools stay in the prompt with tool_choice "none" (as vLLM does): the prefix, and so the cache, stays
         # the same across a tool round trip; "none" only means no call is parsed or forced.
         return self.render(messages, enable_thinking=request.thinking, tools=request.tools)
@@ -157,7 +159,13 @@ class LocalModel(ChatModel):
         if grammar is not None:
             wait_for = think_ids[1] if think_ids and request.thinking else None
             constraint = self.grammars.constraint(grammar, wait_for)
-        reply = ReplyText(self.tokenizer, think_ids=think_ids, thinking=bool(request.thinking), stop=request.stop)
+        reply = ReplyText(
+            self.tokenizer,
+            think_ids=think_ids,
+            thinking=bool(request.thinking),
+            stop=request.stop,
+            raw=request.prompt is not None,
+        )
         cancel = threading.Event()
         generate = partial(
             self.engine.generate,
@@ -184,8 +192,14 @@ class LocalModel(ChatModel):
         ]
 
     def _token_logprob(self, token: int, logprob: float, top: list[tuple[int, float]]) -> TokenLogprob:
-        decode = self.tokenizer.decode
-        return TokenLogprob(decode([token]), logprob, tuple((decode([i]), lp) for i, lp in top))
+        decode, raw = self.tokenizer.decode, self.grammars.tokenizer.decode_bytes
+        return TokenLogprob(
+            decode([token]),
+            logprob,
+            tuple((decode([i]), lp) for i, lp in top),
+            raw([token]),
+            tuple(raw([i]) for i, _ in top),
+        )
 
     def _chunks(
         self, generate, session: SessionKey | None, reply: ReplyText, cancel: threading.Event, started: float

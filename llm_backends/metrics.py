@@ -68,13 +68,20 @@ class Metrics:
                         finish = chunk.finish_reason
                         self.observe(chunk)
                     yield chunk
+            except GeneratorExit:  # closed before its last chunk: Stop, or a client that left
+                finish = "cancelled" if finish == "error" else finish
+                raise
             finally:
                 stream.close()
                 self.active.dec()
                 self.replies.labels(door, finish).inc()
 
         return ChatStream(
-            counted(), stream.cancel_event, prompt_tokens=stream.prompt_tokens, dropped_turns=stream.dropped_turns
+            counted(),
+            stream.cancel_event,
+            prompt_tokens=stream.prompt_tokens,
+            dropped_turns=stream.dropped_turns,
+            on_close=stream.close,
         )
 
     def observe(self, chunk: Chunk) -> None:

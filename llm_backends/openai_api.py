@@ -46,6 +46,7 @@ class Call:
     head: dict
     include_usage: bool
     parse_tools: bool = False
+    one_call: bool = False  # parallel_tool_calls: false keeps the first call only
 
 
 def session_for(space: str, principal: str, user) -> SessionKey | None:
@@ -74,9 +75,13 @@ def _check_fields(body: dict, known: set[str], neutral: dict) -> None:
 
 
 def _include_usage(body: dict) -> bool:
-    options = body.get("stream_options") or {}
+    options = body.get("stream_options")
+    if options is None:
+        return False
     if not isinstance(options, dict):
         raise ValueError("stream_options must be an object")
+    if not wants_stream(body):
+        raise ValueError("stream_options is only allowed with stream: true")
     return bool(options.get("include_usage"))
 
 
@@ -123,6 +128,12 @@ def open_chat(model: ChatModel, body: dict, *, session: SessionKey | None, model
         raise ValueError("logprobs must be true or false (top_logprobs says how many alternatives)")
     if body.get("top_logprobs") is not None and not logprobs:
         raise ValueError("top_logprobs needs logprobs: true")
+    if body.get("parallel_tool_calls") not in (None, True, False):
+        raise ValueError("parallel_tool_calls must be true or false")
+    template_kwargs = body.get("chat_template_kwargs") or {}
+    if isinstance(template_kwargs, dict) and set(template_kwargs) - {"enable_thinking"}:
+        unknown = ", ".join(sorted(set(template_kwargs) - {"enable_thinking"}))
+        raise ValueError(f"chat_template_kwargs supports enable_thinking only, not {unknown}")
     stream = wants_stream(body)
     request = model.request(
         body.get("messages"),
@@ -138,7 +149,9 @@ def open_chat(model: ChatModel, body: dict, *, session: SessionKey | None, model
     include_usage = _include_usage(body)
     chat = model.stream(request)
     parse = bool(request.tools) and request.tool_choice != "none"
-    return Call(chat, _head(model, model_name, "chatcmpl"), include_usage, parse)
+    return Call(
+        chat, _head(model, model_name, "chatcmpl"), include_usage, parse, body.get("parallel_tool_calls") is False
+    )
 
 
 def open_completion(model: ChatModel, body: dict, *, session: SessionKey | None, model_name: str | None = None) -> Call:
@@ -150,8 +163,10 @@ def open_completion(model: ChatModel, body: dict, *, session: SessionKey | None,
     if not isinstance(prompt, str):
         raise ValueError("prompt must be a string (or a list of one string)")
     logprobs = body.get("logprobs")
-    if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)):
-        raise ValueError("logprobs must be an integer: how many alternatives per token")
+    if logprobs is not None and (
+        isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= 20
+    ):
+        raise ValueError("logprobs must be an integer from 0 to 20: how many alternatives per token")
     request = model.request(
         None,
         prompt=prompt,
@@ -196,16 +211,16 @@ def usage(stats) -> dict | None:
     }
 
 
-def _token_entry(text: str, logprob: float) -> dict:
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+def _token_entry(text: str, logprob: float, raw: bytes | None) -> dict:
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode() if raw is None else raw)}
 
 
 def chat_logprobs(chunks: list[Chunk]) -> dict | None:
-    entries = [
-        {**_token_entry(t.text, t.logprob), "top_logprobs": [_token_entry(s, lp) for s, lp in t.top]}
-        for chunk in chunks
-        for t in chunk.logprobs
-    ]
+    entries = []
+    for t in (t for chunk in chunks for t in chunk.logprobs):
+        raws = t.top_raw or (None,) * len(t.top)
+        top = [_token_entry(s, lp, raw) for (s, lp), raw in zip(t.top, raws, strict=True)]
+        entries.append({**_token_entry(t.text, t.logprob, t.raw), "top_logprobs": top})
     return {"content": entries} if entries else None
 
 
@@ -225,6 +240,7 @@ def chat_completion(call: Call) -> dict:
     message: dict = {"role": "assistant", "content": text}
     if call.parse_tools:
         rest, calls = tool_calls.parse(text)
+        calls = calls[:1] if call.one_call else calls
         if calls:
             message = {"role": "assistant", "content": rest or None, "tool_calls": [c.openai() for c in calls]}
             finish = "tool_calls"
@@ -255,6 +271,8 @@ def chat_events(call: Call) -> Iterator[dict]:
                 delta["reasoning_content"] = chunk.reasoning
             if text:
                 delta["content"] = text
+            if found and call.one_call:
+                found = found[: max(0, 1 - sent_calls)]
             if found:
                 delta["tool_calls"] = [{"index": sent_calls + i, **c.openai()} for i, c in enumerate(found)]
                 sent_calls += len(found)

@@ -12,9 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import closing
 
 import httpx
 
@@ -149,24 +151,39 @@ class _Connection:
         if whole:
             self._timeout = httpx.Timeout(model.timeout, read=max(model.timeout, WHOLE_REPLY_TIMEOUT))
         self._cancel = cancel
-        self._response = None
+        self._client = httpx.Client(timeout=self._timeout)
+        self._socket = None
 
     def close(self) -> None:
+        """Ends the request from any thread. Once the upstream has answered, shutting the socket down wakes a
+        read blocked in another thread at once; before that (a whole reply still being composed) the request
+        ends when the upstream answers or times out."""
         self._cancel.set()
-        response = self._response
-        if response is not None:
-            response.close()
+        sock = self._socket
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:  # already closed
+                pass
 
     def _open(self):
         url, body, headers = self._request
-        return httpx.stream("POST", url, json=body, headers=headers, timeout=self._timeout)
+        if self._cancel.is_set():
+            raise httpx.ReadError("closed before the request was sent")
+        return self._client.stream("POST", url, json=body, headers=headers)
+
+    def _answered(self, response) -> None:
+        _raise_for_status(self.base_url, response)
+        stream = response.extensions.get("network_stream")
+        self._socket = stream.get_extra_info("socket") if stream is not None else None
+        if self._cancel.is_set():
+            self.close()
 
     def whole(self) -> Iterator[Chunk]:
         started = time.perf_counter()
         reply = None
-        with self._errors(), self._open() as response:
-            self._response = response
-            _raise_for_status(self.base_url, response)
+        with closing(self._client), self._errors(), self._open() as response:
+            self._answered(response)
             reply = json.loads(response.read())
         if reply is None:  # closed while waiting
             yield Chunk(finish_reason="cancelled", stats=_stats(None, 0, started, None, None, time.perf_counter()))
@@ -189,9 +206,8 @@ class _Connection:
         first = last = None
         finish, usage, deltas = None, None, 0
         calls: dict[int, dict] = {}  # tool calls arrive in pieces: name first, arguments in fragments
-        with self._errors(), self._open() as response:
-            self._response = response
-            _raise_for_status(self.base_url, response)
+        with closing(self._client), self._errors(), self._open() as response:
+            self._answered(response)
             for line in response.iter_lines():
                 if not line.startswith("data:"):
                     continue

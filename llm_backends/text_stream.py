@@ -74,16 +74,25 @@ class ReplyText:
     """Routes generated ids to reasoning or answer text and decodes each; the layer between ids and chunks.
 
     With thinking on, everything up to the closing tag is reasoning, whether or not the model wrote the
-    opening tag (some checkpoints put it in the prompt). Leading newlines of each part are dropped.
+    opening tag (some checkpoints put it in the prompt). Leading newlines of each part are dropped in a chat
+    (``raw=False``); a raw continuation keeps every character.
     """
 
-    def __init__(self, tokenizer, *, think_ids: tuple[int, int] | None, thinking: bool, stop: Sequence[str]):
+    def __init__(
+        self,
+        tokenizer,
+        *,
+        think_ids: tuple[int, int] | None,
+        thinking: bool,
+        stop: Sequence[str],
+        raw: bool = False,
+    ):
         self._answer = IncrementalDecoder(tokenizer)
         self._reasoning = IncrementalDecoder(tokenizer)
         self._think_ids = think_ids
         self._in_reasoning = bool(think_ids) and thinking
         self._stop = StopStrings(stop)
-        self._started = {"answer": False, "reasoning": False}
+        self._started = {"answer": raw, "reasoning": raw}
 
     def is_answer(self, token_id: int) -> bool:
         """Whether ``token_id``, pushed next, is part of the answer (not reasoning, not a think tag)."""

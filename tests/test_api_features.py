@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
@@ -307,7 +308,7 @@ def test_logprobs_whole_and_streamed(client, model_id):
     for entry in content:
         assert entry.logprob <= 0 and len(entry.top_logprobs) == 5
         assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob), "greedy picks the likeliest"
-        assert bytes(entry.bytes) == entry.token.encode()
+        assert bytes(entry.bytes).decode(errors="replace") == entry.token, "bytes are the token's own"
     streamed = list(client.chat.completions.create(stream=True, extra_body=NO_THINKING, **kwargs))
     tokens = [e.token for c in streamed if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
     assert tokens == [e.token for e in content]
@@ -486,5 +487,73 @@ def test_the_remote_backend_passes_the_fields_on_and_brings_calls_and_logprobs_b
         assert whole["logprobs"] is True and whole["top_logprobs"] == 1
         assert whole["response_format"] == {"type": "json_object"} and stream["stream"] is True
         assert raw["prompt"] == "The capital of France is" and raw["logprobs"] == 1 and "messages" not in raw
+    finally:
+        server.shutdown()
+
+
+def test_completions_keep_leading_newlines_and_errors_name_their_field(client, api, qwen3):
+    from llm_backends.text_stream import ReplyText
+
+    ids = qwen3.tokenizer("\n    return 1", add_special_tokens=False)["input_ids"]
+    for raw, expected in ((True, "\n    return 1"), (False, "    return 1")):
+        reply = ReplyText(qwen3.tokenizer, think_ids=None, thinking=False, stop=(), raw=raw)
+        text = "".join(reply.push(i)[0] for i in ids) + reply.flush()[0]
+        assert text == expected, "a raw continuation keeps every character; a chat answer drops leading newlines"
+    model = api[1].ids[0]
+    cases = [
+        ({"frobnicate": 1}, "frobnicate"),
+        ({"temperature": -1}, "temperature"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"chat_template_kwargs": {"tools_in_user": True}}, "chat_template_kwargs"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ]
+    for fields, param in cases:
+        with pytest.raises(openai.BadRequestError) as error:
+            client.chat.completions.create(model=model, messages=ASK, extra_body=fields)
+        assert error.value.body["param"] == param, (fields, error.value.body)
+    with pytest.raises(openai.BadRequestError, match="logprobs must be an integer from 0 to 20"):
+        client.completions.create(model=model, prompt="x", logprobs=50)
+
+
+class StallingUpstream(BaseHTTPRequestHandler):
+    """Starts streaming at once, then stalls for 5 s before its next event."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        FeatureUpstream.do_GET(self)
+
+    def _send(self, payload: bytes, kind="application/json"):
+        FeatureUpstream._send(self, payload, kind)
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        first = {"choices": [{"delta": {"content": "Hi"}, "finish_reason": None}]}
+        self.wfile.write(f"data: {json.dumps(first)}\n\n".encode())
+        self.wfile.flush()
+        time.sleep(5)
+
+
+def test_closing_a_streamed_remote_reply_ends_it_while_the_upstream_stalls():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), StallingUpstream)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        model = load_model(f"openai:http://127.0.0.1:{server.server_address[1]}/v1#up")
+        chat = model.stream(model.request(ASK))
+        assert next(chat).text == "Hi"
+        seen = []
+        reader = threading.Thread(target=lambda: seen.extend(chat))
+        reader.start()
+        time.sleep(0.3)
+        started = time.perf_counter()
+        chat.close()
+        reader.join(3)
+        assert not reader.is_alive() and time.perf_counter() - started < 2, "closed at once, not after 5 s"
+        assert [c.finish_reason for c in seen] in ([], ["cancelled"])
     finally:
         server.shutdown()
