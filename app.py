@@ -255,9 +255,12 @@ def shown_defaults(model: ChatModel, thinking: bool | None) -> dict:
     }
 
 
-def page_session(request: gr.Request) -> SessionKey:
-    """A browser tab's session: its own space, under the login that opened it (none on a local server)."""
-    return SessionKey("page", request.username or "", request.session_hash)
+def page_session(request: gr.Request, exposed: bool) -> SessionKey:
+    """A browser tab's session, in the page's space, under the person it belongs to: the login that opened
+    it; on a local server without logins the one person using it (""); on a server reachable by others
+    without logins (a Space without LLM_AUTH, --insecure-no-auth) the tab alone, so tabs share nothing."""
+    principal = request.username or (f"tab:{request.session_hash}" if exposed else "")
+    return SessionKey("page", principal, request.session_hash)
 
 
 def text_of(content) -> str:
@@ -315,8 +318,9 @@ class Replies:
     """Generates the page's replies and keeps each tab's running stream, so Stop and leaving the page close it
     (stopping the model before its next token) instead of waiting for garbage collection."""
 
-    def __init__(self, registry: ModelRegistry):
+    def __init__(self, registry: ModelRegistry, *, exposed: bool = False):
         self.registry = registry
+        self.exposed = exposed
         self._streams: dict[SessionKey, ChatStream | None] = {}  # None: a reply is being prepared
         self._stopped: set[SessionKey] = set()
         self._lock = threading.Lock()
@@ -329,7 +333,7 @@ class Replies:
             model = self.registry.wait_ready(timeout=600)
         except RuntimeError as e:
             raise gr.Error(str(e)) from e
-        session = page_session(request)
+        session = page_session(request, self.exposed)
         self._begin(session)
         messages = to_messages(settings.system_prompt, history, message)
         try:
@@ -371,7 +375,7 @@ class Replies:
 
     def stop(self, request: gr.Request) -> None:
         """Closes the tab's running reply (the Stop button), also one still being prepared."""
-        session = page_session(request)
+        session = page_session(request, self.exposed)
         with self._lock:
             if session in self._streams and self._streams[session] is None:
                 self._stopped.add(session)
@@ -382,7 +386,7 @@ class Replies:
     def forget(self, request: gr.Request) -> None:
         """Stops the tab's reply and frees its cache (New chat, clearing the chat, leaving the page)."""
         self.stop(request)
-        self.registry.clear_session(page_session(request))
+        self.registry.clear_session(page_session(request, self.exposed))
 
     def _begin(self, session: SessionKey) -> None:
         """A new reply for the tab: an earlier one still running is closed."""
@@ -503,7 +507,7 @@ def chat_panel(replies: Replies, controls: dict, config: AppConfig) -> gr.ChatIn
 
 def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
     """The page: model dropdown, chat, sampling accordion, thinking toggle, stats under each reply."""
-    replies = Replies(registry)
+    replies = Replies(registry, exposed=config.share or not is_loopback(config.host) or config.on_spaces)
     hidden = {"queue": False, "api_visibility": "undocumented"}
 
     def switch_model(model_id, progress=gr.Progress()):  # noqa: B008 (Gradio injects it)

@@ -76,6 +76,30 @@ def main() -> None:
         f"\nsession memory: {entry.nbytes / 2**20:.0f} MiB, of which {len(entry.checkpoints)} restore points "
         f"{checkpoints / 2**20:.0f} MiB ({checkpoints / max(1, len(entry.checkpoints)) / 2**20:.1f} MiB each)"
     )
+    shared_system_prompt(model, SessionKey)
+
+
+def shared_system_prompt(model, SessionKey) -> None:
+    """A team under one ~2,000-token system prompt: the second person's first turn, and a third person whose
+    first message repeats the first person's word for word (another principal: only the system prompt)."""
+    system = {"role": "system", "content": PARAGRAPH * 48}
+    first = [system, {"role": "user", "content": "My name is Ann and my question is about lenses."}]
+    other = [system, {"role": "user", "content": "I am Bob. Who kept the lighthouses?"}]
+    print("\n| a shared system prompt | prompt tokens | cached | TTFT s | cold TTFT s | cold / warm |")
+    print("|---|---|---|---|---|---|")
+    started, prompt, _ = ttft(model, first, SessionKey("api", "key:ann", "ann"))
+    print(f"| first person, first turn | {prompt} | 0 | {started:.3f} | – | – |")
+    operator = model.operator_tokens(model.request(first))
+    for label, principal, messages in (
+        ("second person (another key), first turn", "key:bob", other),
+        ("third person repeating the first one's message", "key:cy", first),
+    ):
+        warm, prompt, cached = ttft(model, messages, SessionKey("api", principal, principal))
+        cold = statistics.median(ttft(model, messages, None)[0] for _ in range(2))
+        print(
+            f"| {label} | {prompt} | {cached} (system prompt: {operator}) | {warm:.3f} | {cold:.3f} | "
+            f"{cold / warm:.1f}× |"
+        )
 
 
 if __name__ == "__main__":

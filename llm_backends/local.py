@@ -22,7 +22,7 @@ from .engine import Engine, Runner
 from .errors import BackendError
 from .families.base import Family
 from .request import ChatRequest, SessionKey
-from .session_cache import SessionStore
+from .session_cache import SessionStore, common_prefix_len
 from .text_stream import ReplyText
 
 # A prompt fits when it leaves room for min(max_new_tokens, REPLY_ROOM) new tokens; the reply is then
@@ -174,22 +174,36 @@ class LocalModel(ChatModel):
             cancel=cancel,
             constraint=constraint,
             logprobs=request.logprobs,
-            boundaries=self.turn_boundaries(prompt_ids) if request.prompt is None else (),
+            boundaries=self.turn_boundaries(prompt_ids, request) if request.prompt is None else (),
         )
-        chunks = self._chunks(generate, request.session, reply, cancel, started)
+        chunks = self._chunks(
+            generate, request.session, reply, cancel, started, prompt_ids, partial(self.operator_tokens, request)
+        )
         return ChatStream(chunks, cancel, prompt_tokens=len(prompt_ids), dropped_turns=dropped)
 
-    def turn_boundaries(self, prompt_ids: list[int]) -> list[int]:
-        """Where the user's turns begin in a prompt (restore points go there), the first one excepted."""
-        marker = list(self.user_turn_ids)
-        if not marker:
-            return []
-        first = marker[0]
-        return [
-            i
-            for i, token in enumerate(prompt_ids)
-            if token == first and i > 1 and prompt_ids[i : i + len(marker)] == marker
+    def operator_tokens(self, request: ChatRequest) -> int:
+        """How many of the prompt's first tokens are the operator's words (the template's head and the system
+        prompt), which may be shared between people; 0 without a system prompt."""
+        messages = request.messages
+        if request.prompt is not None or not messages or messages[0]["role"] != "system":
+            return 0
+        probes = [
+            self.render([messages[0], {"role": "user", "content": probe}], enable_thinking=request.thinking)
+            for probe in ("A", "B")
         ]
+        return common_prefix_len(*probes)
+
+    def turn_boundaries(self, prompt_ids: list[int], request: ChatRequest | None = None) -> list[int]:
+        """Where restore points go in a prompt: where the user's turns begin (the first one excepted) and,
+        with a system prompt, where the operator's words end (the part other people's sessions may share)."""
+        marker = list(self.user_turn_ids)
+        places = {self.operator_tokens(request)} if request is not None else set()
+        if marker:
+            first = marker[0]
+            places |= {
+                i for i, token in enumerate(prompt_ids) if token == first and prompt_ids[i : i + len(marker)] == marker
+            }
+        return sorted(i for i in places if i > 1)
 
     def _token_logprob(self, token: int, logprob: float, top: list[tuple[int, float]]) -> TokenLogprob:
         decode, raw = self.tokenizer.decode, self.grammars.tokenizer.decode_bytes
@@ -202,14 +216,21 @@ class LocalModel(ChatModel):
         )
 
     def _chunks(
-        self, generate, session: SessionKey | None, reply: ReplyText, cancel: threading.Event, started: float
+        self,
+        generate,
+        session: SessionKey | None,
+        reply: ReplyText,
+        cancel: threading.Event,
+        started: float,
+        prompt_ids: list[int],
+        shareable,
     ) -> Iterator[Chunk]:
         """The reply's chunks; ``generate(entry)`` starts the decode. The session's cache is checked out only
         once the stream is read, and checked back in however the stream ends."""
         if session is None:
             lease, entry = None, self.engine.new_entry()
         else:
-            lease, entry = self.sessions.checkout(session, self.engine.new_entry)
+            lease, entry = self.sessions.checkout(session, self.engine.new_entry, prompt_ids, shareable)
         tokens = None
         first = last = None
         pending: list[TokenLogprob] = []

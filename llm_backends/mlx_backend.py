@@ -34,7 +34,9 @@ def available() -> bool:
 
 
 class MLXCacheEntry(CacheEntry):
-    """A list of mlx-lm layer caches and the token ids they hold."""
+    """A list of mlx-lm layer caches and the token ids they hold. Not shared between sessions yet."""
+
+    copyable = False
 
     @property
     def nbytes(self) -> int:

@@ -10,6 +10,7 @@ restore points only at prompt ends (for the logits a retry needs).
 
 from __future__ import annotations
 
+import copy
 import itertools
 import threading
 from collections import OrderedDict
@@ -17,6 +18,12 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from .request import SessionKey
+
+# A new session copies another's cache only for at least this many tokens: a copy costs a pass over the
+# donor's whole cache, and re-reading a template's few head tokens costs less.
+MIN_SHARED = 32
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
@@ -140,15 +147,33 @@ class CacheEntry:
                 self.restore(exact[0])
                 return target, exact[0].logits
             target -= 1
-        if self.can_trim(target):
-            self.trim(target)
-            return target, None
-        usable = [c for c in self.checkpoints if c.length <= target]
+        return self.rewind_to(target), None
+
+    def rewind_to(self, length: int) -> int:
+        """Makes the cache hold at most its first ``length`` tokens (nothing after them remains): cut back in
+        place, or resumed from the nearest restore point, or emptied. Returns the tokens kept."""
+        if self.can_trim(length):
+            self.trim(min(length, len(self.ids)))
+            return len(self.ids)
+        usable = [c for c in self.checkpoints if c.length <= length]
         if usable:
             self.restore(max(usable, key=lambda c: c.length))
-            return len(self.ids), None
+            return len(self.ids)
         self.reset()
-        return 0, None
+        return 0
+
+    # Whether copy() works for this kind of cache (a new session may then start from this one's prefix).
+    copyable = True
+
+    def copy(self) -> CacheEntry:
+        """An independent entry holding the same tokens (restore points, which are never changed, are shared)."""
+        return CacheEntry(
+            make_cache=self.make_cache,
+            max_checkpoints=self.max_checkpoints,
+            cache=copy.deepcopy(self.cache),
+            ids=list(self.ids),
+            checkpoints=list(self.checkpoints),
+        )
 
 
 class SessionStore:
@@ -169,13 +194,48 @@ class SessionStore:
         self._lease_ids = itertools.count()
         self._lock = threading.Lock()
 
-    def checkout(self, session_id: Hashable, new_entry: Callable[[], CacheEntry]) -> tuple[int, CacheEntry]:
-        """Takes the session's entry out of the store (a fresh one if it has none); returns (lease, entry)."""
+    def checkout(
+        self,
+        session_id: Hashable,
+        new_entry: Callable[[], CacheEntry],
+        prompt_ids: Sequence[int] = (),
+        shareable: Callable[[], int] = lambda: 0,
+    ) -> tuple[int, CacheEntry]:
+        """Takes the session's entry out of the store; returns (lease, entry).
+
+        A session with no entry yet starts from a copy of the longest prefix of ``prompt_ids`` that another
+        held entry may give it (the owner keeps its own): any of the same principal's sessions all of it,
+        anybody else's only the first ``shareable()`` tokens (the operator's system prompt), so what one person
+        sends is never reused, counted or timed for another.
+        """
         with self._lock:
             entry = self._entries.pop(session_id, None)
             lease = next(self._lease_ids)
             self._leases[lease] = session_id
-        return lease, entry if entry is not None else new_entry()
+            donor, length = (None, 0) if entry is not None else self._donor(session_id, prompt_ids, shareable)
+            if donor is not None:
+                entry = donor.copy()  # under the lock: the donor cannot be checked out and changed meanwhile
+        if entry is None:
+            return lease, new_entry()
+        if donor is not None and entry.rewind_to(length) == 0:
+            entry.reset()
+        return lease, entry
+
+    def _donor(self, session_id, prompt_ids, shareable) -> tuple[CacheEntry | None, int]:
+        if not prompt_ids or not isinstance(session_id, SessionKey):
+            return None, 0
+        best, best_length, limit = None, 0, None
+        for key, candidate in self._entries.items():
+            if not isinstance(key, SessionKey) or not candidate.copyable:
+                continue
+            length = common_prefix_len(candidate.ids, prompt_ids)
+            if key.principal != session_id.principal:
+                limit = shareable() if limit is None else limit
+                length = min(length, limit)
+            if length > best_length:
+                best, best_length = candidate, length
+        length = min(best_length, len(prompt_ids) - 1)
+        return (best, length) if length >= MIN_SHARED else (None, 0)
 
     def checkin(self, lease: int, entry: CacheEntry) -> None:
         """Puts an entry back unless its session was cleared meanwhile; then evicts to the budget."""

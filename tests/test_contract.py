@@ -394,3 +394,29 @@ def test_the_pages_stop_closes_a_reply_another_thread_is_reading(qwen3_dir):
     stream = model.stream_chat(HELLO, max_new_tokens=2)
     assert replies._hold(SessionKey("page", "", "tab-2"), stream) is False, "the reply is not started"
     stream.close()
+
+
+def cached_of(updates) -> int:
+    title = [m.metadata["title"] for m in updates[-1] if m.metadata and "to first token" in m.metadata["title"]][0]
+    return int(title.split(", ")[1].split(" ")[0]) if "from cache" in title else 0
+
+
+@pytest.mark.parametrize("exposed", [False, True])
+def test_a_reloaded_page_finds_its_cache_locally_but_tabs_of_an_open_server_share_only_the_system_prompt(
+    qwen3_dir, exposed
+):
+    registry = ModelRegistry([str(qwen3_dir)], max_cache_bytes=2**26)
+    model = registry.switch(registry.ids[0])
+    replies = app.Replies(registry, exposed=exposed)
+    system = "You answer questions about the sea. " * 8
+    settings = (system, 0, 1, 0, 16, 1, -1, False)
+    message = "My secret is the blue whale."
+    list(replies.respond(message, [], FakeRequest("tab-a"), *settings))
+    second = list(replies.respond(message, [], FakeRequest("tab-b"), *settings))
+    prompt = model.request([{"role": "system", "content": system}, {"role": "user", "content": message}])
+    operator = model.operator_tokens(prompt)
+    assert operator > 20
+    if exposed:
+        assert 0 < cached_of(second) <= operator, "another tab gets the operator's words only"
+    else:
+        assert cached_of(second) > operator, "the one local person's reloaded page finds everything"

@@ -107,7 +107,10 @@ def test_100_sessions_under_a_small_budget_evict_lru_and_answer_exactly_after(qw
     ]
     chunks = list(model.stream_chat(messages, session_id="s0", **GREEDY))
     fresh = list(model.stream_chat(messages, **GREEDY))
-    assert chunks[-1].stats.cached_tokens == 0, "the evicted session starts from nothing"
+    own_history = len(model.render(messages[:1]))
+    # Its own cache is gone; it may start from what another of the same caller's sessions shares (the
+    # question's words before " (16)" and the like), never from its own evicted history.
+    assert chunks[-1].stats.cached_tokens < own_history, "the evicted session's own history is gone"
     assert "".join(c.text for c in chunks) == "".join(c.text for c in fresh)
 
 

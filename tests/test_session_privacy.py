@@ -7,8 +7,8 @@ import pytest
 from gradio_client import Client
 
 import app
-from llm_backends import SessionKey
 from llm_backends.serving import ModelRegistry
+from llm_backends.session_cache import common_prefix_len
 from test_app import free_port
 
 # message, then ChatSettings: system prompt, temperature, top-p, top-k, max new tokens, rep. penalty, seed, thinking
@@ -16,11 +16,16 @@ GREEDY = ("", 0, 1, 0, 16, 1, -1, False)
 FIRST = "Tell me about the sea, the sky and the mountains."
 
 
+KEY = "someone-elses-key"
+
+
 @pytest.fixture(scope="module")
 def server(qwen3_dir):
+    # The API caller holds a key of their own, so they are another principal than the person in the page.
+    # (On a local server without logins or keys, page and API are the one person using it, and share.)
     registry = ModelRegistry([str(qwen3_dir)], max_cache_bytes=2**28)
     registry.switch(registry.ids[0])
-    config = app.AppConfig(port=free_port(), concurrency=4)
+    config = app.AppConfig(port=free_port(), concurrency=4, api_keys=[KEY])
     demo = app.serve(config, registry, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{config.port}", registry
     demo.close()
@@ -47,7 +52,8 @@ def test_a_page_session_hash_sent_through_every_v1_field_and_header_reuses_nothi
     body = {"messages": conversation, "max_tokens": 4, "temperature": 0, "enable_thinking": False}
     url = f"{base}/v1/chat/completions"
 
-    r = httpx.post(url, json={**body, "session_id": secret}, timeout=60)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(url, json={**body, "session_id": secret}, headers=auth, timeout=60)
     assert r.status_code == 400 and "session_id" in r.json()["error"]["message"], r.text
     attempts = [
         ({**body, "user": secret}, {}),
@@ -58,11 +64,10 @@ def test_a_page_session_hash_sent_through_every_v1_field_and_header_reuses_nothi
         ({**body, "metadata": {"session_hash": secret}}, {}),
     ]
     for sent, headers in attempts:
-        # Each attempt starts without an API session of that name: `user` and X-Session-Id name the same one.
-        name = headers.get("X-Session-Id") or sent.get("user")
-        if name:
-            registry.get().clear_cache(SessionKey("api", "", name))
-        r = httpx.post(url, json=sent, headers=headers, timeout=60)
+        # Each attempt starts with none of the API caller's own sessions, which it may reuse in full (its own).
+        for key in [k for k in registry.get().sessions._entries if k.space == "api"]:
+            registry.get().clear_cache(key)
+        r = httpx.post(url, json=sent, headers={**auth, **headers}, timeout=60)
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0, (sent.get("user"), headers)
 
@@ -89,3 +94,51 @@ def test_the_same_api_user_name_under_another_key_is_another_session(qwen3_dir):
             cached.append(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
     assert cached[0] == 0 and cached[1] > 0, "one key's user reuses its own cache"
     assert cached[2] == 0, "the same user name under another key starts afresh"
+
+
+SYSTEM = "You are the help desk of the lighthouse museum. " * 12
+SECRET = "My account number is 4417 and my password hint is the name of my first cat."
+
+
+def test_a_shared_system_prompt_is_computed_once_and_nothing_else_crosses_principals(qwen3_dir):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from llm_backends.http_api import add_openai_routes
+
+    registry = ModelRegistry([str(qwen3_dir)], max_cache_bytes=2**28)
+    model = registry.switch(registry.ids[0])
+    routes = FastAPI()
+    add_openai_routes(routes, registry, api_key=["key-ann", "key-bob", "key-cy"], exposed=False)
+    client = TestClient(routes)
+    conversation = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": SECRET}]
+
+    def ask(key: str, user: str, messages) -> dict:
+        body = {"messages": messages, "max_tokens": 2, "temperature": 0, "user": user, "enable_thinking": False}
+        r = client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]
+
+    first = ask("key-ann", "ann-1", conversation)
+    assert first["prompt_tokens_details"]["cached_tokens"] == 0
+    operator = common_prefix_len(
+        model.render([conversation[0], {"role": "user", "content": "A"}], enable_thinking=False),
+        model.render([conversation[0], {"role": "user", "content": "B"}], enable_thinking=False),
+    )
+    # Another person, same system prompt, their first message word for word the first person's: only the
+    # operator's words are reused, nothing of the first person's.
+    bob = ask("key-bob", "bob-1", conversation)
+    assert 0 < bob["prompt_tokens_details"]["cached_tokens"] <= operator
+    assert bob["prompt_tokens_details"]["cached_tokens"] >= operator - 2, "the system prompt was computed once"
+    # The same person in a new session (a reloaded page, a new chat) reuses everything they sent before.
+    again = ask("key-ann", "ann-2", conversation)
+    assert again["prompt_tokens_details"]["cached_tokens"] >= first["prompt_tokens"] - 1
+    # Without a shared system prompt nothing crosses at all.
+    plain = [{"role": "user", "content": SECRET}]
+    ask("key-ann", "ann-3", plain)
+    assert ask("key-cy", "cy-1", plain)["prompt_tokens_details"]["cached_tokens"] == 0
+    # Answers stay exact: a donor's cache gives the same reply as a fresh computation.
+    reused = model.create(conversation, max_tokens=12, temperature=0, user="py-1", enable_thinking=False)
+    fresh = model.create(conversation, max_tokens=12, temperature=0, enable_thinking=False)
+    assert reused["choices"][0]["message"]["content"] == fresh["choices"][0]["message"]["content"]
+    assert reused["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
