@@ -430,9 +430,15 @@ def info_text(registry: ModelRegistry) -> str:
     if registry.model is None:
         return f"⏳ {registry.load_error or f'loading {registry.loading or registry.ids[0]}…'}"
     info = registry.get().info
-    parts = [f"**{info.name}**", info.family or "remote", info.quantization]
+    weights = {
+        "fp16": "weights in fp16, sums in fp32",
+        "nf4": "4-bit NF4 weights",
+        "int8": "8-bit weights",
+        "none": f"{info.dtype} weights",
+    }.get(info.quantization, f"{info.quantization} weights")
+    parts = [f"**{info.name}**", info.family or "remote model", weights]
     if info.dtype:
-        parts.append(f"{info.dtype} on {info.device}")
+        parts.append(f"on {info.device}")
     if info.memory_footprint_bytes:
         parts.append(f"{info.memory_footprint_bytes / 2**20:.0f} MiB")
     if info.context_length:
@@ -563,6 +569,7 @@ def serve(config: AppConfig, registry: ModelRegistry | None = None, **launch_kwa
         registry.load_in_background(registry.ids[0])  # the page opens while the model loads
     demo = build_app(registry, config)
     block = not launch_kwargs.pop("prevent_thread_lock", False)
+    launch_kwargs.setdefault("quiet", True)  # Gradio's hints would suggest share=True, which needs --auth here
     demo.launch(
         server_name=config.host,
         server_port=config.port,
@@ -574,6 +581,13 @@ def serve(config: AppConfig, registry: ModelRegistry | None = None, **launch_kwa
     )
     exposed = config.share or not is_loopback(config.host)
     add_openai_routes(demo.app, registry, api_key=config.api_keys, exposed=exposed)
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
+    log.info(
+        "Ready at http://%s:%d (OpenAI API at /v1)%s",
+        host,
+        config.port,
+        f", shared at {demo.share_url}" if demo.share_url else "",
+    )
     if block:
         demo.block_thread()
     return demo
@@ -581,6 +595,7 @@ def serve(config: AppConfig, registry: ModelRegistry | None = None, **launch_kwa
 
 def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per HTTP request
     config = parse_args(argv)
     try:
         serve(config)

@@ -113,6 +113,7 @@ def add_openai_routes(
     def model_for(model_id):
         if model_id is not None and not isinstance(model_id, str):
             raise APIError(400, "model must be a string", param="model")
+        model_id = registry.resolve(model_id) if model_id is not None else None
         if model_id is not None and model_id not in registry.entries:
             raise APIError(
                 404,

@@ -60,6 +60,17 @@ class ModelRegistry:
     def ids(self) -> list[str]:
         return list(self.entries)
 
+    def resolve(self, name: str) -> str:
+        """A registered id for ``name``: the id itself, "default" (the first entry), or an id's short form
+        (before " (" or " @", e.g. "gemma-3-270m" for "gemma-3-270m (embedded)") when only one id has it.
+        Anything else is returned as it is (and is then unknown)."""
+        if name in self.entries:
+            return name
+        if name == "default":
+            return self.ids[0]
+        short = [i for i in self.entries if i.split(" (")[0].split(" @ ")[0] == name]
+        return short[0] if len(short) == 1 else name
+
     def get(self) -> ChatModel:
         """The loaded model; RuntimeError while nothing is loaded yet."""
         model = self.model

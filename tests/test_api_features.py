@@ -390,6 +390,9 @@ def test_the_embedded_base_model_gives_valid_json_and_valid_forced_calls(embedde
     demo = app.serve(config, registry, prevent_thread_lock=True, quiet=True)
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{config.port}/v1", api_key="x", max_retries=0)
+        short = client.chat.completions.create(model="gemma-3-270m", messages=ASK, max_tokens=1)
+        assert short.model == "gemma-3-270m (embedded)", "the short id names the embedded model"
+        assert client.chat.completions.create(model="default", messages=ASK, max_tokens=1).choices
         person = client.chat.completions.create(
             model=registry.ids[0],
             messages=[{"role": "user", "content": "Describe a person as JSON."}],
