@@ -166,7 +166,7 @@ class ChatModel(ABC):
             raise ValueError(f"session_id must be a string, not {type(session_id).__name__}")
         request = self.request(
             messages,
-            session=None if session_id is None else SessionKey("python", "", session_id),  # as clear_cache
+            session=None if session_id is None else SessionKey("python", "", session_id),
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_p=top_p,
