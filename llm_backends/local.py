@@ -6,6 +6,7 @@ layer and the per-session caches. Only the runner that feeds tokens into the mod
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -187,8 +188,14 @@ class LocalModel(ChatModel):
         messages = request.messages
         if request.prompt is not None or not messages or messages[0]["role"] != "system":
             return 0
+        return self._operator_tokens(messages[0]["content"], request.thinking)
+
+    @functools.lru_cache(maxsize=64)  # noqa: B019 (the model lives as long as its cache; few system prompts)
+    def _operator_tokens(self, system: str, thinking: bool | None) -> int:
         probes = [
-            self.render([messages[0], {"role": "user", "content": probe}], enable_thinking=request.thinking)
+            self.render(
+                [{"role": "system", "content": system}, {"role": "user", "content": probe}], enable_thinking=thinking
+            )
             for probe in ("A", "B")
         ]
         return common_prefix_len(*probes)
