@@ -39,6 +39,9 @@ def _is_sliding(layer) -> bool:
 
 
 def _layer_bytes(layer) -> int:
+    storage = getattr(layer, "storage_bytes", None)  # a layer with spare room (kv_layers.py) counts it
+    if storage is not None:
+        return storage
     keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
     if keys is None or values is None:
         return 0

@@ -1,0 +1,128 @@
+"""KV cache layers that grow in place: a decode step writes its key and value into spare room instead of
+concatenating (transformers' DynamicLayer copies the whole layer on every token, a cost that grows with the
+context). The one place that subclasses transformers' cache layers.
+
+Room is added in steps (a quarter more, at least ``STEP`` tokens), so a long reply copies the cache a few
+times instead of once per token. A tensor handed in from outside (a restore point's saved window) is never
+written into: the next append moves the states to room of the layer's own first.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+STEP = 64
+
+
+def _room(tokens: int) -> int:
+    return -(-(tokens + tokens // 4 + STEP) // STEP) * STEP
+
+
+class _Storage:
+    """Keys and values held in a buffer with spare room; ``start``/``length`` say which positions are live."""
+
+    @property
+    def keys(self):
+        return self._live(self.__dict__.get("_k"))
+
+    @keys.setter
+    def keys(self, tensor):  # transformers' own code and restore points set keys, then values
+        if tensor is None or tensor.dim() != 4:  # None, or transformers' empty placeholder
+            self._k = self._v = None
+            self._start = self._length = 0
+        else:
+            self._k, self._start, self._length = tensor, 0, tensor.shape[-2]
+        self._owned = False
+
+    @property
+    def values(self):
+        return self._live(self.__dict__.get("_v"))
+
+    @values.setter
+    def values(self, tensor):
+        if tensor is not None and tensor.dim() == 4:
+            self._v = tensor
+
+    def _live(self, tensor):
+        if tensor is None:
+            return None
+        return tensor[:, :, self._start : self._start + self._length, :]
+
+    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        n = key_states.shape[-2]
+        end = self._start + self._length
+        if self._k is None or not self._owned or end + n > self._k.shape[-2]:
+            shape = list(key_states.shape)
+            shape[-2] = _room(self._length + n)
+            keys = key_states.new_zeros(shape)
+            values = value_states.new_zeros(shape)
+            if self._length:
+                keys[:, :, : self._length].copy_(self.keys)
+                values[:, :, : self._length].copy_(self.values)
+            self._k, self._v, self._start, self._owned = keys, values, 0, True
+            end = self._length
+        self._k[:, :, end : end + n].copy_(key_states)
+        self._v[:, :, end : end + n].copy_(value_states)
+        self._length += n
+
+    @property
+    def storage_bytes(self) -> int:
+        if self._k is None:
+            return 0
+        return 2 * self._k.numel() * self._k.element_size()
+
+
+class GrowingLayer(_Storage, DynamicLayer):
+    """A full-attention layer: every token's key and value, appended in place."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._append(key_states, value_states)
+        return self.keys, self.values
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative count of tokens to remove")
+        if self.is_initialized:
+            self._length = max(0, self._length + tokens_to_remove)
+
+
+class GrowingSlidingLayer(_Storage, DynamicSlidingWindowLayer):
+    """A sliding-window layer: keeps the last ``sliding_window - 1`` tokens; attention sees those plus the new."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.record_past:
+            return super().update(key_states, value_states, *args, **kwargs)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
+        self._append(key_states, value_states)
+        full = self.keys, self.values
+        keep = min(self._length, self.sliding_window - 1)
+        self._start += self._length - keep
+        self._length = keep
+        return full
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if self.cumulative_length >= self.sliding_window or tokens_to_remove > 0:
+            return super().crop(tokens_to_remove)
+        if self.is_initialized:
+            self._length = max(0, self._length + tokens_to_remove)
+            self.cumulative_length = self._length
+
+
+def new_cache(config) -> DynamicCache:
+    """transformers' DynamicCache for ``config``, with its plain full and sliding layers growing in place."""
+    cache = DynamicCache(config=config)
+    layers = []
+    for layer in cache.layers:
+        if type(layer) is DynamicSlidingWindowLayer:
+            layer = GrowingSlidingLayer(sliding_window=layer.sliding_window)
+        elif type(layer) is DynamicLayer:
+            layer = GrowingLayer()
+        layers.append(layer)
+    cache.layers = layers
+    return cache

@@ -1,0 +1,63 @@
+"""KV layers that grow in place give what transformers' concatenating layers give, without a copy per token."""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+from llm_backends.kv_layers import GrowingLayer, GrowingSlidingLayer
+
+
+def states(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 2, n, 4, generator=g), torch.randn(1, 2, n, 4, generator=g)
+
+
+def test_growing_layers_return_what_transformers_layers_return():
+    pairs = [(DynamicLayer(), GrowingLayer()), (DynamicSlidingWindowLayer(8), GrowingSlidingLayer(8))]
+    for theirs, ours in pairs:
+        for step, n in enumerate([5, 1, 1, 2, 1, 9, 1, 1, 1, 70, 1, 1]):
+            k, v = states(n, step)
+            expected, got = theirs.update(k, v), ours.update(k, v)
+            assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
+            assert torch.equal(theirs.keys, ours.keys) and torch.equal(theirs.values, ours.values)
+            assert theirs.get_seq_length() == ours.get_seq_length()
+
+
+def test_cropping_below_the_window_then_growing_matches_transformers():
+    for theirs, ours in [(DynamicLayer(), GrowingLayer()), (DynamicSlidingWindowLayer(16), GrowingSlidingLayer(16))]:
+        for layer in (theirs, ours):
+            layer.update(*states(6, 0))
+            layer.crop(-2)
+            layer.update(*states(3, 1))
+        assert torch.equal(theirs.keys, ours.keys) and torch.equal(theirs.values, ours.values)
+        assert theirs.get_seq_length() == ours.get_seq_length() == 7
+
+
+def test_a_decode_step_writes_into_the_cache_instead_of_copying_it(gemma3):
+    runner = gemma3.engine.runner
+    entry = runner.new_entry()
+    runner.forward(entry, list(range(3, 13)))
+
+    def buffers():
+        return [layer.keys.untyped_storage().data_ptr() for layer in entry.cache.layers]
+
+    before = buffers()
+    for token in (20, 21, 22):
+        runner.decode(entry, token)
+    assert buffers() == before
+
+
+def test_a_restore_point_is_never_written_into(gemma3):
+    runner = gemma3.engine.runner
+    entry = runner.new_entry()
+    runner.forward(entry, list(range(3, 30)))  # past the tiny model's 16-token window
+    entry.save_checkpoint(None)
+    saved = [None if s is None else (s[0].clone(), s[1].clone()) for s in entry.checkpoints[-1].states]
+    for token in (40, 41):
+        runner.decode(entry, token)
+    entry.rewind_to(27)
+    for token in (50, 51, 52):
+        runner.decode(entry, token)
+    for kept, now in zip(saved, entry.checkpoints[-1].states, strict=True):
+        assert (kept is None and now is None) or (torch.equal(kept[0], now[0]) and torch.equal(kept[1], now[1]))
