@@ -433,7 +433,7 @@ def info_text(registry: ModelRegistry) -> str:
     weights = {
         "fp16": "weights in fp16, sums in fp32",
         "nf4": "4-bit NF4 weights",
-        "int8": "8-bit weights",
+        "int8": "int8 weights, sums in fp32" if info.device == "cpu" else "8-bit weights",
         "none": f"{info.dtype} weights",
     }.get(info.quantization, f"{info.quantization} weights")
     parts = [f"**{info.name}**", info.family or "remote model", weights]

@@ -33,7 +33,8 @@ TURNS = [f"{PARAGRAPH * 2}Question {i + 1}: what happened next, and why did it m
 NEW_TOKENS = 48
 FOLLOW_UP = "Go on."
 PRECISIONS = {  # name: (quantization, dtype) for load_model
-    "fp16": ("fp16", None),  # packed fp16 weights, fp32 arithmetic (x86 CPU; the CPU default)
+    "int8": ("int8", None),  # weight-only int8, fp32 arithmetic (the CPU default)
+    "fp16": ("fp16", None),  # packed fp16 weights, fp32 arithmetic (x86 CPU)
     "fp32": ("none", "float32"),
     "bf16": ("none", "bfloat16"),
     "nf4": ("nf4", None),

@@ -8,9 +8,8 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 
 import torch
-from transformers import DynamicCache
 
-from . import fp16_weights
+from . import fp16_weights, int8_weights, kv_layers
 from .backend import ModelInfo
 from .batching import DecodeBatcher, RowCaches, attention_backends, use_row_attention
 from .errors import ModelLoadError
@@ -18,6 +17,9 @@ from .loading import LoadOptions, default_cache_bytes, local_label, locate
 from .local import FALLBACK_CONTEXT, LocalModel, restore_points
 from .registry import family_for
 from .session_cache import CacheEntry
+
+# On a CPU these precisions replace the model's Linear layers after loading (float32 activations).
+CPU_PACKED = {"fp16": fp16_weights, "int8": int8_weights}
 
 DTYPES = {
     "float32": "float32",
@@ -43,7 +45,7 @@ class TorchRunner:
 
     def new_entry(self) -> CacheEntry:
         config = self.model.config
-        return CacheEntry(make_cache=lambda: DynamicCache(config=config), max_checkpoints=self.max_checkpoints)
+        return CacheEntry(make_cache=lambda: kv_layers.new_cache(config), max_checkpoints=self.max_checkpoints)
 
     @torch.inference_mode()
     def forward(self, entry: CacheEntry, tokens: Sequence[int], *, logits: bool = True) -> torch.Tensor | None:
@@ -115,9 +117,11 @@ def load(target: str | None, options: LoadOptions) -> LocalModel:
         quantization = _auto_quantization(device, options.dtype)
     if quantization == "fp16" and (device != "cpu" or not fp16_weights.available()):
         raise ValueError("quantization='fp16' (packed fp16 weights) runs on x86 CPUs: use device='cpu'")
+    if quantization == "int8" and device == "cpu" and not int8_weights.available():
+        raise ValueError("quantization='int8' on a CPU needs a C++ compiler to build its kernel (see the log)")
     dtype = _resolve_dtype(options.dtype, device, quantization)
-    if quantization == "fp16" and dtype != torch.float32:
-        raise ValueError("quantization='fp16' computes in float32: leave dtype unset or pass 'float32'")
+    if quantization in CPU_PACKED and device == "cpu" and dtype != torch.float32:
+        raise ValueError(f"quantization={quantization!r} computes in float32: leave dtype unset or pass 'float32'")
     where = locate(target, options.progress)
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -135,7 +139,8 @@ def load(target: str | None, options: LoadOptions) -> LocalModel:
         raise ModelLoadError(_explain(e, where.name)) from e
     family = family_for(getattr(config, "model_type", None))
 
-    quantization_config = _quantization_config(quantization, dtype)
+    cpu_packed = device == "cpu" and quantization in CPU_PACKED
+    quantization_config = None if cpu_packed else _quantization_config(quantization, dtype)
     kwargs = {"dtype": dtype, **gguf}
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
@@ -150,7 +155,9 @@ def load(target: str | None, options: LoadOptions) -> LocalModel:
         raise ModelLoadError(_explain(e, where.name)) from e
     model.eval()
     parameters = _count_parameters(model)
-    packed_bytes = fp16_weights.pack_model(model) if quantization == "fp16" else 0
+    packed_bytes = 0
+    if cpu_packed:
+        packed_bytes = CPU_PACKED[quantization].pack_model(model) or 0
     if not (tokenizer.chat_template or family.fallback_chat_template):
         raise ModelLoadError(f"{where.name} ships no chat template and its family ({family.name}) has no fallback")
 
@@ -191,11 +198,15 @@ def _resolve_device(device: str | None) -> str:
 
 
 def _auto_quantization(device: str, dtype) -> str:
-    """NF4 on CUDA; packed fp16 weights on an x86 CPU in float32 (half the bytes per token, fp32 sums)."""
+    """NF4 on CUDA. On a CPU in float32, weight-only int8 (a quarter of fp32's bytes per token, fp32 sums)
+    where its kernel builds, else packed fp16 on x86."""
     if device.startswith("cuda"):
         return "nf4"
-    if device == "cpu" and dtype in (None, "float32", "fp32", torch.float32) and fp16_weights.available():
-        return "fp16"
+    if device == "cpu" and dtype in (None, "float32", "fp32", torch.float32):
+        if int8_weights.available():
+            return "int8"
+        if fp16_weights.available():
+            return "fp16"
     return "none"
 
 

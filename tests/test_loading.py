@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from llm_backends import ModelLoadError, fp16_weights, load_model
+from llm_backends import ModelLoadError, fp16_weights, int8_weights, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 HELLO = [{"role": "user", "content": "Hello, how are you today?"}]
@@ -20,8 +20,9 @@ HELLO = [{"role": "user", "content": "Hello, how are you today?"}]
 def test_model_info_describes_the_model(gemma3, qwen3):
     info = gemma3.get_model_info()
     assert info["family"] == "gemma3" and info["backend"] == "transformers"
-    # On an x86 CPU the default keeps weights as packed fp16 with fp32 arithmetic (fp16_weights.py).
-    expected = "fp16" if fp16_weights.available() else "none"
+    # On a CPU the default keeps weights as int8 with fp32 arithmetic (int8_weights.py); in CI it must build.
+    assert int8_weights.available() or not os.environ.get("CI")
+    expected = "int8" if int8_weights.available() else "fp16" if fp16_weights.available() else "none"
     assert info["quantization"] == expected and info["device"] == "cpu" and info["dtype"] == "float32"
     assert info["parameters"] > 100_000 and info["memory_footprint_bytes"] > 0 and info["context_length"] == 4096
     assert qwen3.get_model_info()["family"] == "qwen3"

@@ -1,0 +1,90 @@
+"""Weight-only int8 on CPUs (``quantization="int8"``): int8 weights with one fp32 scale per output channel,
+fp32 arithmetic, through the ``linear`` kernel of ``cpu_kernels.py`` (whose rows never depend on each other).
+
+A tied embedding table is read from the output head's int8 rows (so both hold the same rounded values, and
+the table is stored once); an untied one is kept as fp16.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import nn
+
+from . import cpu_kernels
+from .fp16_weights import EmbeddingFP16
+
+
+def available() -> bool:
+    return cpu_kernels.available()
+
+
+class Int8Linear(nn.Module):
+    """An ``nn.Linear`` whose weight is int8 with per-output-channel scales; inputs and outputs are fp32."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        packed, scale = cpu_kernels.ops().pack(linear.weight.detach().float())
+        self.register_buffer("packed", packed)
+        self.register_buffer("scale", scale)
+        bias = None if linear.bias is None else linear.bias.detach().float().clone()
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_kernels.ops().linear(x.float(), self.packed, self.scale, self.bias)
+
+    def weight_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The dequantized weight rows of the given output channels (fp32), shaped ids.shape + (in_features,)."""
+        rows = cpu_kernels.ops().rows(self.packed, ids).float() * self.scale[ids.reshape(-1)].unsqueeze(1)
+        return rows.view(*ids.shape, self.in_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weight=int8 per channel"
+
+
+class TiedEmbeddingInt8(nn.Module):
+    """An embedding that shares its table with an ``Int8Linear`` output head (Gemma's scaling kept)."""
+
+    def __init__(self, embedding: nn.Embedding, head: Int8Linear):
+        super().__init__()
+        self.head = [head]  # a list: not registered twice as a submodule
+        self.embed_scale = getattr(embedding, "embed_scale", None)
+        if self.embed_scale is not None:
+            self.embed_scale = self.embed_scale.detach().float().clone()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = self.head[0].weight_rows(input_ids)
+        return rows if self.embed_scale is None else rows * self.embed_scale
+
+
+def pack_model(model: nn.Module) -> None:
+    """Replaces the model's Linear layers (output head included) and its embedding table in place."""
+    if not available():
+        raise RuntimeError("quantization='int8' on a CPU needs its kernels, which could not be built here")
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and head.weight.data_ptr() == embeddings.weight.data_ptr()
+    done: dict[int, nn.Module] = {}  # a module reached under two names is replaced by one object
+    # Walk by name and drop each fp32 Linear as soon as it is packed, so the load peaks near one copy.
+    for name in [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
+        parent_name, _, attribute = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        child = getattr(parent, attribute)
+        if id(child) not in done:
+            done[id(child)] = Int8Linear(child)
+        setattr(parent, attribute, done[id(child)])
+        del child
+    new_head = model.get_output_embeddings()
+    if head is not None and not isinstance(new_head, Int8Linear):
+        raise RuntimeError("the output head was not packed")
+    replacement = TiedEmbeddingInt8(embeddings, new_head) if tied else EmbeddingFP16(embeddings)
+    model.set_input_embeddings(replacement)
+    cpu_kernels.fuse_norms(model)
+    model.float()  # other small parameters in fp32
+    if not tied:
+        embeddings.weight.data = embeddings.weight.data.half()
+    # The loaded weights may be views of the memory-mapped checkpoint: copy what is left, so the mapping
+    # (the fp32 weights now packed) is released instead of staying resident.
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        tensor.data = tensor.data.clone()

@@ -1,0 +1,183 @@
+// CPU kernels whose results for one row never depend on the other rows in the call (see cpu_kernels.py).
+//
+// linear: y = x @ W^T + bias, with W stored as int8 and one fp32 scale per output channel (weight-only int8).
+//
+// Each y[m][n] is scale[n] times the sum over k, in increasing k, of x[m][k] * q[n][k] (one multiply-add
+// each), plus bias[n]. That order does not depend on how many rows x has, which rows share a call or the
+// thread count, so a prompt read in one pass, a token decoded alone and the same token decoded in a batch
+// with other sessions get bitwise the same values. Weights are packed in panels of PANEL output channels,
+// laid out [panel][k][PANEL], so one vector load brings 16 channels' weights for one k and each weight
+// byte is read once per call.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+constexpr int64_t PANEL = 32;
+constexpr int64_t ROWS = 6;  // rows of x per block: 12 accumulators and 2 weight vectors stay in registers
+
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef int8_t i8x16 __attribute__((vector_size(16)));
+
+inline f32x16 load_weights(const int8_t* p) {
+#if defined(__AVX512F__)
+  return (f32x16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+#else
+  f32x16 w;
+  for (int i = 0; i < 16; ++i) w[i] = (float)p[i];
+  return w;
+#endif
+}
+
+inline f32x16 broadcast(float v) {
+#if defined(__AVX512F__)
+  return (f32x16)_mm512_set1_ps(v);
+#else
+  return f32x16{} + v;
+#endif
+}
+
+inline f32x16 multiply_add(f32x16 a, f32x16 b, f32x16 c) {
+#if defined(__AVX512F__)
+  return (f32x16)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#else
+  return a * b + c;  // built with -ffp-contract=off: the same two roundings for every row
+#endif
+}
+
+template <int R>
+void block(const float* x, int64_t ldx, const int8_t* panel, int64_t K, const float* scale, const float* bias,
+           float* y, int64_t ldy, int64_t width) {
+  f32x16 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = f32x16{};
+  for (int64_t k = 0; k < K; ++k) {
+    const f32x16 w0 = load_weights(panel + k * PANEL);
+    const f32x16 w1 = load_weights(panel + k * PANEL + 16);
+    for (int r = 0; r < R; ++r) {
+      const f32x16 xv = broadcast(x[r * ldx + k]);
+      acc[r][0] = multiply_add(xv, w0, acc[r][0]);
+      acc[r][1] = multiply_add(xv, w1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float out[PANEL];
+    std::memcpy(out, &acc[r][0], sizeof(f32x16));
+    std::memcpy(out + 16, &acc[r][1], sizeof(f32x16));
+    float* row = y + r * ldy;
+    for (int64_t j = 0; j < width; ++j) row[j] = out[j] * scale[j] + (bias ? bias[j] : 0.0f);
+  }
+}
+
+using Block = void (*)(const float*, int64_t, const int8_t*, int64_t, const float*, const float*, float*, int64_t,
+                       int64_t);
+constexpr Block BLOCKS[ROWS + 1] = {nullptr, block<1>, block<2>, block<3>, block<4>, block<5>, block<6>};
+
+}  // namespace
+
+// weight: [N, K] float; returns (packed [ceil(N/PANEL), K, PANEL] int8, scale [N] float). Works through the
+// rows a slice at a time, so packing a large output head needs little memory beyond the result.
+std::vector<torch::Tensor> pack(torch::Tensor weight) {
+  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D");
+  const int64_t N = weight.size(0), K = weight.size(1), panels = (N + PANEL - 1) / PANEL;
+  auto packed = torch::zeros({panels, K, PANEL}, torch::kInt8);
+  auto scale = torch::empty({N}, torch::kFloat32);
+  constexpr int64_t SLICE = 128 * PANEL;
+  for (int64_t n0 = 0; n0 < N; n0 += SLICE) {
+    const int64_t rows = std::min(SLICE, N - n0);
+    auto w = weight.narrow(0, n0, rows).to(torch::kFloat32).contiguous();
+    auto s = (w.abs().amax(1) / 127.0f).clamp_min(1e-30f);
+    auto q = torch::round(w / s.unsqueeze(1)).clamp(-127, 127).to(torch::kInt8);
+    scale.narrow(0, n0, rows).copy_(s);
+    const int64_t full = rows / PANEL;
+    if (full > 0) {
+      packed.narrow(0, n0 / PANEL, full).copy_(q.narrow(0, 0, full * PANEL).view({full, PANEL, K}).transpose(1, 2));
+    }
+    if (rows % PANEL) {  // the last, partial panel: its missing channels stay zero
+      packed[n0 / PANEL + full].narrow(1, 0, rows % PANEL).copy_(q.narrow(0, full * PANEL, rows % PANEL).t());
+    }
+  }
+  return {packed, scale};
+}
+
+// The int8 rows of W for the given channels, as [len(ids), K] int8 (an embedding lookup on a tied table).
+torch::Tensor rows(torch::Tensor packed, torch::Tensor ids) {
+  auto flat = ids.reshape({-1}).to(torch::kLong);
+  auto panel = packed.index_select(0, torch::floor_divide(flat, PANEL));  // [n, K, PANEL]
+  auto column = torch::remainder(flat, PANEL).view({-1, 1, 1}).expand({flat.size(0), packed.size(1), 1});
+  return panel.gather(2, column).squeeze(2);
+}
+
+torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32, "x must be float32");
+  TORCH_CHECK(packed.scalar_type() == torch::kInt8 && packed.dim() == 3 && packed.size(2) == PANEL, "bad packing");
+  const int64_t K = packed.size(1), N = scale.size(0), panels = packed.size(0);
+  TORCH_CHECK(x.size(-1) == K, "x has ", x.size(-1), " features, the weight ", K);
+  auto shape = x.sizes().vec();
+  auto x2 = x.reshape({-1, K}).contiguous();
+  const int64_t M = x2.size(0);
+  shape.back() = N;
+  auto y = torch::empty({M, N}, x2.options());
+  const float* xp = x2.data_ptr<float>();
+  const int8_t* wp = packed.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t n0 = p * PANEL, width = std::min(PANEL, N - n0);
+      const int8_t* panel = wp + p * K * PANEL;
+      for (int64_t m = 0; m < M; m += ROWS) {
+        const int64_t r = std::min(ROWS, M - m);
+        BLOCKS[r](xp + m * K, K, panel, K, sp + n0, bp ? bp + n0 : nullptr, yp + m * N + n0, N, width);
+      }
+    }
+  });
+  return y.view(shape);
+}
+
+// RMS norm over the last dimension: y = x / sqrt(mean(x^2) + eps) * (offset + weight), each row summed in a
+// fixed order (16 lanes over the row, then the lanes in order), so a row's result is the same in any call.
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps, double offset) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && weight.scalar_type() == torch::kFloat32, "float32 only");
+  const int64_t D = x.size(-1);
+  TORCH_CHECK(weight.numel() == D, "weight has ", weight.numel(), " values for rows of ", D);
+  auto xc = x.contiguous();
+  auto y = torch::empty_like(xc);
+  auto gain = (weight.to(torch::kFloat32) + offset).contiguous();
+  const int64_t rows = D ? xc.numel() / D : 0;
+  const float* xp = xc.data_ptr<float>();
+  const float* gp = gain.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = xp + r * D;
+      float lanes[16] = {0};
+      int64_t j = 0;
+      for (; j + 16 <= D; j += 16) {
+        for (int i = 0; i < 16; ++i) lanes[i] += row[j + i] * row[j + i];
+      }
+      for (int i = 0; j < D; ++i, ++j) lanes[i] += row[j] * row[j];
+      float sum = 0;
+      for (int i = 0; i < 16; ++i) sum += lanes[i];
+      const float inverse = 1.0f / std::sqrt(sum / (float)D + (float)eps);
+      float* out = yp + r * D;
+      for (int64_t j = 0; j < D; ++j) out[j] = (row[j] * inverse) * gp[j];
+    }
+  });
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("pack", &pack, "int8 weights with per-channel scales, packed in panels");
+  m.def("rows", &rows, "int8 rows of a packed weight");
+  m.def("linear", &linear, "x @ W^T + bias with packed int8 W");
+  m.def("rms_norm", &rms_norm, "RMS norm over the last dimension with a fixed summation order");
+}

@@ -1,0 +1,62 @@
+"""Weight-only int8 on CPU: the kernel's rows do not depend on each other, and a model keeps its answers."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from llm_backends import cpu_kernels, int8_weights, load_model
+
+pytestmark = pytest.mark.skipif(
+    not int8_weights.available() and not os.environ.get("CI"), reason="needs a C++ compiler to build the kernel"
+)
+
+
+def dequantized(packed, scale, n):
+    return cpu_kernels.ops().rows(packed, torch.arange(n)).double() * scale.double().unsqueeze(1)
+
+
+@pytest.mark.parametrize("n, k", [(5, 7), (37, 64), (70, 13), (1000, 96)])
+def test_a_row_gets_the_same_bits_alone_or_batched_with_any_other_rows(n, k):
+    torch.manual_seed(n * k)
+    weight, bias = torch.randn(n, k), torch.randn(n)
+    packed, scale = cpu_kernels.ops().pack(weight)
+    x = torch.randn(13, k)
+    together = cpu_kernels.ops().linear(x, packed, scale, bias)
+    for rows in ([0], [3, 4], list(range(7)), [12, 0, 5]):
+        alone = cpu_kernels.ops().linear(x[rows], packed, scale, bias)
+        assert torch.equal(alone, together[rows])
+    reference = x.double() @ dequantized(packed, scale, n).T + bias.double()
+    assert torch.allclose(together.double(), reference, atol=1e-4)
+
+
+def test_quantized_weights_are_within_half_a_step_of_the_originals():
+    weight = torch.randn(70, 33) * torch.logspace(-3, 1, 70).unsqueeze(1)  # channels of very different sizes
+    packed, scale = cpu_kernels.ops().pack(weight)
+    error = (dequantized(packed, scale, 70) - weight.double()).abs()
+    assert (error <= scale.double().unsqueeze(1) / 2 + 1e-9).all()
+
+
+def test_a_tied_embedding_reads_the_heads_int8_rows(qwen3_dir, gemma3_dir):
+    net = load_model(str(qwen3_dir), quantization="int8", max_cache_bytes=2**26).model  # tied
+    head, embedding = net.get_output_embeddings(), net.get_input_embeddings()
+    assert isinstance(head, int8_weights.Int8Linear) and isinstance(embedding, int8_weights.TiedEmbeddingInt8)
+    ids = torch.tensor([[1, 5, 9]])
+    assert torch.equal(embedding(ids), head.weight_rows(ids))
+    untied = load_model(str(gemma3_dir), quantization="int8", max_cache_bytes=2**26).model
+    assert not isinstance(untied.get_input_embeddings(), int8_weights.TiedEmbeddingInt8)
+    with pytest.raises(ValueError, match="float32"):
+        load_model(str(gemma3_dir), quantization="int8", dtype="bfloat16")
+
+
+def test_int8_weights_quarter_the_bytes_and_keep_the_greedy_answer_of_full_precision(gemma3_dir):
+    int8 = load_model(str(gemma3_dir), quantization="int8", max_cache_bytes=2**26)
+    full = load_model(str(gemma3_dir), quantization="none", max_cache_bytes=2**26)
+    small, big = (m.get_model_info()["memory_footprint_bytes"] for m in (int8, full))
+    assert small < 0.35 * big, (small, big)
+    assert int8.get_model_info()["parameters"] == full.get_model_info()["parameters"]
+    messages = [{"role": "user", "content": "Tell me about the sea."}]
+    answers = [m.create(messages=messages, temperature=0, max_tokens=12)["choices"][0]["message"] for m in (int8, full)]
+    assert answers[0] == answers[1]
