@@ -12,6 +12,7 @@ import torch
 from . import fp16_weights, int8_weights, kv_layers
 from .backend import ModelInfo
 from .batching import DecodeBatcher, RowCaches, attention_backends, use_row_attention
+from .decode_step import DecodeStep
 from .errors import ModelLoadError
 from .loading import LoadOptions, default_cache_bytes, local_label, locate
 from .local import FALLBACK_CONTEXT, LocalModel, restore_points
@@ -42,6 +43,8 @@ class TorchRunner:
         self.compute = threading.Lock()
         batched = max_batch > 1 and use_row_attention(model)
         self.batcher = DecodeBatcher(self.forward_rows, max_batch) if batched else None
+        # Decode steps skip transformers' per-call machinery where the architecture is one it knows.
+        self.step = DecodeStep.for_model(model) if batched else None
 
     def new_entry(self) -> CacheEntry:
         config = self.model.config
@@ -74,26 +77,34 @@ class TorchRunner:
         Every row keeps its own cache and position: the linear layers see a batch, attention runs per row
         over that row's cache. If the pass fails, every entry in it is reset (its cache state is unknown).
         """
-        input_ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=self.device)
-        positions = torch.tensor([[len(e.ids)] for e in entries], dtype=torch.long, device=self.device)
-        masks = dict.fromkeys(set(getattr(self.model.config.get_text_config(), "layer_types", None) or ()), None)
-        masks.setdefault("full_attention", None)
         try:
             with self.compute, attention_backends(self.device):
-                out = self.model(
-                    input_ids=input_ids,
-                    position_ids=positions,
-                    attention_mask=masks,
-                    past_key_values=RowCaches([e.cache for e in entries]),
-                    use_cache=True,
-                    logits_to_keep=1,
-                )
+                if self.step is not None:
+                    logits = self.step([e.cache for e in entries], tokens, [len(e.ids) for e in entries])
+                else:
+                    logits = self._forward_rows(entries, tokens)
         except BaseException:
             for entry in entries:
                 entry.reset()
             raise
         for entry, token in zip(entries, tokens, strict=True):
             entry.ids.append(token)
+        return logits
+
+    def _forward_rows(self, entries: Sequence[CacheEntry], tokens: Sequence[int]) -> torch.Tensor:
+        """transformers' own forward over the rows, for architectures ``DecodeStep`` does not know."""
+        input_ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=self.device)
+        positions = torch.tensor([[len(e.ids)] for e in entries], dtype=torch.long, device=self.device)
+        masks = dict.fromkeys(set(getattr(self.model.config.get_text_config(), "layer_types", None) or ()), None)
+        masks.setdefault("full_attention", None)
+        out = self.model(
+            input_ids=input_ids,
+            position_ids=positions,
+            attention_mask=masks,
+            past_key_values=RowCaches([e.cache for e in entries]),
+            use_cache=True,
+            logits_to_keep=1,
+        )
         return out.logits[:, -1]
 
     def decode(self, entry: CacheEntry, token: int) -> torch.Tensor:

@@ -82,7 +82,7 @@ def test_stop_stops_the_backend(server):
     url, registry = server
     model = registry.get()
     calls = []
-    handle = model.model.register_forward_hook(lambda *args: calls.append(time.perf_counter()))
+    handle = model.model.get_output_embeddings().register_forward_hook(lambda *args: calls.append(time.perf_counter()))
     try:
         client = Client(url, verbose=False)
         job = client.submit("Write a long story about the sea.", "", 0, 1, 0, 2000, 1, 0, False, api_name="/chat")

@@ -5,8 +5,10 @@ from __future__ import annotations
 import threading
 
 import pytest
+import torch
 
-from llm_backends import load_model
+from llm_backends import cpu_kernels, load_model
+from llm_backends.decode_step import DecodeStep
 
 GREEDY = {"temperature": 0, "max_new_tokens": 24}
 
@@ -73,17 +75,59 @@ def test_a_failed_batched_step_fails_each_stream_and_resets_its_cache(qwen3_dir,
     model = load_model(str(qwen3_dir), max_cache_bytes=2**26)
     conversations = prompts(3)
     alone = [solo(model, messages) for messages in conversations]
-    forward = model.model.forward
+    runner = model.engine.runner
+    step = runner.step
 
     def failing(*args, **kwargs):
-        if kwargs.get("position_ids") is not None:  # only the batched decode step passes positions
-            raise RuntimeError("simulated device failure")
-        return forward(*args, **kwargs)
+        raise RuntimeError("simulated device failure")
 
-    monkeypatch.setattr(model.model, "forward", failing)
+    monkeypatch.setattr(runner, "step", failing)  # decode steps only; prefill still runs
     results = together(model, conversations)
     assert all(isinstance(r, RuntimeError) and "simulated" in str(r) for r in results)
-    monkeypatch.setattr(model.model, "forward", forward)
+    monkeypatch.setattr(runner, "step", step)
     assert model.engine.runner.batcher._decoding == 0 and not model.engine.runner.batcher._running
     again = together(model, conversations)
     assert again == alone, "after the failure the sessions answer exactly, from a fresh cache"
+
+
+@pytest.mark.parametrize("name", ["gemma3_dir", "qwen3_dir"])
+@pytest.mark.parametrize("quantization", ["int8", "none"])
+def test_the_written_out_decode_step_gives_transformers_logits_bit_for_bit(name, quantization, request):
+    model = load_model(str(request.getfixturevalue(name)), quantization=quantization, max_cache_bytes=2**26)
+    runner = model.engine.runner
+    assert runner.step is not None and runner.step.fused_attention
+    runner.step = DecodeStep.for_model(runner.model, fused_attention=False)  # the same ops as transformers
+    lengths = [40, 7, 25]  # past the tiny Gemma's 16-token window, and not
+    ours, theirs = ([runner.new_entry() for _ in lengths] for _ in range(2))
+    for entries in (ours, theirs):
+        for entry, n in zip(entries, lengths, strict=True):
+            runner.forward(entry, list(range(5, 5 + n)))
+    for step in range(5):
+        rows = 3 if step % 2 == 0 else 1
+        tokens = [10 + step + 7 * i for i in range(rows)]
+        got = runner.forward_rows(ours[:rows], tokens)
+        with torch.inference_mode():
+            expected = runner._forward_rows(theirs[:rows], tokens)
+        for entry, token in zip(theirs, tokens, strict=False):
+            entry.ids.append(token)
+        assert torch.equal(got, expected), step
+
+
+def test_fused_decode_attention_is_sdpa_up_to_rounding_and_the_same_for_a_row_in_any_batch():
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    lengths = [1, 17, 300, 64]
+    keys = [torch.randn(1, 2, n + 5, 32)[:, :, :n] for n in lengths]  # views into longer storage, as in a cache
+    values = [torch.randn(1, 2, n, 32) for n in lengths]
+    query = torch.randn(len(lengths), 6, 32)
+    together = cpu_kernels.ops().decode_attention(query, keys, values, 0.2)
+    for i in range(len(lengths)):
+        alone = cpu_kernels.ops().decode_attention(query[i : i + 1], keys[i : i + 1], values[i : i + 1], 0.2)
+        assert torch.equal(alone[0], together[i])
+        expected = F.scaled_dot_product_attention(
+            query[i].view(1, 6, 1, 32), keys[i], values[i], scale=0.2, enable_gqa=True
+        )
+        assert torch.allclose(together[i], expected.view(6, 32), atol=1e-5)
+    with pytest.raises(RuntimeError, match="one key and value tensor per row"):
+        cpu_kernels.ops().decode_attention(query, keys[:2], values[:2], 0.2)

@@ -81,7 +81,7 @@ def test_browser_chat_streams_stops_and_isolates_visitors(page_url, browser):
     page.screenshot(path=str(SHOTS / "browser-reply.png"), full_page=True)
 
     calls = []
-    handle = model.model.register_forward_hook(lambda *args: calls.append(1))
+    handle = model.model.get_output_embeddings().register_forward_hook(lambda *args: calls.append(1))
     try:
         send(page, "Write a very long story about the sea, the sky and the mountains.")
         deadline = time.time() + 60

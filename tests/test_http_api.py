@@ -201,7 +201,7 @@ def test_a_client_that_disconnects_mid_stream_stops_the_generation(api):
     base, registry = api
     model = registry.get()
     calls = []
-    handle = model.model.register_forward_hook(lambda *args: calls.append(1))
+    handle = model.model.get_output_embeddings().register_forward_hook(lambda *args: calls.append(1))
     body = {"messages": HELLO, "stream": True, "max_tokens": 3000, "temperature": 0, "user": "leaver"}
     try:
         with httpx.stream(

@@ -11,7 +11,7 @@ GOOD = [{"role": "user", "content": "Tell me about the sea and the sky."}]
 
 def count_forwards(model):
     calls = []
-    handle = model.model.register_forward_hook(lambda *args: calls.append(1))
+    handle = model.model.get_output_embeddings().register_forward_hook(lambda *args: calls.append(1))
     return calls, handle
 
 

@@ -175,9 +175,76 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps, double
   return y;
 }
 
+// Attention of one new token per session over that session's own keys and values (a decode step), all
+// sessions in one call. query: [M, Hq, D]; keys[i], values[i]: [1, Hk, L_i, D] (rows contiguous in D).
+// Each (session, head) pair is computed alone, in a fixed order: scores over D in 16 lanes then the lanes
+// in order, the softmax sum over keys in order, the output summed over keys in order.
+torch::Tensor decode_attention(torch::Tensor query, std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values,
+                               double scale) {
+  TORCH_CHECK(query.scalar_type() == torch::kFloat32 && query.dim() == 3, "query must be [M, Hq, D] float32");
+  auto q = query.contiguous();
+  const int64_t M = q.size(0), Hq = q.size(1), D = q.size(2);
+  TORCH_CHECK((int64_t)keys.size() == M && (int64_t)values.size() == M, "one key and value tensor per row");
+  for (int64_t i = 0; i < M; ++i) {
+    TORCH_CHECK(keys[i].scalar_type() == torch::kFloat32 && values[i].scalar_type() == torch::kFloat32, "float32");
+    TORCH_CHECK(keys[i].dim() == 4 && keys[i].size(0) == 1 && keys[i].size(3) == D && keys[i].stride(3) == 1 &&
+                    keys[i].stride(2) == D,
+                "keys must be [1, Hk, L, D] with contiguous rows");
+    TORCH_CHECK(values[i].sizes() == keys[i].sizes() && values[i].stride(3) == 1 && values[i].stride(2) == D,
+                "values must match keys");
+    TORCH_CHECK(Hq % keys[i].size(1) == 0, "query heads must be a multiple of key heads");
+  }
+  auto out = torch::empty({M, Hq, D}, q.options());
+  const float* qp = q.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, M * Hq, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t pair = begin; pair < end; ++pair) {
+      const int64_t i = pair / Hq, h = pair % Hq;
+      const auto& k = keys[i];
+      const auto& v = values[i];
+      const int64_t L = k.size(2), group = Hq / k.size(1);
+      const float* kp = k.data_ptr<float>() + (h / group) * k.stride(1);
+      const float* vp = v.data_ptr<float>() + (h / group) * v.stride(1);
+      const float* qrow = qp + pair * D;
+      scores.resize(L);
+      float best = -INFINITY;
+      for (int64_t j = 0; j < L; ++j) {
+        const float* krow = kp + j * D;
+        float lanes[16] = {0};
+        int64_t d = 0;
+        for (; d + 16 <= D; d += 16) {
+          for (int t = 0; t < 16; ++t) lanes[t] += qrow[d + t] * krow[d + t];
+        }
+        for (int t = 0; d < D; ++t, ++d) lanes[t] += qrow[d] * krow[d];
+        float dot = 0;
+        for (int t = 0; t < 16; ++t) dot += lanes[t];
+        scores[j] = dot * (float)scale;
+        best = std::max(best, scores[j]);
+      }
+      float total = 0;
+      for (int64_t j = 0; j < L; ++j) {
+        scores[j] = std::exp(scores[j] - best);
+        total += scores[j];
+      }
+      float* orow = op + pair * D;
+      for (int64_t d = 0; d < D; ++d) orow[d] = 0;
+      for (int64_t j = 0; j < L; ++j) {
+        const float p = scores[j];
+        const float* vrow = vp + j * D;
+        for (int64_t d = 0; d < D; ++d) orow[d] += p * vrow[d];
+      }
+      const float inverse = 1.0f / total;
+      for (int64_t d = 0; d < D; ++d) orow[d] *= inverse;
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack", &pack, "int8 weights with per-channel scales, packed in panels");
   m.def("rows", &rows, "int8 rows of a packed weight");
   m.def("linear", &linear, "x @ W^T + bias with packed int8 W");
+  m.def("decode_attention", &decode_attention, "one query token per row over its own keys and values");
   m.def("rms_norm", &rms_norm, "RMS norm over the last dimension with a fixed summation order");
 }

@@ -1,0 +1,141 @@
+"""One decode step for several sessions at once (one new token each), written out for the text decoders of
+Gemma 3 and Qwen 3.
+
+It runs the same operations, in the same order and on the same modules, as transformers' forward with the
+row-aware attention of ``batching.py``, so with ``fused_attention=False`` its logits are bitwise the same (a
+test holds it to that); what it leaves out is the per-call machinery around them (mask construction, keyword
+plumbing, output classes, hooks), which cost about as much as the arithmetic of a decode step on a 2-core
+CPU. By default, on a CPU in fp32, the attention of all rows is one call of the C++ kernel instead.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from . import cpu_kernels
+
+# Attention classes this step knows, and whether they normalise queries and keys before moving the head
+# dimension forward (Qwen 3) or after (Gemma 3), as their own forward does.
+ATTENTIONS = {"Gemma3Attention": False, "Qwen3Attention": True}
+
+
+class DecodeStep:
+    """Call with the sessions' caches, their new tokens and positions; returns logits, one row each."""
+
+    def __init__(self, model, *, fused_attention: bool = True):
+        self.model = model
+        self.decoder = model.model
+        self.layers = list(self.decoder.layers)
+        attention = self.layers[0].self_attn
+        self.norm_first = ATTENTIONS[type(attention).__name__]
+        self.rotate = sys.modules[type(attention).__module__].apply_rotary_pos_emb
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        self.attend = sdpa_attention_forward
+        config = model.config
+        self.layer_types = getattr(config, "layer_types", None)
+        rotary = self.decoder.rotary_emb
+        self.rotary_by_type = "layer_type" in inspect.signature(rotary.forward).parameters
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+        # Gemma's layers normalise the attention and MLP outputs again before adding them back.
+        self.sandwich = hasattr(self.layers[0], "pre_feedforward_layernorm")
+        # On a CPU in fp32, all rows' attention in one call of the C++ kernel, 2-3x faster than a call of
+        # torch's sdpa per row and independent of which rows share the step (see cpu_kernels.py).
+        parameter = next(model.parameters())
+        self.fused_attention = (
+            fused_attention
+            and parameter.device.type == "cpu"
+            and getattr(attention, "attn_logit_softcapping", None) is None
+            and cpu_kernels.available()
+        )
+
+    @classmethod
+    def for_model(cls, model, **options) -> DecodeStep | None:
+        """The step for ``model``, or None where it is not a text decoder this step knows."""
+        decoder = getattr(model, "model", None)
+        layers = getattr(decoder, "layers", None)
+        if not layers or not hasattr(decoder, "rotary_emb") or not hasattr(decoder, "embed_tokens"):
+            return None
+        if any(type(layer.self_attn).__name__ not in ATTENTIONS for layer in layers):
+            return None
+        return cls(model, **options)
+
+    def _positions(self, hidden: torch.Tensor, positions: torch.Tensor) -> dict:
+        rotary = self.decoder.rotary_emb
+        if not self.rotary_by_type:
+            return {None: rotary(hidden, positions)}
+        return {kind: rotary(hidden, positions, kind) for kind in set(self.layer_types)}
+
+    @torch.inference_mode()
+    def __call__(self, caches: Sequence, tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
+        device = self.decoder.embed_tokens.weight.device if hasattr(self.decoder.embed_tokens, "weight") else None
+        ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=device)
+        position_ids = torch.tensor([[p] for p in positions], dtype=torch.long, device=device)
+        hidden = self.decoder.embed_tokens(ids)
+        rotations = self._positions(hidden, position_ids)
+        for index, layer in enumerate(self.layers):
+            kind = self.layer_types[index] if self.rotary_by_type else None
+            hidden = self._layer(layer, hidden, rotations[kind], caches)
+        hidden = self.decoder.norm(hidden)
+        logits = self.model.lm_head(hidden[:, -1:, :])
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits[:, -1]
+
+    def _layer(self, layer, hidden: torch.Tensor, rotation, caches: Sequence) -> torch.Tensor:
+        residual = hidden
+        hidden = self._attention(layer.self_attn, layer.input_layernorm(hidden), rotation, caches)
+        if self.sandwich:
+            hidden = layer.post_attention_layernorm(hidden)
+            hidden = residual + hidden
+            residual = hidden
+            hidden = layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(hidden)))
+        else:
+            hidden = residual + hidden
+            residual = hidden
+            hidden = layer.mlp(layer.post_attention_layernorm(hidden))
+        return residual + hidden
+
+    def _attention(self, attention, hidden: torch.Tensor, rotation, caches: Sequence) -> torch.Tensor:
+        input_shape = hidden.shape[:-1]
+        shape = (*input_shape, -1, attention.head_dim)
+        if self.norm_first:
+            query = attention.q_norm(attention.q_proj(hidden).view(shape)).transpose(1, 2)
+            key = attention.k_norm(attention.k_proj(hidden).view(shape)).transpose(1, 2)
+        else:
+            query = attention.q_norm(attention.q_proj(hidden).view(shape).transpose(1, 2))
+            key = attention.k_norm(attention.k_proj(hidden).view(shape).transpose(1, 2))
+        value = attention.v_proj(hidden).view(shape).transpose(1, 2)
+        cos, sin = rotation
+        query, key = self.rotate(query, key, cos, sin)
+        if self.fused_attention and query.dtype == torch.float32:
+            states = [
+                cache.update(key[i : i + 1], value[i : i + 1], attention.layer_idx) for i, cache in enumerate(caches)
+            ]
+            out = cpu_kernels.ops().decode_attention(
+                query.reshape(len(caches), -1, attention.head_dim),
+                [k for k, _ in states],
+                [v for _, v in states],
+                attention.scaling,
+            )
+            return attention.o_proj(out.view(*input_shape, -1))
+        rows = []
+        for i, cache in enumerate(caches):
+            keys, values = cache.update(key[i : i + 1], value[i : i + 1], attention.layer_idx)
+            out, _ = self.attend(
+                attention,
+                query[i : i + 1],
+                keys,
+                values,
+                None,
+                dropout=0.0,
+                scaling=attention.scaling,
+                sliding_window=attention.sliding_window,
+            )
+            rows.append(out)
+        out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
+        return attention.o_proj(out.reshape(*input_shape, -1).contiguous())
