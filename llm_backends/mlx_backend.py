@@ -2,8 +2,10 @@
 
 Only the runner differs: mlx-lm's ``load`` and model call, its prompt cache (make_prompt_cache, trimming).
 Templates, the text layer, validation, sampling, the session store and the ledger rule are shared, so the
-same exactness tests hold. Sliding-window (rotating) caches past their window cannot be trimmed; such a
-session falls back to a re-prefill (no restore points on this backend yet).
+same exactness tests hold. Sliding-window (rotating) caches past their window cannot be trimmed: restore
+points keep copies of their state where turns begin and prompts end (mlx-lm's own ``state``, which holds
+the arrays and the position of the rotation), so a new turn, a retry or an undo resumes there instead of
+re-reading the conversation. Full (trimmable) layers are trimmed instead of copied.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ import torch
 from .backend import ModelInfo
 from .errors import ModelLoadError
 from .loading import LoadOptions, default_cache_bytes, local_label, locate
-from .local import FALLBACK_CONTEXT, LocalModel
+from .local import FALLBACK_CONTEXT, LocalModel, restore_points
 from .registry import family_for
-from .session_cache import CacheEntry
+from .session_cache import CacheEntry, Checkpoint
 
 
 def available() -> bool:
@@ -33,14 +35,21 @@ def available() -> bool:
     return True
 
 
-class MLXCacheEntry(CacheEntry):
-    """A list of mlx-lm layer caches and the token ids they hold. Not shared between sessions yet."""
-
-    copyable = False
+class MLXCheckpoint(Checkpoint):
+    """A restore point whose states are mlx-lm layer states (arrays and integers), None for a trimmable one."""
 
     @property
     def nbytes(self) -> int:
-        total = 0
+        total = sum(a.nbytes for state in self.states if state is not None for a in _arrays(state))
+        return total + (0 if self.logits is None else self.logits.numel() * self.logits.element_size())
+
+
+class MLXCacheEntry(CacheEntry):
+    """A list of mlx-lm layer caches and the token ids they hold."""
+
+    @property
+    def nbytes(self) -> int:
+        total = sum(c.nbytes for c in self.checkpoints)
         for layer in self.cache:
             for array in _arrays(getattr(layer, "state", ())):
                 total += array.nbytes
@@ -60,9 +69,58 @@ class MLXCacheEntry(CacheEntry):
             if trimmed != remove:
                 raise RuntimeError(f"mlx cache trimmed {trimmed} of {remove} tokens")
             del self.ids[length:]
+        self.checkpoints = [c for c in self.checkpoints if c.length <= length]
+
+    @property
+    def has_sliding_layers(self) -> bool:
+        return any(not _trimmable_forever(layer) for layer in self.cache)
 
     def save_checkpoint(self, logits) -> None:
-        """Restore points are a transformers-backend feature for now."""
+        if self.max_checkpoints <= 0 or (logits is None and not self.has_sliding_layers):
+            return
+        states = tuple(None if _trimmable_forever(layer) else _copy_arrays(layer.state) for layer in self.cache)
+        kept = [c for c in self.checkpoints if c.length != len(self.ids)]
+        saved = None if logits is None else logits.detach().clone()
+        kept.append(MLXCheckpoint(len(self.ids), states, saved))
+        self.checkpoints = sorted(kept, key=lambda c: c.length)[-self.max_checkpoints :]
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        remove = len(self.ids) - checkpoint.length
+        for layer, saved in zip(self.cache, checkpoint.states, strict=True):
+            if saved is None:
+                layer.trim(remove)
+            else:  # a copy: mlx-lm writes into its arrays in place, and the restore point must stay as it is
+                layer.state = _copy_arrays(saved)
+        del self.ids[checkpoint.length :]
+        self.checkpoints = [c for c in self.checkpoints if c.length <= checkpoint.length]
+
+    def copy(self) -> MLXCacheEntry:
+        cache = self.make_cache()
+        for layer, source in zip(cache, self.cache, strict=True):
+            if not source.empty():
+                layer.state = _copy_arrays(source.state)
+        return MLXCacheEntry(
+            make_cache=self.make_cache,
+            max_checkpoints=self.max_checkpoints,
+            cache=cache,
+            ids=list(self.ids),
+            checkpoints=list(self.checkpoints),
+        )
+
+
+def _trimmable_forever(layer) -> bool:
+    """A full-attention layer (mlx-lm's KVCache) can always be trimmed; a rotating one only inside its window."""
+    from mlx_lm.models.cache import KVCache
+
+    return type(layer) is KVCache
+
+
+def _copy_arrays(state):
+    import mlx.core as mx
+
+    copied = tuple(mx.array(item) if isinstance(item, mx.array) else item for item in state)
+    mx.eval([item for item in copied if isinstance(item, mx.array)])
+    return copied
 
 
 def _arrays(state):
@@ -76,14 +134,15 @@ def _arrays(state):
 class MLXRunner:
     """Feeds tokens into an mlx-lm model; sampling stays in the shared (torch) sampler."""
 
-    def __init__(self, model):
+    def __init__(self, model, *, max_checkpoints: int):
         self.model = model
+        self.max_checkpoints = max_checkpoints
 
     def new_entry(self) -> MLXCacheEntry:
         from mlx_lm.models.cache import make_prompt_cache
 
         model = self.model
-        return MLXCacheEntry(make_cache=lambda: make_prompt_cache(model), max_checkpoints=0)
+        return MLXCacheEntry(make_cache=lambda: make_prompt_cache(model), max_checkpoints=self.max_checkpoints)
 
     def forward(self, entry: CacheEntry, tokens: Sequence[int], *, logits: bool = True) -> torch.Tensor:
         import mlx.core as mx
@@ -152,7 +211,7 @@ def load(target: str | None, options: LoadOptions) -> LocalModel:
         tokenizer,
         family,
         info,
-        MLXRunner(model),
+        MLXRunner(model, max_checkpoints=restore_points(options.restore_turns)),
         max_cache_bytes=options.max_cache_bytes or default_cache_bytes("cpu"),
         vocab_size=int(text_config["vocab_size"]),
         model=model,

@@ -36,12 +36,12 @@ def test_model_info_reports_the_mlx_backend(mlx_qwen3, mlx_gemma3):
 
 @pytest.mark.parametrize("thinking", [True, False])
 def test_mlx_qwen3_reuse_equals_recompute_across_a_script(mlx_qwen3, thinking):
-    c = run_script(Conversation(mlx_qwen3, f"mlx-qwen-{thinking}", restore_points=False, enable_thinking=thinking))
+    c = run_script(Conversation(mlx_qwen3, f"mlx-qwen-{thinking}", enable_thinking=thinking))
     assert sum(c.cached) > 0
 
 
 def test_mlx_gemma3_reuse_equals_recompute_past_its_window(mlx_gemma3):
-    c = Conversation(mlx_gemma3, "mlx-gemma", restore_points=False, max_new_tokens=24)
+    c = Conversation(mlx_gemma3, "mlx-gemma", max_new_tokens=24)
     for turn in ("Hello, how are you today?", "Tell me about the sea and the sky.", "What is the capital of France?"):
         c.ask(turn)
     assert max(c.prompts) > 16 * 4, "past the 16-token sliding window"
@@ -127,3 +127,30 @@ def test_mlx_structured_output_tool_calls_logprobs_and_completions(mlx_qwen3):
     jsonschema.validate(json.loads(call["function"]["arguments"]), WEATHER["function"]["parameters"])
     text = mlx_qwen3.create_completion("Once upon a time", max_tokens=5, temperature=0, logprobs=1)
     assert text["usage"]["completion_tokens"] == 5 and len(text["choices"][0]["logprobs"]["tokens"]) == 5
+
+
+def test_mlx_gemma3_past_its_window_reuses_on_every_turn_from_restore_points(mlx_gemma3):
+    c = Conversation(mlx_gemma3, "mlx-gemma-restore", max_new_tokens=24)
+    for turn in ("Hello, how are you today?", "Tell me about the sea and the sky.", "What is the capital of France?"):
+        c.ask(turn)
+    assert max(c.prompts) > 16 * 4, "past the 16-token sliding window"
+    assert all(cached > 0 for cached in c.cached[1:]), c.cached
+    c.retry()
+    assert c.cached[-1] == c.prompts[-1], "a retry resumes from the restore point at the prompt's end"
+    c.undo()
+    c.ask("A different question.")
+    assert c.cached[-1] >= c.shared(1), "an undo resumes where the turn began"
+    c.ask_and_stop("Numbers 0 1 2 3", after_chunks=2)
+    c.ask("And now?")
+    assert c.cached[-1] > 0
+
+
+def test_mlx_a_new_session_starts_from_another_sessions_prefix(mlx_gemma3):
+    system = {"role": "system", "content": "You answer in one short sentence about the sea. " * 6}
+    first = [system, {"role": "user", "content": "Hello there."}]
+    second = [system, {"role": "user", "content": "What is the capital of France?"}]
+    list(mlx_gemma3.stream_chat(first, session_id="mlx-donor", temperature=0, max_new_tokens=4))
+    c = Conversation(mlx_gemma3, "mlx-borrower", max_new_tokens=8)
+    c.messages = second[:1]
+    c.ask(second[1]["content"])
+    assert c.cached[0] > 0, "the system prompt's tokens come from the other session"
