@@ -128,3 +128,13 @@ def test_packed_fp16_weights_halve_the_linear_bytes_and_keep_answers_stable(gemm
     assert fp16.get_model_info()["quantization"] == "fp16" and fp16.get_model_info()["dtype"] == "float32"
     with pytest.raises(ValueError, match="float32"):
         load_model(str(gemma3_dir), quantization="fp16", dtype="bfloat16")
+
+
+def test_importing_the_package_keeps_openmp_spinning_between_ops_unless_the_user_chose(tmp_path):
+    code = "import os, llm_backends; print(os.environ['OMP_WAIT_POLICY'], os.environ['GOMP_SPINCOUNT'])"
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["ACTIVE", "100000"], out.stderr
+    env["OMP_WAIT_POLICY"] = "PASSIVE"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.split()[0] == "PASSIVE", out.stderr
