@@ -7,13 +7,21 @@ the table is stored once); an untied one is kept as fp16.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from . import cpu_kernels
 from .fp16_weights import EmbeddingFP16
+
+log = logging.getLogger(__name__)
 
 
 def available() -> bool:
@@ -88,3 +96,62 @@ def pack_model(model: nn.Module) -> None:
     # (the fp32 weights now packed) is released instead of staying resident.
     for tensor in itertools.chain(model.parameters(), model.buffers()):
         tensor.data = tensor.data.clone()
+
+
+# What a stored packed model depends on besides its checkpoint: the code whose classes it pickles.
+_CODE = [Path(__file__), Path(cpu_kernels.__file__), cpu_kernels.SOURCE]
+
+
+def store_path(folder: str, gguf_file: str | None) -> Path | None:
+    """Where the packed form of the checkpoint in ``folder`` is kept (one file per checkpoint, in the user's
+    cache folder), keyed by the checkpoint's files, this code and the torch and transformers versions."""
+    import transformers
+
+    from .default_model import cache_root
+
+    root = Path(folder).resolve()
+    files = (
+        [root / gguf_file] if gguf_file else sorted(p for p in root.iterdir() if p.suffix in (".safetensors", ".bin"))
+    )
+    if not files:
+        return None
+    key = hashlib.sha256()
+    config = [root / "config.json"] if (root / "config.json").exists() else []
+    for path in files + config:
+        stat = path.stat()
+        key.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    for path in _CODE:
+        key.update(path.read_bytes())
+    key.update(f"{torch.__version__};{transformers.__version__}".encode())
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", root.name)[:60]
+    return cache_root() / "packed" / f"{name}-{key.hexdigest()[:20]}.int8.pt"
+
+
+def load_stored(path: Path) -> nn.Module | None:
+    """The packed model stored at ``path`` (memory-mapped: its weights are read, never copied), or None when
+    there is none or it cannot be read (then it is removed, with a log line, and the caller packs anew).
+    The file is a pickle: only files this code wrote in the user's own cache folder are ever opened."""
+    if not path.exists():
+        return None
+    try:
+        model = torch.load(path, mmap=True, weights_only=False)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"holds a {type(model).__name__}")
+        return model.eval()
+    except Exception as e:  # a damaged or outdated file is rebuilt, never trusted
+        log.warning("ignoring the stored packed model %s (%s); packing the checkpoint again", path, e)
+        path.unlink(missing_ok=True)
+        return None
+
+
+def store(model: nn.Module, path: Path) -> None:
+    """Writes the packed model for the next load (atomically; other versions of the same checkpoint go)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for old in path.parent.glob(f"{path.name.rsplit('-', 1)[0]}-*.int8.pt"):
+            old.unlink(missing_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
+            torch.save(model, tmp)
+        os.replace(tmp.name, path)
+    except Exception as e:  # no room or no permission: the next load packs again
+        log.warning("could not store the packed model at %s (%s)", path, e)

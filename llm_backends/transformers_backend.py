@@ -157,18 +157,26 @@ def load(target: str | None, options: LoadOptions) -> LocalModel:
         kwargs["quantization_config"] = quantization_config
     if device.startswith("cuda"):
         kwargs["device_map"] = "auto" if device == "cuda" else device
+    # int8 weights are stored once packed, so later loads map them instead of reading and packing fp32.
+    stored = int8_weights.store_path(where.folder, where.gguf_file) if cpu_packed and quantization == "int8" else None
+    model = int8_weights.load_stored(stored) if stored else None
     try:
         tokenizer = AutoTokenizer.from_pretrained(where.folder, **gguf)
-        model = AutoModelForCausalLM.from_pretrained(where.folder, **kwargs)
-        if "device_map" not in kwargs and quantization_config is None:
-            model.to(device)
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(where.folder, **kwargs)
+            if "device_map" not in kwargs and quantization_config is None:
+                model.to(device)
     except Exception as e:  # any failure inside transformers is a load failure, explained by its cause
         raise ModelLoadError(_explain(e, where.name)) from e
     model.eval()
-    parameters = _count_parameters(model)
     packed_bytes = 0
-    if cpu_packed:
-        packed_bytes = CPU_PACKED[quantization].pack_model(model) or 0
+    if not hasattr(model, "llm_chat_parameters"):  # not a stored packed model
+        model.llm_chat_parameters = _count_parameters(model)
+        if cpu_packed:
+            packed_bytes = CPU_PACKED[quantization].pack_model(model) or 0
+            if stored:
+                int8_weights.store(model, stored)
+    parameters = model.llm_chat_parameters
     if not (tokenizer.chat_template or family.fallback_chat_template):
         raise ModelLoadError(f"{where.name} ships no chat template and its family ({family.name}) has no fallback")
 

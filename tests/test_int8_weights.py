@@ -60,3 +60,32 @@ def test_int8_weights_quarter_the_bytes_and_keep_the_greedy_answer_of_full_preci
     messages = [{"role": "user", "content": "Tell me about the sea."}]
     answers = [m.create(messages=messages, temperature=0, max_tokens=12)["choices"][0]["message"] for m in (int8, full)]
     assert answers[0] == answers[1]
+
+
+def test_a_second_load_maps_the_stored_int8_model_and_answers_the_same(gemma3_dir, tmp_path, monkeypatch, caplog):
+    import transformers
+
+    monkeypatch.setenv("LLM_CHAT_CACHE", str(tmp_path))
+    messages = [{"role": "user", "content": "Tell me about the sea."}]
+    first = load_model(str(gemma3_dir), quantization="int8", max_cache_bytes=2**26)
+    stored = list((tmp_path / "packed").glob("*.int8.pt"))
+    assert len(stored) == 1
+
+    def no_checkpoint_read(*args, **kwargs):
+        raise AssertionError("the checkpoint was read again")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_checkpoint_read)
+    second = load_model(str(gemma3_dir), quantization="int8", max_cache_bytes=2**26)
+    assert second.get_model_info() == first.get_model_info()
+    answers = [
+        m.create(messages=messages, temperature=0, max_tokens=12)["choices"][0]["message"] for m in (first, second)
+    ]
+    assert answers[0] == answers[1]
+    monkeypatch.undo()
+
+    monkeypatch.setenv("LLM_CHAT_CACHE", str(tmp_path))
+    stored[0].write_bytes(b"not a model")  # damaged: ignored with a log line, packed again
+    third = load_model(str(gemma3_dir), quantization="int8", max_cache_bytes=2**26)
+    assert "ignoring the stored packed model" in caplog.text
+    assert third.create(messages=messages, temperature=0, max_tokens=12)["choices"][0]["message"] == answers[0]
+    assert stored[0].stat().st_size > 1000, "stored again"
