@@ -409,6 +409,7 @@ def plots(results: dict, out: Path) -> None:
     runs = results["precisions"] + ([results["peer"]] if results.get("peer") else [])
     a.bar([r["precision"] for r in runs], [statistics.median(t["decode_tok_s"] for t in r["turns"]) for r in runs])
     a.set(ylabel="decode tok/s", title="one session, by precision")
+    a.tick_params(axis="x", labelrotation=30)
     a.tick_params(axis="x", labelsize=7)
     for run in results["precisions"]:
         steps = run.get("batched_steps", [])
