@@ -31,6 +31,7 @@ ENV = {
     "share": "LLM_SHARE",
     "auth": "LLM_AUTH",
     "max_cache_gb": "LLM_MAX_CACHE_GB",
+    "cache_dir": "LLM_CACHE_DIR",
     "concurrency": "LLM_CONCURRENCY",
     "api_key": "LLM_API_KEY",
     "insecure_no_auth": "LLM_INSECURE_NO_AUTH",
@@ -47,6 +48,7 @@ class AppConfig:
     share: bool = False
     auth: list[tuple[str, str]] = field(default_factory=list)
     max_cache_gb: float | None = None
+    cache_dir: str | None = None
     concurrency: int = 8
     api_keys: list[str] = field(default_factory=list)
     insecure_no_auth: bool = False
@@ -107,6 +109,11 @@ def parse_args(argv: Sequence[str] | None = None, env: dict | None = None) -> Ap
         "memory) [LLM_MAX_CACHE_GB]",
     )
     parser.add_argument(
+        "--cache-dir",
+        help="a folder where sessions' KV caches go when they leave memory and when the server stops, so a "
+        "returning session (also after a restart) is not read again from the start [LLM_CACHE_DIR]",
+    )
+    parser.add_argument(
         "--concurrency",
         type=int,
         help="replies generated at once (their decode steps share one batch); later requests wait in the queue "
@@ -142,6 +149,7 @@ def parse_args(argv: Sequence[str] | None = None, env: dict | None = None) -> Ap
     config.share = bool(pick("share", bool))
     config.auth = _auth_pairs(args.auth or [v for v in env.get(ENV["auth"], "").split(",") if v.strip()])
     config.max_cache_gb = pick("max_cache_gb", float)
+    config.cache_dir = pick("cache_dir")
     config.concurrency = pick("concurrency", int) or config.concurrency
     keys = args.api_key or env.get(ENV["api_key"], "").split(",")
     config.api_keys = [k.strip() for k in keys if k.strip()]
@@ -564,7 +572,9 @@ def serve(config: AppConfig, registry: ModelRegistry | None = None, **launch_kwa
     check_exposure(config)
     if registry is None:
         cache = int(config.max_cache_gb * 2**30) if config.max_cache_gb else None
-        registry = ModelRegistry(config.models, quantization=config.quantization, max_cache_bytes=cache)
+        registry = ModelRegistry(
+            config.models, quantization=config.quantization, max_cache_bytes=cache, cache_dir=config.cache_dir
+        )
     if registry.model is None and registry.loading is None:
         registry.load_in_background(registry.ids[0])  # the page opens while the model loads
     demo = build_app(registry, config)

@@ -98,33 +98,37 @@ def pack_model(model: nn.Module) -> None:
         tensor.data = tensor.data.clone()
 
 
-# What a stored packed model depends on besides its checkpoint: the code whose classes it pickles.
-_CODE = [Path(__file__), Path(cpu_kernels.__file__), cpu_kernels.SOURCE]
+_PACKAGE = Path(__file__).parent  # a stored model or cache depends on this code as much as on the checkpoint
 
 
-def store_path(folder: str, gguf_file: str | None) -> Path | None:
-    """Where the packed form of the checkpoint in ``folder`` is kept (one file per checkpoint, in the user's
-    cache folder), keyed by the checkpoint's files, this code and the torch and transformers versions."""
+def checkpoint_key(folder: str, gguf_file: str | None) -> str:
+    """A hash of what a model's numbers depend on: the checkpoint's files (paths, sizes, times), this package's
+    code and the torch and transformers versions."""
     import transformers
-
-    from .default_model import cache_root
 
     root = Path(folder).resolve()
     files = (
         [root / gguf_file] if gguf_file else sorted(p for p in root.iterdir() if p.suffix in (".safetensors", ".bin"))
     )
-    if not files:
-        return None
+    files += [root / "config.json"] if (root / "config.json").exists() else []
     key = hashlib.sha256()
-    config = [root / "config.json"] if (root / "config.json").exists() else []
-    for path in files + config:
+    for path in files:
         stat = path.stat()
         key.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns};".encode())
-    for path in _CODE:
+    for path in sorted(_PACKAGE.glob("*.py")) + sorted(_PACKAGE.glob("kernels/*")):
         key.update(path.read_bytes())
     key.update(f"{torch.__version__};{transformers.__version__}".encode())
+    return key.hexdigest()
+
+
+def store_path(folder: str, gguf_file: str | None) -> Path | None:
+    """Where the packed form of the checkpoint in ``folder`` is kept (one file per checkpoint, in the user's
+    cache folder), keyed by ``checkpoint_key``."""
+    from .default_model import cache_root
+
+    root = Path(folder).resolve()
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", root.name)[:60]
-    return cache_root() / "packed" / f"{name}-{key.hexdigest()[:20]}.int8.pt"
+    return cache_root() / "packed" / f"{name}-{checkpoint_key(folder, gguf_file)[:20]}.int8.pt"
 
 
 def load_stored(path: Path) -> nn.Module | None:

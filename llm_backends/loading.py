@@ -9,6 +9,7 @@ never imports torch.
 from __future__ import annotations
 
 import importlib
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from .registry import BACKENDS
 QUANTIZATIONS = ("auto", "nf4", "int8", "fp16", "none")
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 MIN_CACHE_BYTES = 64 * 2**20
+DISK_CACHE_BYTES = 8 * 2**30
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,9 @@ class LoadOptions:
     """How to load: ``quantization`` one of QUANTIZATIONS, ``device`` cpu/cuda/cuda:N/mps (None: the best
     there is), ``dtype`` a name or torch dtype (None: the device's default), ``max_cache_bytes`` for session
     caches (None: a share of free memory), ``progress(fraction, message)`` for long first-time work,
-    ``restore_turns``: how many of a session's last exchanges stay editable without re-reading older ones."""
+    ``restore_turns``: how many of a session's last exchanges stay editable without re-reading older ones;
+    ``cache_dir``: a folder where sessions' caches go when they leave memory and survive a restart, at most
+    ``disk_cache_bytes`` of them (transformers backend)."""
 
     quantization: str = "auto"
     device: str | None = None
@@ -50,6 +54,8 @@ class LoadOptions:
     max_cache_bytes: int | None = None
     progress: Callable[[float, str], None] | None = None
     restore_turns: int = 8
+    cache_dir: str | None = None
+    disk_cache_bytes: int = DISK_CACHE_BYTES
 
 
 def parse_source(source, backend: str = "transformers") -> Source:
@@ -77,6 +83,7 @@ def load_model(
     backend="transformers",
     progress=None,
     restore_turns=8,
+    cache_dir=None,
 ) -> ChatModel:
     """Loads a Gemma 3 or Qwen 3 chat model, or connects to a remote one.
 
@@ -86,6 +93,8 @@ def load_model(
     ``progress(fraction, message)`` hears about the embedded model's one-time conversion. ``restore_turns``:
     an edit, undo or retry of any of a session's last N exchanges re-reads only from there (restore points;
     they cost memory, counted against ``max_cache_bytes``, only for models with sliding-window layers).
+    ``cache_dir``: sessions' caches are written there when they leave memory (and when the process exits) and
+    read back when the session returns, also after a restart.
     Raises ValueError for bad arguments and ModelLoadError when the model cannot be loaded.
     """
     if backend == "auto":
@@ -99,7 +108,17 @@ def load_model(
         raise ValueError(f"max_cache_bytes must be a positive integer, not {max_cache_bytes!r}")
     if isinstance(restore_turns, bool) or not isinstance(restore_turns, int) or not 0 <= restore_turns <= 256:
         raise ValueError(f"restore_turns must be an integer from 0 to 256, not {restore_turns!r}")
-    options = LoadOptions(quantization, device, dtype, max_cache_bytes, progress, restore_turns)
+    if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
+        raise ValueError(f"cache_dir must be a folder path, not {cache_dir!r}")
+    options = LoadOptions(
+        quantization,
+        device,
+        dtype,
+        max_cache_bytes,
+        progress,
+        restore_turns,
+        None if cache_dir is None else str(cache_dir),
+    )
     return _backend(parsed.backend).load(parsed.target, options)
 
 

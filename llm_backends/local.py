@@ -6,6 +6,7 @@ layer and the per-session caches. Only the runner that feeds tokens into the mod
 
 from __future__ import annotations
 
+import atexit
 import functools
 import threading
 import time
@@ -55,6 +56,7 @@ class LocalModel(ChatModel):
         max_sessions: int = 256,
         eos_ids: Iterable[int | None] = (),
         model=None,
+        disk_tier=None,
     ):
         self.model = model  # the library's own model object, for inspection (hooks, memory)
         self.tokenizer = tokenizer
@@ -73,7 +75,9 @@ class LocalModel(ChatModel):
             tuple(tokenizer(family.user_turn, add_special_tokens=False)["input_ids"]) if family.user_turn else ()
         )
         self.engine = Engine(runner, stop_ids=self.stop_ids)
-        self.sessions = SessionStore(max_cache_bytes, max_sessions)
+        self.sessions = SessionStore(max_cache_bytes, max_sessions, disk_tier)
+        if disk_tier is not None:  # what is still in memory when the process ends goes to disk too
+            atexit.register(self.sessions.persist)
         self.grammars = Grammars(tokenizer, vocab_size, self.stop_ids)
         # Templates that know tools (Qwen 3's) render them; for others tools.inline writes them into turns.
         self.template_has_tools = "tools" in (self.chat_template or "")

@@ -94,6 +94,9 @@ class MLXCacheEntry(CacheEntry):
         del self.ids[checkpoint.length :]
         self.checkpoints = [c for c in self.checkpoints if c.length <= checkpoint.length]
 
+    def payload(self) -> dict:
+        raise NotImplementedError("the disk tier holds transformers caches only")
+
     def copy(self) -> MLXCacheEntry:
         cache = self.make_cache()
         for layer, source in zip(cache, self.cache, strict=True):

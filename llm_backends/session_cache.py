@@ -165,6 +165,43 @@ class CacheEntry:
         self.reset()
         return 0
 
+    def payload(self, restore_points: int = 2) -> dict:
+        """The token ids, each layer's states and the last ``restore_points`` restore points (where the last
+        exchange began and its prompt ended: what a returning session needs to go on), for the disk tier."""
+        layers = []
+        for layer in self.cache.layers:
+            if not getattr(layer, "is_initialized", False) or layer.keys is None:
+                layers.append(None)
+                continue
+            seen = getattr(layer, "cumulative_length", None)
+            layers.append({"keys": layer.keys.clone(), "values": layer.values.clone(), "seen": seen})
+        kept = self.checkpoints[-restore_points:] if restore_points else []
+        points = [{"length": c.length, "states": list(c.states), "logits": c.logits} for c in kept]
+        return {"ids": list(self.ids), "layers": layers, "restore_points": points}
+
+    def load_payload(self, payload: dict) -> None:
+        """Takes the states ``payload()`` gave; raises ValueError if they do not fit this model's cache."""
+        layers = payload["layers"]
+        if len(layers) != len(self.cache.layers):
+            raise ValueError(f"{len(layers)} layers stored, the model has {len(self.cache.layers)}")
+        for layer, saved in zip(self.cache.layers, layers, strict=True):
+            if saved is None:
+                continue
+            layer.lazy_initialization(saved["keys"], saved["values"])
+            layer.keys, layer.values = saved["keys"], saved["values"]
+            if saved["seen"] is not None:
+                layer.cumulative_length = saved["seen"]
+        self.ids = [int(i) for i in payload["ids"]]
+        self.checkpoints = (
+            [
+                Checkpoint(int(c["length"]), tuple(None if x is None else tuple(x) for x in c["states"]), c["logits"])
+                for c in payload.get("restore_points", [])
+                if len(c["states"]) == len(layers) and int(c["length"]) <= len(self.ids)
+            ][-self.max_checkpoints :]
+            if self.max_checkpoints > 0
+            else []
+        )
+
     # Whether copy() works for this kind of cache (a new session may then start from this one's prefix).
     copyable = True
 
@@ -186,12 +223,14 @@ class SessionStore:
     two streams at once; a second concurrent stream of the same session simply starts from an empty cache.
     """
 
-    def __init__(self, max_bytes: int, max_sessions: int = 256):
+    def __init__(self, max_bytes: int, max_sessions: int = 256, tier=None):
         if max_bytes <= 0 or max_sessions <= 0:
             raise ValueError("the session cache needs a positive byte budget and session count")
         self.max_bytes = max_bytes
         self.max_sessions = max_sessions
+        self.tier = tier
         self.evictions = 0
+        self.hits = {"memory": 0, "disk": 0, "shared": 0, "none": 0}
         self._entries: OrderedDict[Hashable, CacheEntry] = OrderedDict()
         self._leases: dict[int, Hashable] = {}
         self._lease_ids = itertools.count()
@@ -215,9 +254,19 @@ class SessionStore:
             entry = self._entries.pop(session_id, None)
             lease = next(self._lease_ids)
             self._leases[lease] = session_id
-            donor, length = (None, 0) if entry is not None else self._donor(session_id, prompt_ids, shareable)
-            if donor is not None:
-                entry = donor.copy()  # under the lock: the donor cannot be checked out and changed meanwhile
+        found = "memory" if entry is not None else None
+        if entry is None and self.tier is not None:
+            entry = self.tier.load(session_id, new_entry)
+            found = "disk" if entry is not None else None
+        donor, length = None, 0
+        if entry is None:
+            with self._lock:
+                donor, length = self._donor(session_id, prompt_ids, shareable)
+                if donor is not None:
+                    entry = donor.copy()  # under the lock: the donor cannot be checked out and changed meanwhile
+            found = "shared" if donor is not None else "none"
+        with self._lock:
+            self.hits[found] += 1
         if entry is None:
             return lease, new_entry()
         if donor is not None and entry.rewind_to(length) == 0:
@@ -241,21 +290,39 @@ class SessionStore:
         return (best, length) if length >= MIN_SHARED else (None, 0)
 
     def checkin(self, lease: int, entry: CacheEntry) -> None:
-        """Puts an entry back unless its session was cleared meanwhile; then evicts to the budget."""
+        """Puts an entry back unless its session was cleared meanwhile; then evicts to the budget (to the disk
+        tier, if there is one)."""
         with self._lock:
             session_id = self._leases.pop(lease, None)
             if session_id is None:
                 return
             self._entries[session_id] = entry
             self._entries.move_to_end(session_id)
-            self._evict()
+            victims = self._evict()
+        self._save(victims)
 
-    def _evict(self) -> None:
+    def _evict(self) -> list:
+        victims = []
         total = sum(e.nbytes for e in self._entries.values())
         while self._entries and (total > self.max_bytes or len(self._entries) > self.max_sessions):
-            _, victim = self._entries.popitem(last=False)
+            key, victim = self._entries.popitem(last=False)
             total -= victim.nbytes
             self.evictions += 1
+            victims.append((key, victim))
+        return victims
+
+    def _save(self, victims: list) -> None:
+        if self.tier is None:
+            return
+        for key, victim in victims:
+            if isinstance(key, SessionKey):
+                self.tier.save(key, victim)
+
+    def persist(self) -> None:
+        """Writes every session held in memory to the disk tier (when the server stops); they stay held."""
+        with self._lock:
+            held = list(self._entries.items())
+        self._save(held)
 
     def clear(self, session_id: Hashable | None = None) -> None:
         """Drops one session's cache (or all), including any that a running stream would put back."""
@@ -265,6 +332,8 @@ class SessionStore:
                 self._leases.clear()
                 return
             self._entries.pop(session_id, None)
+            if self.tier is not None:
+                self.tier.path(session_id).unlink(missing_ok=True)
             for lease in [k for k, v in self._leases.items() if v == session_id]:
                 del self._leases[lease]
 
@@ -277,4 +346,6 @@ class SessionStore:
                 "max_sessions": self.max_sessions,
                 "evictions": self.evictions,
                 "in_use": len(self._leases),
+                "hits": dict(self.hits),
+                "disk": None if self.tier is None else self.tier.info(),
             }

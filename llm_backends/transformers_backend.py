@@ -13,6 +13,7 @@ from . import fp16_weights, int8_weights, kv_layers
 from .backend import ModelInfo
 from .batching import DecodeBatcher, RowCaches, attention_backends, use_row_attention
 from .decode_step import DecodeStep
+from .disk_tier import DiskTier
 from .errors import ModelLoadError
 from .loading import LoadOptions, default_cache_bytes, local_label, locate
 from .local import FALLBACK_CONTEXT, LocalModel, restore_points
@@ -194,6 +195,10 @@ def load(target: str | None, options: LoadOptions) -> LocalModel:
         context_length=int(getattr(text_config, "max_position_embeddings", 0) or FALLBACK_CONTEXT),
     )
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    tier = None
+    if options.cache_dir is not None:
+        identity = f"{int8_weights.checkpoint_key(where.folder, where.gguf_file)}|{quantization}|{dtype}|{device}"
+        tier = DiskTier(options.cache_dir, identity, options.disk_cache_bytes)
     return LocalModel(
         tokenizer,
         family,
@@ -203,6 +208,7 @@ def load(target: str | None, options: LoadOptions) -> LocalModel:
         vocab_size=int(text_config.vocab_size),
         eos_ids=eos if isinstance(eos, list) else [eos],
         model=model,
+        disk_tier=tier,
     )
 
 

@@ -1,0 +1,93 @@
+"""Session caches on disk (cache_dir): they survive eviction and a restart, stay exact, and are never loaded
+when damaged, foreign, or asked for by another person."""
+
+from __future__ import annotations
+
+import logging
+
+from test_cache_reuse import Conversation, reply
+
+from llm_backends import SessionKey, load_model
+
+TURNS = ("Tell me about the sea, the sky and the mountains. " * 2, "What is the capital of France? " * 2)
+
+
+def load(folder, cache_dir, **kwargs):
+    return load_model(str(folder), max_cache_bytes=2**26, cache_dir=str(cache_dir), **kwargs)
+
+
+def test_a_returning_session_after_a_restart_resumes_from_disk_and_answers_exactly(gemma3_dir, tmp_path):
+    first = load(gemma3_dir, tmp_path)
+    c = Conversation(first, "returning", max_new_tokens=16)
+    for turn in TURNS:
+        c.ask(turn)
+    assert c.prompts[-1] > 16 * 4, "past the tiny Gemma's sliding window: only the stored states can resume it"
+    first.sessions.persist()  # what the server does when it stops
+
+    restarted = load(gemma3_dir, tmp_path)
+    again = Conversation(restarted, "returning", max_new_tokens=16)  # checks every answer against a fresh one
+    again.messages = list(c.messages)
+    again.ask("And the mountains?")
+    assert again.cached[-1] >= c.prompts[-1], "the whole earlier conversation came back from disk"
+    info = restarted.cache_info()
+    assert info["hits"]["disk"] == 1 and info["disk"]["reads"] == 1
+
+
+def test_an_evicted_session_comes_back_from_disk(qwen3_dir, tmp_path):
+    model = load_model(str(qwen3_dir), max_cache_bytes=2**26, cache_dir=str(tmp_path))
+    model.sessions.max_sessions = 1  # every other session pushes the last one out of memory
+    a = [{"role": "user", "content": "Hello, how are you today?"}]
+    text, _, _ = reply(model, a, "a")
+    reply(model, [{"role": "user", "content": "What is the capital of France?"}], "b")
+    assert model.cache_info()["evictions"] >= 1 and model.cache_info()["disk"]["writes"] >= 1
+    a += [{"role": "assistant", "content": text}, {"role": "user", "content": "Tell me more."}]
+    warm, _, last = reply(model, a, "a")
+    fresh, _, _ = reply(model, a)
+    assert warm == fresh and last.stats.cached_tokens > 0
+    assert model.cache_info()["hits"]["disk"] == 1
+
+
+def test_a_damaged_or_foreign_file_is_ignored_with_a_log_line(qwen3_dir, tmp_path, caplog):
+    model = load(qwen3_dir, tmp_path)
+    messages = [{"role": "user", "content": "Hello, how are you today?"}]
+    reply(model, messages, "s")
+    model.sessions.persist()
+    (path,) = tmp_path.glob("*.kv")
+    assert "s" not in path.stem.split("-") and len(path.stem) == 64, "the name is a hash, not the session's"
+
+    other_precision = load(qwen3_dir, tmp_path, quantization="none")  # another model identity, same key
+    with caplog.at_level(logging.WARNING):
+        _, _, last = reply(other_precision, messages, "s")
+    assert last.stats.cached_tokens == 0 and other_precision.cache_info()["disk"]["reads"] == 0
+
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    restarted = load(qwen3_dir, tmp_path)
+    with caplog.at_level(logging.WARNING):
+        text, _, last = reply(restarted, messages, "s")
+    assert "checksum" in caplog.text and last.stats.cached_tokens == 0
+    assert text == reply(restarted, messages)[0]
+
+
+def test_one_persons_session_file_is_never_found_under_another_persons_key(qwen3_dir, tmp_path):
+    model = load(qwen3_dir, tmp_path)
+    mine, theirs = SessionKey("api", "key-a", "chat"), SessionKey("api", "key-b", "chat")
+    assert model.sessions.tier.path(mine) != model.sessions.tier.path(theirs)
+    lease, entry = model.sessions.checkout(mine, model.engine.new_entry)
+    model.engine.runner.forward(entry, list(range(5, 60)))
+    model.sessions.checkin(lease, entry)
+    model.sessions.persist()
+    restarted = load(qwen3_dir, tmp_path)
+    _, found = restarted.sessions.checkout(theirs, restarted.engine.new_entry)
+    assert found.ids == [] and restarted.cache_info()["hits"]["disk"] == 0
+    _, found = restarted.sessions.checkout(mine, restarted.engine.new_entry)
+    assert found.ids == list(range(5, 60))
+
+
+def test_the_server_takes_a_cache_folder_from_the_flag_or_the_environment():
+    import app
+
+    assert app.parse_args(["--cache-dir", "/srv/kv"], env={}).cache_dir == "/srv/kv"
+    assert app.parse_args([], env={"LLM_CACHE_DIR": "/data/kv"}).cache_dir == "/data/kv"
+    assert app.parse_args([], env={}).cache_dir is None
