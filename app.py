@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -607,6 +608,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per HTTP request
     config = parse_args(argv)
+    # A stop by SIGTERM (systemd, docker, Spaces) exits like Ctrl-C, so exit handlers run: with --cache-dir
+    # they write the sessions still in memory to disk.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         serve(config)
     except ModelLoadError as e:

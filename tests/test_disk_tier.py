@@ -91,3 +91,57 @@ def test_the_server_takes_a_cache_folder_from_the_flag_or_the_environment():
     assert app.parse_args(["--cache-dir", "/srv/kv"], env={}).cache_dir == "/srv/kv"
     assert app.parse_args([], env={"LLM_CACHE_DIR": "/data/kv"}).cache_dir == "/data/kv"
     assert app.parse_args([], env={}).cache_dir is None
+
+
+def test_a_server_stopped_by_sigterm_writes_its_sessions_and_the_next_one_resumes_them(qwen3_dir, tmp_path):
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import httpx
+
+    root = Path(__file__).resolve().parent.parent
+    cache = tmp_path / "kv"
+    messages = [{"role": "user", "content": "Hello, how are you today? " * 4}]
+
+    def start():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        command = [sys.executable, "app.py", "--model", str(qwen3_dir), "--port", str(port), "--cache-dir", str(cache)]
+        server = subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).json().get("status") == "ok":
+                    return server, url
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.5)
+        server.kill()
+        raise AssertionError(f"the server did not start: {server.stdout.read()}")
+
+    def ask(url, history):
+        body = {"messages": history, "max_tokens": 8, "temperature": 0, "user": "alice"}
+        return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).json()
+
+    server, url = start()
+    try:
+        answer = ask(url, messages)["choices"][0]["message"]["content"]
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(60)
+    assert len(list(cache.glob("*.kv"))) == 1, "the session was written when the server stopped"
+
+    server, url = start()
+    try:
+        follow_up = messages + [{"role": "assistant", "content": answer}, {"role": "user", "content": "More."}]
+        reply = ask(url, follow_up)
+        assert reply["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(60)
