@@ -299,7 +299,8 @@ def stats_line(stats) -> str:
     if stats.prompt_tokens is None:
         prompt = "prompt size not reported by the server"
     else:
-        reused = f", {stats.cached_tokens} from cache" if stats.cached_tokens else ""
+        where = {"disk": " (read from disk)", "shared": " (a shared prefix)"}.get(stats.cache_tier, "")
+        reused = f", {stats.cached_tokens} from cache{where}" if stats.cached_tokens else ""
         prompt = f"{stats.prompt_tokens} prompt tokens{reused}"
     return f"{stats.ttft_s:.2f} s to first token · {stats.tokens_per_s:.1f} tok/s · {prompt}"
 

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Stats:
     """Figures for one reply. ``cached_tokens`` counts prompt tokens reused from the session cache; both are
-    None where a remote upstream did not say."""
+    None where a remote upstream did not say. ``cache_tier`` says where the reused tokens were found: "memory"
+    (the session's own cache), "disk" (the cache folder), "shared" (another session's prefix) or None."""
 
     prompt_tokens: int | None
     cached_tokens: int | None
@@ -16,6 +17,7 @@ class Stats:
     ttft_s: float
     tokens_per_s: float
     total_s: float
+    cache_tier: str | None = None
 
     @classmethod
     def timed(
@@ -28,6 +30,7 @@ class Stats:
         first: float | None,
         last: float | None,
         end: float,
+        cache_tier: str | None = None,
     ) -> Stats:
         """Stats from perf_counter stamps: request start, first and last token, end. Decode speed counts the
         tokens after the first over the time between first and last."""
@@ -39,6 +42,7 @@ class Stats:
             ttft_s=(first or end) - started,
             tokens_per_s=(n - 1) / (last - first) if first and last and n > 1 and last > first else 0.0,
             total_s=end - started,
+            cache_tier=cache_tier if cached_tokens else None,
         )
 
 

@@ -289,6 +289,7 @@ class LocalModel(ChatModel):
             first=first,
             last=last,
             end=time.perf_counter(),
+            cache_tier=entry.found if lease is not None else None,
         )
         yield Chunk(text=text, reasoning=reasoning, finish_reason=finish, stats=stats, logprobs=tuple(pending))
 

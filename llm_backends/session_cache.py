@@ -74,6 +74,7 @@ class CacheEntry:
     cache: object = None
     ids: list[int] = field(default_factory=list)
     checkpoints: list[Checkpoint] = field(default_factory=list)
+    found: str = "none"  # where the last checkout found it: memory, disk, shared or none (SessionStore.hits)
 
     def __post_init__(self):
         if self.cache is None:
@@ -269,6 +270,7 @@ class SessionStore:
             self.hits[found] += 1
         if entry is None:
             return lease, new_entry()
+        entry.found = found
         if donor is not None and entry.rewind_to(length) == 0:
             entry.reset()
         return lease, entry

@@ -44,7 +44,18 @@ def test_an_evicted_session_comes_back_from_disk(qwen3_dir, tmp_path):
     warm, _, last = reply(model, a, "a")
     fresh, _, _ = reply(model, a)
     assert warm == fresh and last.stats.cached_tokens > 0
-    assert model.cache_info()["hits"]["disk"] == 1
+    assert model.cache_info()["hits"]["disk"] == 1 and last.stats.cache_tier == "disk"
+    _, _, last = reply(model, a + [{"role": "assistant", "content": warm}, {"role": "user", "content": "Go on."}], "a")
+    assert last.stats.cache_tier == "memory"
+
+
+def test_the_page_says_where_reused_tokens_came_from():
+    import app
+    from llm_backends import Stats
+
+    line = app.stats_line(Stats(100, 90, 5, 0.1, 20.0, 0.4, cache_tier="disk"))
+    assert "90 from cache (read from disk)" in line
+    assert "(read from disk)" not in app.stats_line(Stats(100, 90, 5, 0.1, 20.0, 0.4, cache_tier="memory"))
 
 
 def test_a_damaged_or_foreign_file_is_ignored_with_a_log_line(qwen3_dir, tmp_path, caplog):
