@@ -138,3 +138,19 @@ def test_importing_the_package_keeps_openmp_spinning_between_ops_unless_the_user
     env["OMP_WAIT_POLICY"] = "PASSIVE"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert out.stdout.split()[0] == "PASSIVE", out.stderr
+
+
+def test_the_package_installs_with_its_kernel_source_and_requirements(tmp_path):
+    import zipfile
+
+    # Built from a copy, so the build leaves nothing in the working tree.
+    source = tmp_path / "src"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "test-output", "__pycache__"))
+    command = [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q"]
+    out = subprocess.run(command + ["-w", str(tmp_path / "wheel")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    (wheel,) = (tmp_path / "wheel").glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "llm_backends/kernels/cpu_ops.cpp" in names and "llm_backends/families/gemma3.py" in names
+    metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
+    assert "Requires-Dist: transformers" in metadata and "Requires-Dist: gradio" in metadata
