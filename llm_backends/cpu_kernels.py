@@ -17,7 +17,9 @@ Built with the machine's own vector instructions (``-march=native``) by torch's 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
+import platform
 from pathlib import Path
 
 import torch
@@ -34,8 +36,10 @@ def ops():
         from torch.utils.cpp_extension import load
 
         log.info("building the CPU kernels (once per machine, about 30 s)")
+        # Built for this CPU's instructions: the name carries them, so a cache folder shared with another
+        # kind of CPU builds its own copy instead of loading one that would stop on an illegal instruction.
         return load(
-            name="llm_chat_cpu_ops",
+            name=f"llm_chat_cpu_ops_{_cpu_signature()}",
             sources=[str(SOURCE)],
             extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
@@ -44,6 +48,15 @@ def ops():
     except Exception as e:  # no compiler: the callers fall back to other precisions
         log.warning("the CPU kernels could not be built (%s); int8 weights are unavailable", e)
         return None
+
+
+def _cpu_signature() -> str:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = ""
+    text = f"{platform.machine()}|{torch.backends.cpu.get_cpu_capability()}|{flags}"
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def available() -> bool:

@@ -62,6 +62,10 @@ class DecodeStep:
             return None
         if any(type(layer.self_attn).__name__ not in ATTENTIONS for layer in layers):
             return None
+        # Calling submodules directly skips accelerate's hooks, which move tensors for a model spread over
+        # several devices or offloaded: leave such models to transformers' own forward.
+        if len(set((getattr(model, "hf_device_map", None) or {"": 0}).values())) > 1:
+            return None
         return cls(model, **options)
 
     def _positions(self, hidden: torch.Tensor, positions: torch.Tensor) -> dict:

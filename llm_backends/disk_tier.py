@@ -31,6 +31,8 @@ class DiskTier:
     def __init__(self, folder: str | os.PathLike, identity: str, max_bytes: int):
         self.folder = Path(folder).expanduser()
         self.folder.mkdir(parents=True, exist_ok=True)
+        for _, _, stale in self._files("*.tmp"):  # left by a process killed while writing
+            stale.unlink(missing_ok=True)
         self.identity = identity
         self.max_bytes = max_bytes
         self.writes = self.reads = self.rejected = 0
@@ -41,22 +43,28 @@ class DiskTier:
         return self.folder / f"{name}.kv"
 
     def save(self, key: Hashable, entry) -> bool:
-        """Writes the entry (atomically); False, with a log line, for a cache this tier cannot hold."""
+        """Writes the entry; False, with a log line where it failed, for a cache this tier cannot hold."""
         try:
-            payload = {"identity": self.identity, **entry.payload()}
+            payload = entry.payload()
         except NotImplementedError:
             return False
-        buffer = io.BytesIO()
-        torch.save(payload, buffer)
-        data = buffer.getvalue()
-        target = self.path(key)
+        return self.write(key, payload)
+
+    def write(self, key: Hashable, payload: dict) -> bool:
+        """Writes a payload (``CacheEntry.payload()``) atomically; False, with a log line, if it failed."""
+        tmp = None
         try:
+            buffer = io.BytesIO()
+            torch.save({"identity": self.identity, **payload}, buffer)
+            data = buffer.getvalue()
             with tempfile.NamedTemporaryFile(dir=self.folder, suffix=".tmp", delete=False) as tmp:
                 tmp.write(hashlib.sha256(data).digest())
                 tmp.write(data)
-            os.replace(tmp.name, target)
-        except OSError as e:
+            os.replace(tmp.name, self.path(key))
+        except Exception as e:  # no room, no permission, no memory: the session is recomputed when it returns
             log.warning("could not write a session cache to %s (%s)", self.folder, e)
+            if tmp is not None:
+                Path(tmp.name).unlink(missing_ok=True)
             return False
         with self._lock:
             self.writes += 1
@@ -87,13 +95,26 @@ class DiskTier:
             with self._lock:
                 self.rejected += 1
             return None
-        os.utime(path)  # recently used
+        try:
+            os.utime(path)  # recently used
+        except OSError:  # removed meanwhile (cleared, or the budget): the entry read stays good
+            pass
         with self._lock:
             self.reads += 1
         return entry
 
+    def _files(self, pattern: str = "*.kv") -> list[tuple[float, int, Path]]:
+        found = []
+        for path in self.folder.glob(pattern):
+            try:
+                stat = path.stat()
+            except FileNotFoundError:  # removed by another thread meanwhile
+                continue
+            found.append((stat.st_mtime, stat.st_size, path))
+        return found
+
     def _shrink(self) -> None:
-        files = [(p.stat().st_mtime, p.stat().st_size, p) for p in self.folder.glob("*.kv")]
+        files = self._files()
         total = sum(size for _, size, _ in files)
         for _, size, path in sorted(files):
             if total <= self.max_bytes:
@@ -102,12 +123,12 @@ class DiskTier:
             total -= size
 
     def info(self) -> dict:
-        files = list(self.folder.glob("*.kv"))
+        files = self._files()
         with self._lock:
             return {
                 "folder": str(self.folder),
                 "sessions": len(files),
-                "bytes": sum(p.stat().st_size for p in files),
+                "bytes": sum(size for _, size, _ in files),
                 "budget_bytes": self.max_bytes,
                 "writes": self.writes,
                 "reads": self.reads,

@@ -151,11 +151,17 @@ def load_stored(path: Path) -> nn.Module | None:
 def store(model: nn.Module, path: Path) -> None:
     """Writes the packed model for the next load (atomically; other versions of the same checkpoint go)."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for old in path.parent.glob(f"{path.name.rsplit('-', 1)[0]}-*.int8.pt"):
-            old.unlink(missing_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # loading a pickle: nobody else may write here
+        version = re.compile(re.escape(path.name.rsplit("-", 1)[0]) + r"-[0-9a-f]{20}\.int8\.pt")
+        for old in path.parent.iterdir():
+            if version.fullmatch(old.name):
+                old.unlink(missing_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
-            torch.save(model, tmp)
+            try:
+                torch.save(model, tmp)
+            except BaseException:
+                Path(tmp.name).unlink(missing_ok=True)
+                raise
         os.replace(tmp.name, path)
     except Exception as e:  # no room or no permission: the next load packs again
         log.warning("could not store the packed model at %s (%s)", path, e)

@@ -78,6 +78,10 @@ class MLXCacheEntry(CacheEntry):
     def save_checkpoint(self, logits) -> None:
         if self.max_checkpoints <= 0 or (logits is None and not self.has_sliding_layers):
             return
+        # A rotating layer's state must carry its position (mlx-lm's keeps offset and rotation index there);
+        # where a version keeps them elsewhere, a restore would be silently wrong: keep no restore points.
+        if any(not _trimmable_forever(layer) and len(layer.state) < 6 for layer in self.cache):
+            return
         states = tuple(None if _trimmable_forever(layer) else _copy_arrays(layer.state) for layer in self.cache)
         kept = [c for c in self.checkpoints if c.length != len(self.ids)]
         saved = None if logits is None else logits.detach().clone()

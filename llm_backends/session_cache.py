@@ -230,6 +230,7 @@ class SessionStore:
         self.max_bytes = max_bytes
         self.max_sessions = max_sessions
         self.tier = tier
+        self._forgotten: set = set()  # sessions cleared while an evicted copy may still be on its way to disk
         self.evictions = 0
         self.hits = {"memory": 0, "disk": 0, "shared": 0, "none": 0}
         self._entries: OrderedDict[Hashable, CacheEntry] = OrderedDict()
@@ -300,8 +301,9 @@ class SessionStore:
                 return
             self._entries[session_id] = entry
             self._entries.move_to_end(session_id)
+            self._forgotten.discard(session_id)
             victims = self._evict()
-        self._save(victims)
+        self._save([(key, victim.payload) for key, victim in victims])
 
     def _evict(self) -> list:
         victims = []
@@ -313,17 +315,33 @@ class SessionStore:
             victims.append((key, victim))
         return victims
 
-    def _save(self, victims: list) -> None:
+    def _save(self, pending: list) -> None:
+        """Writes (key, payload or a function giving it) pairs to the disk tier, except sessions cleared since."""
         if self.tier is None:
             return
-        for key, victim in victims:
-            if isinstance(key, SessionKey):
-                self.tier.save(key, victim)
+        for key, payload in pending:
+            if not isinstance(key, SessionKey):
+                continue
+            try:
+                data = payload() if callable(payload) else payload
+            except NotImplementedError:  # a cache kind the tier does not hold (MLX)
+                continue
+            with self._lock:
+                if key in self._forgotten:
+                    continue
+                # Written under the lock, so a clear() cannot come between this check and the file.
+                self.tier.write(key, data)
 
     def persist(self) -> None:
-        """Writes every session held in memory to the disk tier (when the server stops); they stay held."""
+        """Writes every session held in memory to the disk tier (when the server stops); they stay held.
+        Their states are copied under the lock, so no reply can change one halfway through the copy."""
         with self._lock:
-            held = list(self._entries.items())
+            held = []
+            for key, entry in self._entries.items():
+                try:
+                    held.append((key, entry.payload()))
+                except NotImplementedError:
+                    continue
         self._save(held)
 
     def clear(self, session_id: Hashable | None = None) -> None:
@@ -335,6 +353,7 @@ class SessionStore:
                 return
             self._entries.pop(session_id, None)
             if self.tier is not None:
+                self._forgotten.add(session_id)
                 self.tier.path(session_id).unlink(missing_ok=True)
             for lease in [k for k, v in self._leases.items() if v == session_id]:
                 del self._leases[lease]

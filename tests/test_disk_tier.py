@@ -156,3 +156,16 @@ def test_a_server_stopped_by_sigterm_writes_its_sessions_and_the_next_one_resume
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(60)
+
+
+def test_a_cleared_session_is_not_written_back_by_an_eviction_already_under_way(qwen3_dir, tmp_path):
+    model = load(qwen3_dir, tmp_path)
+    key = SessionKey("python", "", "forget-me")
+    lease, entry = model.sessions.checkout(key, model.engine.new_entry)
+    model.engine.runner.forward(entry, list(range(5, 40)))
+    payload = entry.payload()  # an eviction had copied it, and is about to write it
+    model.sessions.clear(key)  # New chat, meanwhile
+    model.sessions._save([(key, payload)])
+    assert not model.sessions.tier.path(key).exists()
+    model.sessions.checkin(lease, entry)  # the cleared session's stream ends: nothing comes back
+    assert model.cache_info()["sessions"] == 0

@@ -89,3 +89,14 @@ def test_a_second_load_maps_the_stored_int8_model_and_answers_the_same(gemma3_di
     assert "ignoring the stored packed model" in caplog.text
     assert third.create(messages=messages, temperature=0, max_tokens=12)["choices"][0]["message"] == answers[0]
     assert stored[0].stat().st_size > 1000, "stored again"
+
+
+def test_the_kernel_refuses_weights_and_scales_that_do_not_match():
+    packed, scale = cpu_kernels.ops().pack(torch.randn(40, 16))
+    x = torch.randn(2, 16)
+    with pytest.raises(RuntimeError, match="panels"):
+        cpu_kernels.ops().linear(x, packed, scale[:8], None)
+    with pytest.raises(RuntimeError, match="bias"):
+        cpu_kernels.ops().linear(x, packed, scale, torch.randn(3))
+    with pytest.raises(RuntimeError, match="features"):
+        cpu_kernels.ops().linear(torch.randn(2, 15), packed, scale, None)

@@ -76,6 +76,19 @@ void block(const float* x, int64_t ldx, const int8_t* panel, int64_t K, const fl
   }
 }
 
+// sum of a[i] * b[i] in a fixed order: 16 running lanes over the vector, then the lanes in order.
+inline float ordered_dot(const float* a, const float* b, int64_t n) {
+  float lanes[16] = {0};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    for (int t = 0; t < 16; ++t) lanes[t] += a[i + t] * b[i + t];
+  }
+  for (int t = 0; i < n; ++t, ++i) lanes[t] += a[i] * b[i];
+  float sum = 0;
+  for (int t = 0; t < 16; ++t) sum += lanes[t];
+  return sum;
+}
+
 using Block = void (*)(const float*, int64_t, const int8_t*, int64_t, const float*, const float*, float*, int64_t,
                        int64_t);
 constexpr Block BLOCKS[ROWS + 1] = {nullptr, block<1>, block<2>, block<3>, block<4>, block<5>, block<6>};
@@ -118,7 +131,14 @@ torch::Tensor rows(torch::Tensor packed, torch::Tensor ids) {
 torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat32, "x must be float32");
   TORCH_CHECK(packed.scalar_type() == torch::kInt8 && packed.dim() == 3 && packed.size(2) == PANEL, "bad packing");
+  TORCH_CHECK(packed.is_contiguous() && scale.is_contiguous() && scale.scalar_type() == torch::kFloat32 &&
+                  packed.device().is_cpu() && x.device().is_cpu(),
+              "packed weights and scales must be contiguous CPU tensors");
   const int64_t K = packed.size(1), N = scale.size(0), panels = packed.size(0);
+  TORCH_CHECK(panels == (N + PANEL - 1) / PANEL, "the packing holds ", panels, " panels for ", N, " channels");
+  TORCH_CHECK(!bias.has_value() || (bias->numel() == N && bias->is_contiguous() &&
+                                    bias->scalar_type() == torch::kFloat32),
+              "bias must be ", N, " contiguous float32 values");
   TORCH_CHECK(x.size(-1) == K, "x has ", x.size(-1), " features, the weight ", K);
   auto shape = x.sizes().vec();
   auto x2 = x.reshape({-1, K}).contiguous();
@@ -144,7 +164,7 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scale,
 }
 
 // RMS norm over the last dimension: y = x / sqrt(mean(x^2) + eps) * (offset + weight), each row summed in a
-// fixed order (16 lanes over the row, then the lanes in order), so a row's result is the same in any call.
+// fixed order (ordered_dot), so a row's result is the same in any call.
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps, double offset) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && weight.scalar_type() == torch::kFloat32, "float32 only");
   const int64_t D = x.size(-1);
@@ -159,14 +179,7 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps, double
   at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float* row = xp + r * D;
-      float lanes[16] = {0};
-      int64_t j = 0;
-      for (; j + 16 <= D; j += 16) {
-        for (int i = 0; i < 16; ++i) lanes[i] += row[j + i] * row[j + i];
-      }
-      for (int i = 0; j < D; ++i, ++j) lanes[i] += row[j] * row[j];
-      float sum = 0;
-      for (int i = 0; i < 16; ++i) sum += lanes[i];
+      const float sum = ordered_dot(row, row, D);
       const float inverse = 1.0f / std::sqrt(sum / (float)D + (float)eps);
       float* out = yp + r * D;
       for (int64_t j = 0; j < D; ++j) out[j] = (row[j] * inverse) * gp[j];
@@ -177,8 +190,8 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps, double
 
 // Attention of one new token per session over that session's own keys and values (a decode step), all
 // sessions in one call. query: [M, Hq, D]; keys[i], values[i]: [1, Hk, L_i, D] (rows contiguous in D).
-// Each (session, head) pair is computed alone, in a fixed order: scores over D in 16 lanes then the lanes
-// in order, the softmax sum over keys in order, the output summed over keys in order.
+// Each (session, head) pair is computed alone, in a fixed order: scores by ordered_dot, the softmax sum over
+// keys in order, the output summed over keys in order.
 torch::Tensor decode_attention(torch::Tensor query, std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values,
                                double scale) {
   TORCH_CHECK(query.scalar_type() == torch::kFloat32 && query.dim() == 3, "query must be [M, Hq, D] float32");
@@ -193,6 +206,7 @@ torch::Tensor decode_attention(torch::Tensor query, std::vector<torch::Tensor> k
     TORCH_CHECK(values[i].sizes() == keys[i].sizes() && values[i].stride(3) == 1 && values[i].stride(2) == D,
                 "values must match keys");
     TORCH_CHECK(Hq % keys[i].size(1) == 0, "query heads must be a multiple of key heads");
+    TORCH_CHECK(keys[i].size(2) > 0, "each row needs at least one key");
   }
   auto out = torch::empty({M, Hq, D}, q.options());
   const float* qp = q.data_ptr<float>();
@@ -210,16 +224,7 @@ torch::Tensor decode_attention(torch::Tensor query, std::vector<torch::Tensor> k
       scores.resize(L);
       float best = -INFINITY;
       for (int64_t j = 0; j < L; ++j) {
-        const float* krow = kp + j * D;
-        float lanes[16] = {0};
-        int64_t d = 0;
-        for (; d + 16 <= D; d += 16) {
-          for (int t = 0; t < 16; ++t) lanes[t] += qrow[d + t] * krow[d + t];
-        }
-        for (int t = 0; d < D; ++t, ++d) lanes[t] += qrow[d] * krow[d];
-        float dot = 0;
-        for (int t = 0; t < 16; ++t) dot += lanes[t];
-        scores[j] = dot * (float)scale;
+        scores[j] = ordered_dot(qrow, kp + j * D, D) * (float)scale;
         best = std::max(best, scores[j]);
       }
       float total = 0;
@@ -242,9 +247,11 @@ torch::Tensor decode_attention(torch::Tensor query, std::vector<torch::Tensor> k
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("pack", &pack, "int8 weights with per-channel scales, packed in panels");
-  m.def("rows", &rows, "int8 rows of a packed weight");
-  m.def("linear", &linear, "x @ W^T + bias with packed int8 W");
-  m.def("decode_attention", &decode_attention, "one query token per row over its own keys and values");
-  m.def("rms_norm", &rms_norm, "RMS norm over the last dimension with a fixed summation order");
+  // The kernels touch no Python object: other Python threads (the HTTP door, streams) run meanwhile.
+  using release = py::call_guard<py::gil_scoped_release>;
+  m.def("pack", &pack, "int8 weights with per-channel scales, packed in panels", release());
+  m.def("rows", &rows, "int8 rows of a packed weight", release());
+  m.def("linear", &linear, "x @ W^T + bias with packed int8 W", release());
+  m.def("decode_attention", &decode_attention, "one query token per row over its own keys and values", release());
+  m.def("rms_norm", &rms_norm, "RMS norm over the last dimension with a fixed summation order", release());
 }
