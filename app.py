@@ -436,6 +436,13 @@ def family_controls(model: ChatModel, thinking: bool | None = None) -> tuple:
     )
 
 
+BASE_MODEL_NOTE = (
+    "ℹ️ This is a **base model**: it continues text rather than answering questions, so its replies can wander "
+    "or repeat. For a real chat, where the Hugging Face Hub is reachable: "
+    "`python app.py --model Qwen/Qwen3-0.6B`"
+)
+
+
 def info_text(registry: ModelRegistry) -> str:
     if registry.model is None:
         return f"⏳ {registry.load_error or f'loading {registry.loading or registry.ids[0]}…'}"
@@ -453,19 +460,25 @@ def info_text(registry: ModelRegistry) -> str:
         parts.append(f"{info.memory_footprint_bytes / 2**20:.0f} MiB")
     if info.context_length:
         parts.append(f"context {info.context_length}")
-    return " · ".join(parts)
+    line = " · ".join(parts)
+    if registry.get().capabilities.base_model:
+        line += "\n\n" + BASE_MODEL_NOTE
+    return line
 
 
 def model_header(registry: ModelRegistry) -> tuple[gr.Dropdown, gr.Markdown]:
-    with gr.Row():
-        dropdown = gr.Dropdown(
-            registry.ids,
-            value=registry.current_id,
-            label="Model",
-            scale=3,
-            info="Switching loads the model for everyone using this server.",
-        )
-        info = gr.Markdown(info_text(registry))
+    # Each side keeps a readable width: on a phone the model info wraps below the dropdown instead of being
+    # squeezed beside it.
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3, min_width=300):
+            dropdown = gr.Dropdown(
+                registry.ids,
+                value=registry.current_id,
+                label="Model",
+                info="Switching loads the model for everyone using this server.",
+            )
+        with gr.Column(scale=2, min_width=300):
+            info = gr.Markdown(info_text(registry))
     return dropdown, info
 
 

@@ -44,10 +44,13 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What a backend can do with a request: reason before answering (a thinking toggle), read images."""
+    """What a backend can do with a request: reason before answering (a thinking toggle), read images;
+    ``base_model``: the checkpoint ships no chat template (a pretrained, not instruction-tuned, model: it
+    continues text rather than answering, and runs on its family's fallback template)."""
 
     thinking: bool = False
     images: bool = False
+    base_model: bool = False
 
 
 class ChatStream:

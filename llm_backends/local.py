@@ -62,7 +62,7 @@ class LocalModel(ChatModel):
         self.tokenizer = tokenizer
         self.family = family
         self.info = info
-        self.capabilities = Capabilities(thinking=family.can_think)
+        self.capabilities = Capabilities(thinking=family.can_think, base_model=not tokenizer.chat_template)
         self.chat_template = tokenizer.chat_template or family.fallback_chat_template
         stop_ids = {tokenizer.convert_tokens_to_ids(t) for t in family.stop_tokens} | set(eos_ids)
         stop_ids.add(tokenizer.eos_token_id)

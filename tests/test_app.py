@@ -223,3 +223,14 @@ def test_the_page_opens_while_the_model_loads(qwen3_dir):
     finally:
         release.set()
         demo.close()
+
+
+def test_the_header_says_plainly_when_the_model_is_a_base_model(embedded, qwen3):
+    from llm_backends.serving import ModelRegistry
+
+    assert embedded.capabilities.base_model and not qwen3.capabilities.base_model
+    for model, expected in ((embedded, True), (qwen3, False)):
+        registry = ModelRegistry(["x"], load=lambda *args, model=model, **kwargs: model)
+        registry.switch(registry.ids[0])
+        text = app.info_text(registry)
+        assert ("base model" in text and "--model Qwen/Qwen3-0.6B" in text) is expected, text

@@ -105,3 +105,18 @@ def test_browser_chat_streams_stops_and_isolates_visitors(page_url, browser):
     assert bot_text(other).strip() == "", "a second visitor starts with an empty chat"
     assert "France" not in other.locator(".message-row, .message").all_inner_texts().__str__()
     other.screenshot(path=str(SHOTS / "browser-second-visitor.png"), full_page=True)
+
+
+def test_at_phone_width_the_model_info_sits_below_the_dropdown_and_says_base_model(page_url, browser):
+    url, _ = page_url
+    page = browser.new_page(viewport={"width": 390, "height": 800})
+    page.goto(url)
+    page.get_by_role("textbox").last.wait_for(timeout=60_000)
+    dropdown = page.get_by_text("Switching loads the model").bounding_box()
+    note = page.locator("p", has_text="This is a base model").first
+    info = note.bounding_box()
+    assert info["y"] > dropdown["y"] + dropdown["height"], "the info wraps below instead of being squeezed"
+    assert info["width"] > 250, info
+    assert "Qwen/Qwen3-0.6B" in page.content()
+    SHOTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(SHOTS / "browser-phone.png"), full_page=True)
