@@ -305,6 +305,17 @@ def stats_line(stats) -> str:
     return f"{stats.ttft_s:.2f} s to first token · {stats.tokens_per_s:.1f} tok/s · {prompt}"
 
 
+# A page-only note (stats, notices) is a titled message with nothing to expand: shown as a plain caption, without
+# the box and the expand arrow Gradio gives a message with a title. (A thinking message has content, so it keeps
+# both.)
+PAGE_CSS = """
+.message.thought:has(.thought-group > .title:only-child),
+.thought-group:has(> .title:only-child) { border: none; background: none; box-shadow: none; padding: 0 4px; }
+.thought-group > .title:only-child { pointer-events: none; font-size: var(--text-sm); opacity: 0.8; }
+.thought-group > .title:only-child .arrow { display: none; }
+"""
+
+
 def note(title: str) -> gr.ChatMessage:
     """A page-only line in the chat (stats, notices): titled, so it is never sent back to the model."""
     return gr.ChatMessage(role="assistant", content="", metadata={"title": title, "status": "done"})
@@ -602,6 +613,7 @@ def serve(config: AppConfig, registry: ModelRegistry | None = None, **launch_kwa
         auth=config.auth or None,
         show_error=True,
         prevent_thread_lock=True,
+        css=PAGE_CSS,
         **launch_kwargs,
     )
     exposed = config.share or not is_loopback(config.host)

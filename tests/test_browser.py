@@ -79,6 +79,8 @@ def test_browser_chat_streams_stops_and_isolates_visitors(page_url, browser):
     growth = sorted(set(n for n in lengths if n))
     assert len(growth) >= 3, f"the reply should grow in several steps, saw lengths {growth}"
     page.screenshot(path=str(SHOTS / "browser-reply.png"), full_page=True)
+    stats = page.locator(".thought-group", has_text="to first token").last
+    assert stats.is_visible() and not stats.locator(".arrow").is_visible(), "stats are a plain caption"
 
     calls = []
     handle = model.model.get_output_embeddings().register_forward_hook(lambda *args: calls.append(1))
