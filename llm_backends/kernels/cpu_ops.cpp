@@ -163,15 +163,15 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scale,
   return y.view(shape);
 }
 
-// RMS norm over the last dimension: y = x / sqrt(mean(x^2) + eps) * (offset + weight), each row summed in a
-// fixed order (ordered_dot), so a row's result is the same in any call.
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps, double offset) {
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && weight.scalar_type() == torch::kFloat32, "float32 only");
+// RMS norm over the last dimension: y = x / sqrt(mean(x^2) + eps) * gain, each row summed in a fixed order
+// (ordered_dot), so a row's result is the same in any call. ``gain`` is the model's weight, or 1 + weight for
+// Gemma's norms, computed once by the caller.
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor gain, double eps) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && gain.scalar_type() == torch::kFloat32, "float32 only");
   const int64_t D = x.size(-1);
-  TORCH_CHECK(weight.numel() == D, "weight has ", weight.numel(), " values for rows of ", D);
+  TORCH_CHECK(gain.numel() == D && gain.is_contiguous(), "gain must be ", D, " contiguous values");
   auto xc = x.contiguous();
   auto y = torch::empty_like(xc);
-  auto gain = (weight.to(torch::kFloat32) + offset).contiguous();
   const int64_t rows = D ? xc.numel() / D : 0;
   const float* xp = xc.data_ptr<float>();
   const float* gp = gain.data_ptr<float>();
