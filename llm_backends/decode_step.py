@@ -46,6 +46,7 @@ class DecodeStep:
         # On a CPU in fp32, all rows' attention in one call of the C++ kernel, 2-3x faster than a call of
         # torch's sdpa per row and independent of which rows share the step (see cpu_kernels.py).
         parameter = next(model.parameters())
+        self.device = parameter.device  # where token ids go (found once, not on every step)
         self.fused_attention = (
             fused_attention
             and parameter.device.type == "cpu"
@@ -76,9 +77,8 @@ class DecodeStep:
 
     @torch.inference_mode()
     def __call__(self, caches: Sequence, tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
-        device = self.decoder.embed_tokens.weight.device if hasattr(self.decoder.embed_tokens, "weight") else None
-        ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=device)
-        position_ids = torch.tensor([[p] for p in positions], dtype=torch.long, device=device)
+        ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=self.device)
+        position_ids = torch.tensor([[p] for p in positions], dtype=torch.long, device=self.device)
         hidden = self.decoder.embed_tokens(ids)
         rotations = self._positions(hidden, position_ids)
         for index, layer in enumerate(self.layers):
