@@ -11,12 +11,15 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import gradio as gr
 
+import chat_history
+from chat_history import openai_messages, text_of, valid_chat_id
 from llm_backends import BackendError, ChatModel, ChatRequest, ChatStream, ModelLoadError, SessionKey
+from llm_backends.default_model import cache_root
 from llm_backends.http_api import add_openai_routes
 from llm_backends.loading import QUANTIZATIONS
 from llm_backends.request import DEFAULT_MAX_NEW_TOKENS
@@ -54,6 +57,7 @@ class AppConfig:
     api_keys: list[str] = field(default_factory=list)
     insecure_no_auth: bool = False
     on_spaces: bool = False
+    page_secret: str | None = None  # encrypts the chats saved in browsers; kept in the user cache folder if unset
 
 
 def _auth_pairs(values: Sequence[str]) -> list[tuple[str, str]]:
@@ -155,6 +159,7 @@ def parse_args(argv: Sequence[str] | None = None, env: dict | None = None) -> Ap
     keys = args.api_key or env.get(ENV["api_key"], "").split(",")
     config.api_keys = [k.strip() for k in keys if k.strip()]
     config.insecure_no_auth = bool(pick("insecure_no_auth", bool))
+    config.page_secret = env.get("LLM_PAGE_SECRET") or None  # not a flag: a command line is visible to others
     if config.concurrency < 1:
         raise SystemExit("--concurrency must be at least 1")
     if config.quantization not in QUANTIZATIONS:
@@ -272,37 +277,22 @@ def page_session(request: gr.Request, exposed: bool) -> SessionKey:
     return SessionKey("page", principal, request.session_hash)
 
 
-def text_of(content) -> str:
-    """A Gradio message's text: content arrives as a string or a list of typed parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, dict):
-        return content.get("text", "") if content.get("type", "text") == "text" else ""
-    if isinstance(content, (list, tuple)):
-        return "".join(text_of(part) for part in content)
-    return ""
-
-
 def to_messages(system_prompt: str, history: list[dict], message: str) -> list[dict]:
     """The conversation as the model sees it: titled messages (thinking, stats, notices) are the page's own."""
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt and system_prompt.strip() else []
-    for item in history:
-        if (item.get("metadata") or {}).get("title"):
-            continue
-        if item.get("role") in ("user", "assistant"):
-            messages.append({"role": item["role"], "content": text_of(item.get("content"))})
-    messages.append({"role": "user", "content": message})
-    return messages
+    return [*openai_messages(history, system_prompt), {"role": "user", "content": message}]
 
 
-def stats_line(stats) -> str:
+def stats_line(stats, stopped: bool = False) -> str:
+    """What the reply cost, and whether its prompt was found in the session's cache or read anew."""
     if stats.prompt_tokens is None:
         prompt = "prompt size not reported by the server"
-    else:
+    elif stats.cached_tokens:
         where = {"disk": " (read from disk)", "shared": " (a shared prefix)"}.get(stats.cache_tier, "")
-        reused = f", {stats.cached_tokens} from cache{where}" if stats.cached_tokens else ""
-        prompt = f"{stats.prompt_tokens} prompt tokens{reused}"
-    return f"{stats.ttft_s:.2f} s to first token · {stats.tokens_per_s:.1f} tok/s · {prompt}"
+        prompt = f"{stats.prompt_tokens} prompt tokens, {stats.cached_tokens} from cache{where}"
+    else:
+        prompt = f"{stats.prompt_tokens} prompt tokens, all read anew (nothing cached)"
+    line = f"{stats.ttft_s:.2f} s to first token · {stats.tokens_per_s:.1f} tok/s · {prompt}"
+    return f"■ Stopped · {line}" if stopped else line
 
 
 # A page-only note (stats, notices) is a titled message with nothing to expand: shown as a plain caption, without
@@ -313,6 +303,8 @@ PAGE_CSS = """
 .thought-group:has(> .title:only-child) { border: none; background: none; box-shadow: none; padding: 0 4px; }
 .thought-group > .title:only-child { pointer-events: none; font-size: var(--text-sm); opacity: 0.8; }
 .thought-group > .title:only-child .arrow { display: none; }
+#chat-list .wrap { flex-direction: column; align-items: stretch; }
+#model-picker input { text-overflow: ellipsis; padding-right: var(--size-8); }
 """
 
 
@@ -321,8 +313,11 @@ def note(title: str) -> gr.ChatMessage:
     return gr.ChatMessage(role="assistant", content="", metadata={"title": title, "status": "done"})
 
 
-def reply_messages(notes: list, answer: str, reasoning: str, stats, started: float) -> list[gr.ChatMessage]:
-    """One reply as the chat shows it: notices, the collapsible thinking, the answer, the stats line."""
+def reply_messages(
+    notes: list, answer: str, reasoning: str, stats, started: float, stopped: bool = False
+) -> list[gr.ChatMessage]:
+    """One reply as the chat shows it: notices, the collapsible thinking, the answer, the stats line (marked
+    when Stop ended the reply)."""
     shown = list(notes)
     if reasoning:
         thought = {"title": "💭 Thinking", "status": "done" if answer else "pending"}
@@ -331,45 +326,81 @@ def reply_messages(notes: list, answer: str, reasoning: str, stats, started: flo
         shown.append(gr.ChatMessage(role="assistant", content=reasoning, metadata=thought))
     shown.append(gr.ChatMessage(role="assistant", content=answer))
     if stats is not None:
-        shown.append(note(stats_line(stats)))
+        shown.append(note(stats_line(stats, stopped)))
+    elif stopped:
+        shown.append(note("■ Stopped"))
     return shown
 
 
 class Replies:
-    """Generates the page's replies and keeps each tab's running stream, so Stop and leaving the page close it
-    (stopping the model before its next token) instead of waiting for garbage collection."""
+    """Generates the page's replies and keeps each tab's running stream, so Stop and leaving the page end it
+    (stopping the model before its next token) instead of waiting for garbage collection.
+
+    A tab's running reply is keyed by the tab; the cache a reply reads and extends is keyed by its chat, so a
+    chat reopened from the history (in this tab or after a reload) finds its cache while the server holds it."""
 
     def __init__(self, registry: ModelRegistry, *, exposed: bool = False):
         self.registry = registry
         self.exposed = exposed
         self._streams: dict[SessionKey, ChatStream | None] = {}  # None: a reply is being prepared
         self._stopped: set[SessionKey] = set()
+        self._chats: dict[SessionKey, set[SessionKey]] = {}  # a tab's chat caches, freed with it where private
         self._lock = threading.Lock()
 
     def respond(self, message, history, request: gr.Request, *settings_values):
-        """ChatInterface's function: streams the reply as the chat's messages (notices, thinking, answer, stats).
-        Gradio inserts ``request`` where its annotation stands; ChatSettings orders the values after it."""
+        """The ``/chat`` API's function: streams the reply's messages (notices, thinking, answer, stats) to
+        ``message`` after ``history``. Gradio inserts ``request`` where its annotation stands; ChatSettings
+        orders the values after it."""
+        tab = page_session(request, self.exposed)
+        yield from self._reply(message, history, tab, tab, ChatSettings.from_inputs(settings_values))
+
+    def respond_in_chat(self, history, chat_id, request: gr.Request, *settings_values):
+        """The page's turn: ``history`` ends with the person's new message; yields the whole chat as it grows."""
+        if not history or history[-1].get("role") != "user":
+            return
+        tab = page_session(request, self.exposed)
+        earlier, message = history[:-1], history[-1]
+        cache = self.chat_session(request, chat_id)
         settings = ChatSettings.from_inputs(settings_values)
+        for reply in self._reply(text_of(message.get("content")), earlier, tab, cache, settings):
+            yield [*earlier, message, *reply]
+
+    def chat_session(self, request: gr.Request, chat_id) -> SessionKey:
+        """The cache of a chat the page made, under the person the tab belongs to (the tab's own without one)."""
+        tab = page_session(request, self.exposed)
+        chat_id = valid_chat_id(chat_id)
+        if chat_id is None:
+            return tab
+        session = SessionKey("page", tab.principal, f"chat:{chat_id}")
+        with self._lock:
+            self._chats.setdefault(tab, set()).add(session)
+        return session
+
+    def _reply(self, message: str, history: list[dict], tab: SessionKey, cache: SessionKey, settings: ChatSettings):
+        if self.registry.model is None:
+            yield [note("⏳ Waiting for the model to load (the header shows its progress)…")]
         try:
             model = self.registry.wait_ready(timeout=600)
         except RuntimeError as e:
             raise gr.Error(str(e)) from e
-        session = page_session(request, self.exposed)
-        self._begin(session)
+        if not self._begin(tab):  # Stop was pressed before the reply started
+            yield reply_messages([], "", "", None, 0.0, stopped=True)
+            return
         messages = to_messages(settings.system_prompt, history, message)
         try:
-            stream = model.stream(settings.request(model, messages, session))
+            stream = model.stream(settings.request(model, messages, cache))
         except ValueError as e:  # the input is wrong: a message box, and the chat stays as it was
-            self._release(session, None)
+            self._release(tab, None)
             raise gr.Error(str(e)) from e
         except Exception as e:
-            self._release(session, None)
+            self._release(tab, None)
             log.exception("could not start a reply")
             yield [note(f"⚠️ could not start the reply ({type(e).__name__}); see the server log")]
             return
         stream = self.registry.metrics.track(stream, "page")
-        if not self._hold(session, stream):  # Stop was pressed while the reply was being prepared
+        if not self._hold(tab, stream):  # Stop was pressed while the reply was being prepared
             stream.close()
+            yield reply_messages([], "", "", None, 0.0, stopped=True)
             return
         notes = []
         if stream.dropped_turns:
@@ -384,7 +415,8 @@ class Replies:
             for chunk in stream:
                 answer += chunk.text
                 reasoning += chunk.reasoning
-                yield reply_messages(notes, answer, reasoning, chunk.stats, started)
+                stopped = chunk.finish_reason == "cancelled"
+                yield reply_messages(notes, answer, reasoning, chunk.stats, started, stopped)
         except BackendError as e:
             yield reply_messages([*notes, note(f"⚠️ {e}")], answer, reasoning, None, started)
         except Exception as e:  # shown as one line in the chat; the traceback goes to the server log
@@ -392,45 +424,70 @@ class Replies:
             failure = note(f"⚠️ internal error while generating ({type(e).__name__}); see the server log")
             yield reply_messages([*notes, failure], answer, reasoning, None, started)
         finally:
-            self._release(session, stream)
+            self._release(tab, stream)
+
+    def announce(self, request: gr.Request) -> None:
+        """The page is about to ask for a reply (it waits in the queue meanwhile): a Stop from now on counts."""
+        tab = page_session(request, self.exposed)
+        with self._lock:
+            self._stopped.discard(tab)
+            self._streams.setdefault(tab, None)
 
     def stop(self, request: gr.Request) -> None:
-        """Closes the tab's running reply (the Stop button), also one still being prepared."""
-        session = page_session(request, self.exposed)
-        with self._lock:
-            if session in self._streams and self._streams[session] is None:
-                self._stopped.add(session)
-            stream = self._streams.pop(session, None)
-        if stream is not None:
-            stream.close()
+        """The Stop button: the tab's running reply ends at its next token with its stats (a reply not started
+        yet never starts)."""
+        self._stop(page_session(request, self.exposed), close=False)
 
     def forget(self, request: gr.Request) -> None:
-        """Stops the tab's reply and frees its cache (New chat, clearing the chat, leaving the page)."""
-        self.stop(request)
-        self.registry.clear_session(page_session(request, self.exposed))
-
-    def _begin(self, session: SessionKey) -> None:
-        """A new reply for the tab: an earlier one still running is closed."""
+        """Leaving the page: the tab's reply is closed and the tab's own cache freed. On a server open to others
+        without logins the tab's chats go too, since nobody can reach them again; otherwise a chat's cache
+        stays (the chat is saved in the browser) until memory is needed."""
+        tab = page_session(request, self.exposed)
+        self._stop(tab, close=True)
         with self._lock:
-            previous = self._streams.get(session)
-            self._streams[session] = None
-            self._stopped.discard(session)
+            chats = self._chats.pop(tab, set())
+            self._streams.pop(tab, None)
+            self._stopped.discard(tab)
+        for session in [tab, *(chats if tab.principal.startswith("tab:") else ())]:
+            self.registry.clear_session(session)
+
+    def forget_chat(self, request: gr.Request, chat_id) -> None:
+        """A chat deleted from the history: its cache is freed."""
+        if valid_chat_id(chat_id):
+            self.registry.clear_session(self.chat_session(request, chat_id))
+
+    def _stop(self, tab: SessionKey, *, close: bool) -> None:
+        with self._lock:
+            if tab in self._streams and self._streams[tab] is None:
+                self._stopped.add(tab)
+            stream = self._streams.get(tab)
+        if stream is not None:
+            stream.close() if close else stream.cancel()
+
+    def _begin(self, tab: SessionKey) -> bool:
+        """A new reply for the tab: an earlier one still running is closed. False if Stop came first."""
+        with self._lock:
+            previous = self._streams.get(tab)
+            stopped = tab in self._stopped
+            self._stopped.discard(tab)
+            self._streams[tab] = None
         if previous is not None:
             previous.close()
+        return not stopped
 
-    def _hold(self, session: SessionKey, stream: ChatStream) -> bool:
+    def _hold(self, tab: SessionKey, stream: ChatStream) -> bool:
         """Records the tab's running reply; False if Stop came while it was being prepared."""
         with self._lock:
-            if session in self._stopped:
-                self._stopped.discard(session)
+            if tab in self._stopped:
+                self._stopped.discard(tab)
                 return False
-            self._streams[session] = stream
+            self._streams[tab] = stream
             return True
 
-    def _release(self, session: SessionKey, stream: ChatStream | None) -> None:
+    def _release(self, tab: SessionKey, stream: ChatStream | None) -> None:
         with self._lock:
-            if session in self._streams and self._streams[session] is stream:
-                del self._streams[session]
+            if tab in self._streams and self._streams[tab] is stream:
+                del self._streams[tab]
         if stream is not None:
             stream.close()
 
@@ -487,6 +544,7 @@ def model_header(registry: ModelRegistry) -> tuple[gr.Dropdown, gr.Markdown]:
                 value=registry.current_id,
                 label="Model",
                 info="Switching loads the model for everyone using this server.",
+                elem_id="model-picker",
             )
         with gr.Column(scale=2, min_width=300):
             info = gr.Markdown(info_text(registry))
@@ -524,29 +582,269 @@ def settings_panel(registry: ModelRegistry) -> dict[str, gr.components.Component
     return controls
 
 
-def chat_panel(replies: Replies, controls: dict, config: AppConfig) -> gr.ChatInterface:
-    respond = replies.respond
+# Replies render LaTeX in $…$, $$…$$, \(…\) and \[…\]; code blocks get Gradio's copy button.
+LATEX = [
+    {"left": "$$", "right": "$$", "display": True},
+    {"left": "\\[", "right": "\\]", "display": True},
+    {"left": "$", "right": "$", "display": False},
+    {"left": "\\(", "right": "\\)", "display": False},
+]
+# On a phone the chats' panel starts closed (its toggle opens it over the chat).
+CLOSE_PANEL_ON_PHONES = """() => {
+  if (window.innerWidth < 768) document.querySelector(".sidebar.open .toggle-button")?.click();
+}"""
+# The export leaves the server as a file download made in the browser: the chat never touches the server's disk.
+DOWNLOAD_JS = """(text, title) => {
+  if (!text) return;
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(new Blob([text], {type: "application/json"}));
+  link.download = (title || "chat").replace(/[^\\w -]+/g, "").trim().slice(0, 60) + ".json";
+  document.body.appendChild(link); link.click(); link.remove();
+}"""
+
+
+@dataclass
+class ChatPanel:
+    """The chat and its saved history. ``chat_id`` is the open chat's id ("" until its first message);
+    ``chats`` the saved chats by id (``chat_history`` records), both kept in the browser."""
+
+    chatbot: gr.Chatbot
+    textbox: gr.Textbox
+    chat_id: gr.BrowserState
+    chats: gr.BrowserState
+    picker: gr.Radio
+    title: gr.Textbox
+    new_chat: gr.Button
+    rename: gr.Button
+    delete: gr.Button
+    export: gr.Button
+    export_text: gr.Textbox
+    importer: gr.UploadButton
+
+    @property
+    def locked(self) -> list:
+        """What may not change while a reply streams into the open chat."""
+        return [self.picker, self.new_chat, self.rename, self.delete, self.importer]
+
+
+def history_panel(secret: str) -> dict:
+    """The saved chats (in the browser's storage, encrypted with the server's key): a list to reopen them, and
+    rename, delete, export and import."""
+    parts = {
+        "chat_id": gr.BrowserState("", storage_key="llm_chat_open", secret=secret),
+        "chats": gr.BrowserState({}, storage_key="llm_chat_saved", secret=secret),
+    }
+    with gr.Sidebar(label="Chats", open=True, width=280):
+        parts["new_chat"] = gr.Button("+ New chat", variant="primary", size="sm")
+        parts["picker"] = gr.Radio([], value=None, label="Saved in this browser", elem_id="chat-list")
+        with gr.Accordion("Rename, delete, export, import", open=False):
+            parts["title"] = gr.Textbox(label="Name of the open chat", max_lines=1, max_length=chat_history.MAX_TITLE)
+            with gr.Row():
+                parts["rename"] = gr.Button("Rename", size="sm")
+                parts["delete"] = gr.Button("Delete", size="sm", variant="stop")
+            with gr.Row():
+                parts["export"] = gr.Button("Export JSON", size="sm")
+                parts["importer"] = gr.UploadButton("Import JSON", size="sm", file_types=[".json"], type="binary")
+            parts["export_text"] = gr.Textbox(visible=False)
+    return parts
+
+
+def chat_area() -> tuple[gr.Chatbot, gr.Textbox]:
+    chatbot = gr.Chatbot(
+        label="Chat", height=520, buttons=["copy"], editable="user", latex_delimiters=LATEX, elem_id="chat"
+    )
+    textbox = gr.Textbox(
+        placeholder="Type a message…", show_label=False, submit_btn=True, stop_btn=False, autofocus=True, max_lines=8
+    )
+    return chatbot, textbox
+
+
+def settings_of(values: Sequence) -> dict:
+    """The controls' values as saved with a chat."""
+    return asdict(ChatSettings.from_inputs(values))
+
+
+def saved_settings(controls: dict, settings: dict | None) -> list:
+    """Updates putting a saved chat's settings back in the controls (left as they are where it has none)."""
+    settings = settings or {}
+    return [gr.update(value=settings[f.name]) if f.name in settings else gr.update() for f in fields(ChatSettings)]
+
+
+def wire_chat(panel: ChatPanel, replies: Replies, controls: dict, config: AppConfig) -> None:
+    """The chat's events: send, edit, retry, undo, Stop, clear; each turn ends by saving the chat."""
+    settings = [controls[f.name] for f in fields(ChatSettings)]
+    quick = {"queue": False, "show_progress": "hidden", "api_visibility": "undocumented"}
+    go = gr.State(False)  # whether the turn's first step asked for a reply
+
+    def reply(asked: bool, history, chat_id, request: gr.Request, *values):
+        if asked:
+            yield from replies.respond_in_chat(history, chat_id, request, *values)
+
     if config.on_spaces and os.environ.get("SPACE_ID"):
         try:
             import spaces
 
-            respond = spaces.GPU(duration=120)(respond)
+            reply = spaces.GPU(duration=120)(reply)
         except ImportError:
             pass
-    chatbot = gr.Chatbot(label="Chat", height=520, buttons=["copy"])
-    return gr.ChatInterface(
-        respond,
-        chatbot=chatbot,
-        additional_inputs=[controls[f.name] for f in fields(ChatSettings)],
-        editable=True,
-        api_name="chat",
-        concurrency_limit=config.concurrency,
-        fill_height=True,
+
+    def busy(yes: bool, **textbox) -> list:
+        return [gr.update(submit_btn=not yes, stop_btn=yes, **textbox), *[gr.update(interactive=not yes)] * 5]
+
+    def begin(request: gr.Request, history: list, chat_id, text, **textbox) -> tuple:
+        """The turn's first step: the person's message shown at once, Stop offered; nothing if it is empty."""
+        text = text_of(text).strip()
+        if not text:
+            return (*[gr.skip()] * (len(panel.locked) + 3), False)
+        replies.announce(request)
+        chat_id = valid_chat_id(chat_id) or chat_history.new_chat_id()
+        return (*busy(True, **textbox), [*history, {"role": "user", "content": text}], chat_id, True)
+
+    def send(message, history, chat_id, request: gr.Request):
+        return begin(request, history, chat_id, message, value="")
+
+    def edit(history, chat_id, data: gr.EditData, request: gr.Request):
+        index = data.index[0] if isinstance(data.index, (list, tuple)) else data.index
+        return begin(request, history[:index], chat_id, data.value)
+
+    def retry(history, chat_id, data: gr.RetryData, request: gr.Request):
+        users = [i for i, m in enumerate(history[: data.index + 1]) if m.get("role") == "user"]
+        last = users[-1] if users else len(history)
+        return begin(request, history[:last], chat_id, history[last].get("content") if users else "")
+
+    def undo(history):
+        users = [i for i, m in enumerate(history) if m.get("role") == "user"]
+        if not users:
+            return history, gr.update()
+        return history[: users[-1]], text_of(history[users[-1]].get("content"))
+
+    def save(history, chat_id, chats, *values):
+        chat_id = valid_chat_id(chat_id)
+        if chat_id and any(m.get("role") == "user" for m in history):
+            chats = chat_history.upsert(chats, chat_id, history, settings_of(values))
+        elif chat_id:
+            chats = chat_history.delete(chats, chat_id)
+        return chats, listing(chats, chat_id)
+
+    def finish(asked: bool, history, chat_id, chats, *values):
+        if not asked:
+            return [gr.skip()] * (len(panel.locked) + 3)
+        return (*busy(False), *save(history, chat_id, chats, *values))
+
+    turn = [panel.textbox, *panel.locked, panel.chatbot, panel.chat_id, go]
+    saved = [panel.chatbot, panel.chat_id, panel.chats, *settings]
+    for trigger, fn, inputs in (
+        (panel.textbox.submit, send, [panel.textbox, panel.chatbot, panel.chat_id]),
+        (panel.chatbot.edit, edit, [panel.chatbot, panel.chat_id]),
+        (panel.chatbot.retry, retry, [panel.chatbot, panel.chat_id]),
+    ):
+        trigger(fn, inputs, turn, **quick).then(
+            reply,
+            [go, panel.chatbot, panel.chat_id, *settings],
+            [panel.chatbot],
+            concurrency_limit=config.concurrency,
+            api_visibility="undocumented",
+        ).then(finish, [go, *saved], [panel.textbox, *panel.locked, panel.chats, panel.picker], **quick)
+    panel.textbox.stop(replies.stop, None, None, **quick)
+    panel.chatbot.undo(undo, [panel.chatbot], [panel.chatbot, panel.textbox], **quick).then(
+        save, saved, [panel.chats, panel.picker], **quick
+    )
+    wire_history(panel, replies, controls)
+
+
+def listing(chats: dict, chat_id) -> dict:
+    """The saved chats' list, with the open one selected."""
+    return gr.update(choices=chat_history.choices(chats), value=chat_id if chat_id in chats else None)
+
+
+def opened_chat(controls: dict, chat_id, chats) -> tuple:
+    """Updates opening a saved chat: its id, messages, place in the list, name and settings (an empty chat where
+    it is no longer saved, e.g. deleted in another tab)."""
+    chats = chat_history.saved(chats)
+    record = chats.get(chat_id)
+    if record is None:
+        return "", [], listing(chats, None), "", *saved_settings(controls, None)
+    settings = saved_settings(controls, record.get("settings"))
+    return chat_id, record["messages"], listing(chats, chat_id), record.get("title", ""), *settings
+
+
+def wire_history(panel: ChatPanel, replies: Replies, controls: dict) -> None:
+    """New chat, reopen, rename, delete (also the chat's trash button), export, import."""
+    settings = [controls[f.name] for f in fields(ChatSettings)]
+    quick = {"queue": False, "show_progress": "hidden", "api_visibility": "undocumented"}
+    # Through the queue, since only queued events can show a warning (a bad file, a bad name); never waiting.
+    told = {**quick, "queue": True, "concurrency_limit": None}
+
+    def delete(chat_id, chats, request: gr.Request):
+        replies.forget_chat(request, chat_id)
+        chats = chat_history.delete(chats, chat_id)
+        return "", chats, listing(chats, None), [], ""
+
+    def rename(chat_id, title, chats):
+        try:
+            chats = chat_history.rename(chats, chat_id, title)
+        except ValueError as e:
+            gr.Warning(f"Could not rename the chat: {e}")
+            return gr.skip(), gr.skip()
+        return chats, listing(chats, chat_id)
+
+    def export(chat_id, history, chats, *values):
+        if not history:
+            gr.Warning("The open chat is empty: nothing to export.")
+            return "", gr.skip()
+        record = chat_history.saved(chats).get(chat_id, {})
+        title = record.get("title") or chat_history.title_for(history)
+        body = chat_history.export_chat({"title": title, "messages": history, "settings": settings_of(values)})
+        return body, title
+
+    def import_(data, chats):
+        try:
+            title, messages, imported = chat_history.import_chat(data, {f.name for f in fields(ChatSettings)})
+        except ValueError as e:
+            gr.Warning(f"Could not import the chat: {e}")
+            return [gr.skip()] * (len(opened) + 1)
+        chat_id = chat_history.new_chat_id()
+        chats = chat_history.upsert(chats, chat_id, messages, imported, title=title)
+        return chats, chat_id, messages, listing(chats, chat_id), title, *saved_settings(controls, imported)
+
+    opened = [panel.chat_id, panel.chatbot, panel.picker, panel.title, *settings]
+    panel.new_chat.click(lambda: ("", [], gr.update(value=None), ""), None, opened[:4], **quick)
+    reopen = lambda chat_id, chats: opened_chat(controls, chat_id, chats)  # noqa: E731
+    panel.picker.input(reopen, [panel.picker, panel.chats], opened, **quick)
+    panel.rename.click(rename, [panel.chat_id, panel.title, panel.chats], [panel.chats, panel.picker], **told)
+    removed = [panel.chat_id, panel.chats, panel.picker, panel.chatbot, panel.title]
+    panel.delete.click(delete, [panel.chat_id, panel.chats], removed, **quick)
+    panel.chatbot.clear(delete, [panel.chat_id, panel.chats], removed, **quick)
+    panel.export.click(
+        export, [panel.chat_id, panel.chatbot, panel.chats, *settings], [panel.export_text, panel.title], **told
+    ).then(None, [panel.export_text, panel.title], None, js=DOWNLOAD_JS, **quick)
+    panel.importer.upload(import_, [panel.importer, panel.chats], [panel.chats, *opened], **told)
+    panel.chat_id.change  # noqa: B018 (kept in the browser; read by the events above)
+
+
+def api_chat(replies: Replies, settings: list, concurrency: int) -> None:
+    """The ``/chat`` endpoint for gradio_client: the message and the settings in; the reply's messages out,
+    streamed. The conversation so far is kept per client (in its Gradio session)."""
+    message = gr.Textbox(visible=False)
+    history = gr.State([])
+    response = gr.JSON(visible=False)
+
+    def chat(text, earlier, request: gr.Request, *values):
+        for reply in replies.respond(text, earlier, request, *values):
+            shown = [{"role": m.role, "content": m.content, "metadata": m.metadata or {}} for m in reply]
+            yield shown, [*earlier, {"role": "user", "content": text}, *shown]
+
+    gr.Button(visible=False).click(
+        chat, [message, history, *settings], [response, history], api_name="chat", concurrency_limit=concurrency
     )
 
 
+SAMPLING = ("temperature", "top_p", "top_k")
+
+
 def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
-    """The page: model dropdown, chat, sampling accordion, thinking toggle, stats under each reply."""
+    """The page: saved chats at the side; model dropdown, chat, sampling accordion, thinking toggle, stats under
+    each reply."""
     replies = Replies(registry, exposed=config.share or not is_loopback(config.host) or config.on_spaces)
     hidden = {"queue": False, "api_visibility": "undocumented"}
 
@@ -559,34 +857,49 @@ def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
         gr.Info(f"Now serving {model_id}")
         return (gr.update(value=model_id), *family_controls(model), info_text(registry))
 
-    def on_load():
+    def on_load(chat_id, chats):
+        """Once the model is ready: its family's defaults, then the open chat's own settings over them."""
         try:
             model = registry.wait_ready(timeout=600)
         except RuntimeError:
             return (gr.update(), *[gr.update()] * 4, info_text(registry))
-        return (gr.update(value=registry.current_id), *family_controls(model), info_text(registry))
+        own = (chat_history.saved(chats).get(chat_id) or {}).get("settings") or {}
+        defaults = family_controls(model)
+        shown = [
+            gr.update(value=own[name]) if name in own else update
+            for name, update in zip(SAMPLING, defaults[:3], strict=True)
+        ]
+        thinking = defaults[3]
+        if "thinking" in own and model.capabilities.thinking:
+            thinking = gr.update(visible=True, value=bool(own["thinking"]))
+        return (gr.update(value=registry.current_id), *shown, thinking, info_text(registry))
 
     with gr.Blocks(title="Local LLM chat", fill_height=True) as demo:
+        history = history_panel(config.page_secret or chat_history.page_secret(cache_root()))
         dropdown, info = model_header(registry)
+        chatbot, textbox = chat_area()
         controls = settings_panel(registry)
-        chat = chat_panel(replies, controls, config)
-        new_chat = gr.Button("New chat", variant="secondary", size="sm")
-        new_chat.click(replies.forget, None, None, **hidden).then(
-            lambda: ([], []), None, [chat.chatbot, chat.chatbot_state], **hidden
-        )
-        chat.chatbot.clear(replies.forget, None, None, **hidden)
-        chat.textbox.stop(replies.stop, None, None, **hidden)
-        sampling = [controls["temperature"], controls["top_p"], controls["top_k"]]
+        panel = ChatPanel(chatbot=chatbot, textbox=textbox, **history)
+        wire_chat(panel, replies, controls, config)
+        settings = [controls[f.name] for f in fields(ChatSettings)]
+        api_chat(replies, settings, config.concurrency)
+        sampling = [controls[name] for name in SAMPLING]
         dropdown.input(switch_model, [dropdown], [dropdown, *sampling, controls["thinking"], info], concurrency_limit=1)
         mode_defaults = lambda thinking: family_controls(registry.get(), bool(thinking))[:3]  # noqa: E731
-        controls["thinking"].change(mode_defaults, [controls["thinking"]], sampling, **hidden)
+        controls["thinking"].input(mode_defaults, [controls["thinking"]], sampling, **hidden)
         demo.load(
+            lambda chat_id, chats: opened_chat(controls, chat_id, chats),
+            [panel.chat_id, panel.chats],
+            [panel.chat_id, panel.chatbot, panel.picker, panel.title, *settings],
+            **hidden,
+        ).then(
             on_load,
-            None,
+            [panel.chat_id, panel.chats],
             [dropdown, *sampling, controls["thinking"], info],
             api_visibility="undocumented",
             concurrency_limit=None,
         )
+        demo.load(None, None, None, js=CLOSE_PANEL_ON_PHONES, **hidden)
         demo.unload(replies.forget)
     demo.queue(default_concurrency_limit=config.concurrency, max_size=256)
     return demo

@@ -35,7 +35,7 @@ def ops():
     try:
         from torch.utils.cpp_extension import load
 
-        log.info("building the CPU kernels (once per machine, about 30 s)")
+        log.info("loading the CPU kernels (built on first use on a machine: about 30 s once)")
         # Built for this CPU's instructions: the name carries them, so a cache folder shared with another
         # kind of CPU builds its own copy instead of loading one that would stop on an illegal instruction.
         return load(

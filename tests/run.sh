@@ -12,5 +12,5 @@ if ! command -v chromium >/dev/null 2>&1; then
     echo "chromium is missing: sudo apt-get install -y chromium (the browser test needs it)" >&2
   fi
 fi
-.venv/bin/ruff check llm_backends tests benchmarks app.py
+.venv/bin/ruff check llm_backends tests benchmarks app.py chat_history.py
 .venv/bin/python -m pytest "$@"

@@ -216,7 +216,11 @@ def test_the_page_opens_while_the_model_loads(qwen3_dir):
         assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading"
         client = Client(base + "/", verbose=False)
         job = client.submit("Hello", "", 0, 1, 0, 16, 1, 0, False, api_name="/chat")
-        time.sleep(0.5)
+        deadline = time.time() + 10
+        while not job.outputs() and time.time() < deadline:
+            time.sleep(0.05)
+        waiting = job.outputs()[0][0]["metadata"]["title"] if job.outputs() else ""
+        assert "Waiting for the model to load" in waiting, "a message sent meanwhile says what it waits for"
         release.set()
         assert job.result(timeout=60), "a message sent during the load is answered once it finishes"
         assert registry.get().get_model_info()["family"] == "qwen3"

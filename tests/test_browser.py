@@ -1,7 +1,9 @@
-"""A real browser (Debian chromium driven by playwright) against the app: streaming, Stop, isolation."""
+"""A real browser (Debian chromium driven by playwright) against the app: streaming, Stop, isolation, saved chats,
+edit and Stop, LaTeX and code, the phone layout."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -55,18 +57,46 @@ def bot_text(page) -> str:
 
 
 def send(page, text: str) -> None:
-    box = page.get_by_role("textbox").last
+    box = page.get_by_placeholder("Type a message…")
     box.fill(text)
     box.press("Enter")
+
+
+def open_page(browser, url, width=1200):
+    page = browser.new_context(viewport={"width": width, "height": 900}, accept_downloads=True).new_page()
+    page.goto(url)
+    page.get_by_placeholder("Type a message…").wait_for(timeout=60_000)
+    time.sleep(1.0)
+    return page
+
+
+def wait_reply(page, count: int) -> str:
+    """Waits until the chat shows ``count`` stats lines; returns the last."""
+    stats = page.locator("#chat .thought-group", has_text="first token")
+    deadline = time.time() + 90
+    while stats.count() < count and time.time() < deadline:
+        time.sleep(0.1)
+    assert stats.count() >= count, f"reply {count} did not finish"
+    time.sleep(0.5)  # the turn's last step saves the chat
+    return stats.nth(count - 1).inner_text()
+
+
+def saved_titles(page) -> list[str]:
+    return [t.strip() for t in page.locator("#chat-list label").all_inner_texts()]
+
+
+def import_file(page, path) -> None:
+    with page.expect_file_chooser() as chooser:
+        page.get_by_role("button", name="Import JSON").click()
+    chooser.value.set_files(str(path))
+    time.sleep(1.5)
 
 
 def test_browser_chat_streams_stops_and_isolates_visitors(page_url, browser):
     url, registry = page_url
     model = registry.get()
     SHOTS.mkdir(exist_ok=True)
-    page = browser.new_page(viewport={"width": 1100, "height": 900})
-    page.goto(url)
-    page.get_by_role("textbox").last.wait_for(timeout=60_000)
+    page = open_page(browser, url, width=1100)
 
     send(page, "The capital of France is")
     lengths = []
@@ -100,10 +130,7 @@ def test_browser_chat_streams_stops_and_isolates_visitors(page_url, browser):
         handle.remove()
     page.screenshot(path=str(SHOTS / "browser-stopped.png"), full_page=True)
 
-    other = browser.new_context().new_page()
-    other.goto(url)
-    other.get_by_role("textbox").last.wait_for(timeout=60_000)
-    time.sleep(1.0)
+    other = open_page(browser, url)
     assert bot_text(other).strip() == "", "a second visitor starts with an empty chat"
     assert "France" not in other.locator(".message-row, .message").all_inner_texts().__str__()
     other.screenshot(path=str(SHOTS / "browser-second-visitor.png"), full_page=True)
@@ -111,9 +138,11 @@ def test_browser_chat_streams_stops_and_isolates_visitors(page_url, browser):
 
 def test_at_phone_width_the_model_info_sits_below_the_dropdown_and_says_base_model(page_url, browser):
     url, _ = page_url
-    page = browser.new_page(viewport={"width": 390, "height": 800})
-    page.goto(url)
-    page.get_by_role("textbox").last.wait_for(timeout=60_000)
+    page = open_page(browser, url, width=390)
+    assert page.locator(".sidebar.open").count() == 0, "on a phone the chats' panel starts closed"
+    picker = page.locator("#model-picker input")
+    assert picker.evaluate("e => getComputedStyle(e).textOverflow") == "ellipsis", "a long model id ends in …"
+    assert picker.evaluate("e => parseFloat(getComputedStyle(e).paddingRight)") >= 24, "…before the arrow"
     dropdown = page.get_by_text("Switching loads the model").bounding_box()
     note = page.locator("p", has_text="This is a base model").first
     info = note.bounding_box()
@@ -122,3 +151,109 @@ def test_at_phone_width_the_model_info_sits_below_the_dropdown_and_says_base_mod
     assert "Qwen/Qwen3-0.6B" in page.content()
     SHOTS.mkdir(exist_ok=True)
     page.screenshot(path=str(SHOTS / "browser-phone.png"), full_page=True)
+
+
+def test_saved_chats_survive_a_reload_and_reopen_with_their_settings_their_cache_and_an_export(
+    page_url, browser, tmp_path
+):
+    url, _ = page_url
+    page = open_page(browser, url)
+    page.get_by_text("System prompt and sampling").click()
+    page.get_by_label("System prompt").fill("You answer in one short sentence.")
+    send(page, "The capital of France is")
+    wait_reply(page, 1)
+    page.get_by_role("button", name="New chat").click()
+    page.get_by_label("System prompt").fill("")
+    send(page, "Rivers of Europe:")
+    wait_reply(page, 1)
+    assert saved_titles(page) == ["Rivers of Europe:", "The capital of France is"]
+
+    page.reload()
+    page.get_by_placeholder("Type a message…").wait_for(timeout=60_000)
+    time.sleep(1.5)
+    assert saved_titles(page) == ["Rivers of Europe:", "The capital of France is"], "the list survives a reload"
+    assert "Rivers of Europe" in bot_text(page) or "Rivers of Europe" in page.locator("#chat").inner_text()
+    page.locator("#chat-list label", has_text="The capital of France is").click()
+    time.sleep(1.0)
+    assert "The capital of France is" in page.locator("#chat").inner_text()
+    page.get_by_text("System prompt and sampling").click()
+    assert page.get_by_label("System prompt").input_value() == "You answer in one short sentence."
+    send(page, "And of Italy?")
+    assert "from cache" in wait_reply(page, 2), "the reopened chat's next turn reuses its cache"
+    page.screenshot(path=str(SHOTS / "browser-saved-chats.png"), full_page=True)
+
+    page.get_by_text("Rename, delete, export, import").click()
+    page.get_by_label("Name of the open chat").fill("Capitals")
+    page.get_by_role("button", name="Rename", exact=True).click()
+    time.sleep(0.8)
+    assert saved_titles(page) == ["Capitals", "Rivers of Europe:"]
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Export JSON").click()
+    exported = tmp_path / "capitals.json"
+    download.value.save_as(exported)
+    body = json.loads(exported.read_text())
+    assert download.value.suggested_filename == "Capitals.json" and body["title"] == "Capitals"
+    assert [m["role"] for m in body["messages"]] == ["system", "user", "assistant", "user", "assistant"]
+    assert body["messages"][0]["content"] == "You answer in one short sentence."
+    assert not any("first token" in m["content"] for m in body["messages"]), "no page notes in the export"
+
+    page.get_by_role("button", name="Delete", exact=True).click()
+    time.sleep(0.8)
+    assert saved_titles(page) == ["Rivers of Europe:"] and "Capitals" not in page.locator("#chat").inner_text()
+    import_file(page, exported)
+    assert saved_titles(page)[0] == "Capitals" and "And of Italy?" in page.locator("#chat").inner_text()
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"role": "tool", "content": "x"}]')
+    import_file(page, bad)
+    page.screenshot(path=str(SHOTS / "browser-bad-import.png"), full_page=True)
+    assert "needs a role" in page.content(), "a bad file gets a clear error"
+    assert len(saved_titles(page)) == 2, "and changes nothing"
+
+
+def test_after_an_edit_the_reply_can_be_stopped_and_is_marked_stopped_with_its_stats(page_url, browser):
+    url, _ = page_url
+    page = open_page(browser, url)
+    send(page, "Hello")
+    wait_reply(page, 1)
+    page.locator(".message-row.user-row").first.hover()
+    page.locator("button[aria-label='Edit']").first.click()
+    page.locator(".message-row.user-row textarea").first.fill("Write a very long story about the sea and the sky.")
+    page.locator("#chat button[aria-label='Submit']").click()
+    stop = page.locator("button.stop-button")
+    stop.wait_for(state="visible", timeout=10_000)
+    time.sleep(0.5)
+    page.screenshot(path=str(SHOTS / "browser-edit-streaming.png"), full_page=True)
+    assert page.locator(".message-row.user-row").count() == 1, "the edited message replaced the first one"
+    stop.click()
+    title = wait_reply(page, 1)
+    assert title.startswith("■ Stopped · ") and "tok/s" in title, title
+    assert not stop.is_visible(), "the send button is back"
+    page.locator("button[aria-label='Retry']").last.click()
+    stop.wait_for(state="visible", timeout=10_000)
+    stop.click()
+    assert "Stopped" in wait_reply(page, 1)
+    page.screenshot(path=str(SHOTS / "browser-stopped-after-retry.png"), full_page=True)
+
+
+def test_replies_render_latex_and_code_blocks_with_a_copy_button(page_url, browser, tmp_path):
+    url, _ = page_url
+    chat = {
+        "title": "Math and code",
+        "messages": [
+            {"role": "user", "content": "Euler?"},
+            {
+                "role": "assistant",
+                "content": "Inline $e^{i\\pi} + 1 = 0$, and\n\n$$\\int_0^1 x^2\\,dx = \\frac{1}{3}$$\n\n"
+                "```python\nprint(1 + 1)\n```",
+            },
+        ],
+    }
+    path = tmp_path / "math.json"
+    path.write_text(json.dumps(chat))
+    page = open_page(browser, url)
+    page.get_by_text("Rename, delete, export, import").click()
+    import_file(page, path)
+    reply = page.locator("#chat .message-row.bot-row").first
+    assert reply.locator(".katex").count() >= 2, "inline and display LaTeX are typeset"
+    assert reply.locator(".copy_code_button").count() >= 1, "the code block has a copy button"
+    page.screenshot(path=str(SHOTS / "browser-latex-code.png"), full_page=True)

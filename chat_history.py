@@ -1,0 +1,180 @@
+"""Saved chats as the page keeps them in the browser, and their export to (import from) OpenAI's messages.
+
+A chat record is plain JSON: ``{"title", "named", "messages", "settings", "updated"}`` under its id, where ``messages``
+are the chat's messages as the page shows them (thinking, stats and notices included, as titled messages) and
+``settings`` the page's controls for it (system prompt, sampling). The export is what another tool reads:
+``{"title", "messages": [OpenAI messages, system prompt first], "settings"}``; an import takes that, or a bare
+list of OpenAI messages.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+import uuid
+from pathlib import Path
+
+MAX_CHATS = 200  # the oldest are dropped beyond this: the browser's storage is small (~5 MB per site)
+MAX_IMPORT_BYTES = 4 * 2**20
+MAX_TITLE = 80
+CHAT_ID = re.compile(r"[0-9a-f]{32}")
+ROLES = ("system", "user", "assistant")
+
+
+def new_chat_id() -> str:
+    return uuid.uuid4().hex
+
+
+def valid_chat_id(value) -> str | None:
+    """The id if it is one this page made (the browser sends it back; anything else is ignored)."""
+    return value if isinstance(value, str) and CHAT_ID.fullmatch(value) else None
+
+
+def text_of(content) -> str:
+    """A message's text: content arrives as a string or a list of typed parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return content.get("text", "") if content.get("type", "text") == "text" else ""
+    if isinstance(content, (list, tuple)):
+        return "".join(text_of(part) for part in content)
+    return ""
+
+
+def is_page_note(message: dict) -> bool:
+    """Thinking, stats and notices: titled messages, the page's own, never sent back to the model."""
+    return bool((message.get("metadata") or {}).get("title"))
+
+
+def title_for(messages: list[dict]) -> str:
+    first = next((text_of(m.get("content")) for m in messages if m.get("role") == "user"), "")
+    words = " ".join(first.split())
+    return (words[: MAX_TITLE - 1] + "…" if len(words) > MAX_TITLE else words) or "New chat"
+
+
+def saved(chats: dict | None) -> dict:
+    """The browser's chats as stored, with anything malformed (an old or edited entry) left out."""
+    if not isinstance(chats, dict):
+        return {}
+    return {
+        key: record
+        for key, record in chats.items()
+        if valid_chat_id(key) and isinstance(record, dict) and isinstance(record.get("messages"), list)
+    }
+
+
+def upsert(chats: dict | None, chat_id: str, messages: list[dict], settings: dict, title: str | None = None) -> dict:
+    """The chats with ``chat_id`` saved (created or updated); the oldest beyond MAX_CHATS go. A chat is named
+    after its first message until it is given a name (``title``, or ``rename``)."""
+    chats = saved(chats)
+    previous = chats.get(chat_id, {})
+    named = bool(title) or bool(previous.get("named"))
+    chats[chat_id] = {
+        "title": title or (previous.get("title") if named else None) or title_for(messages),
+        "named": named,
+        "messages": messages,
+        "settings": settings,
+        "updated": time.time(),
+    }
+    for old in sorted(chats, key=lambda key: chats[key].get("updated", 0))[: max(0, len(chats) - MAX_CHATS)]:
+        del chats[old]
+    return chats
+
+
+def rename(chats: dict | None, chat_id: str, title: str) -> dict:
+    """Raises ValueError for an empty or too long title, or a chat that is not saved."""
+    chats = saved(chats)
+    title = " ".join(str(title or "").split())
+    if not title:
+        raise ValueError("a chat's name cannot be empty")
+    if len(title) > MAX_TITLE:
+        raise ValueError(f"a chat's name has at most {MAX_TITLE} characters")
+    if chat_id not in chats:
+        raise ValueError("open a saved chat first (a chat is saved once it has a message)")
+    chats[chat_id] = {**chats[chat_id], "title": title, "named": True}
+    return chats
+
+
+def delete(chats: dict | None, chat_id: str | None) -> dict:
+    chats = saved(chats)
+    chats.pop(chat_id, None)
+    return chats
+
+
+def choices(chats: dict | None) -> list[tuple[str, str]]:
+    """(title, id) pairs, the most recently used first."""
+    chats = saved(chats)
+    ordered = sorted(chats, key=lambda key: chats[key].get("updated", 0), reverse=True)
+    return [(str(chats[key].get("title") or "New chat"), key) for key in ordered]
+
+
+def openai_messages(messages: list[dict], system_prompt: str = "") -> list[dict]:
+    """The conversation as OpenAI messages: the system prompt first, page notes and thinking left out."""
+    out = [{"role": "system", "content": system_prompt}] if system_prompt and system_prompt.strip() else []
+    for message in messages:
+        if message.get("role") in ("user", "assistant") and not is_page_note(message):
+            out.append({"role": message["role"], "content": text_of(message.get("content"))})
+    return out
+
+
+def export_chat(record: dict) -> str:
+    settings = dict(record.get("settings") or {})
+    body = {
+        "title": record.get("title") or title_for(record.get("messages", [])),
+        "messages": openai_messages(record.get("messages", []), settings.pop("system_prompt", "") or ""),
+        "settings": settings,
+    }
+    return json.dumps(body, ensure_ascii=False, indent=2)
+
+
+def import_chat(data: bytes | str, known_settings: set[str]) -> tuple[str, list[dict], dict]:
+    """(title, the page's messages, settings) from an exported chat or a list of OpenAI messages.
+
+    Raises ValueError saying what is wrong: not JSON, too large, no messages, a role or content it cannot
+    show. Settings it does not know are ignored; the system prompt becomes the setting of that name."""
+    if len(data) > MAX_IMPORT_BYTES:
+        raise ValueError(f"the file is larger than {MAX_IMPORT_BYTES // 2**20} MiB")
+    try:
+        body = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"the file is not JSON ({e})") from e
+    if isinstance(body, list):
+        body = {"messages": body}
+    if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+        raise ValueError('expected an exported chat ({"messages": [...]}) or a list of OpenAI messages')
+    settings = body.get("settings") if isinstance(body.get("settings"), dict) else {}
+    settings = {key: value for key, value in settings.items() if key in known_settings}
+    messages, system = [], []
+    for i, message in enumerate(body["messages"]):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise ValueError(f"messages[{i}] needs a role of {', '.join(ROLES)}")
+        content = message.get("content")
+        if not isinstance(content, (str, list)):
+            raise ValueError(f"messages[{i}].content must be a string or a list of text parts")
+        text = text_of(content)
+        if message["role"] == "system":
+            system.append(text)
+        else:
+            messages.append({"role": message["role"], "content": text})
+    if not any(m["role"] == "user" for m in messages):
+        raise ValueError("the chat has no user message")
+    if system:
+        settings["system_prompt"] = "\n\n".join(system)
+    title = " ".join(str(body.get("title") or "").split())[:MAX_TITLE] or title_for(messages)
+    return title, messages, settings
+
+
+def page_secret(folder: Path) -> str:
+    """The key the browser's saved chats are encrypted with, kept in ``folder`` so they survive a restart of
+    the server (Gradio's default is a new key per start, which would make every saved chat unreadable)."""
+    path = folder / "page-secret"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        secret = secrets.token_urlsafe(24)
+        path.touch(mode=0o600)
+        path.write_text(secret)
+        return secret

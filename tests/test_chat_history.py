@@ -1,0 +1,119 @@
+"""Saved chats (pure logic): names, the list, limits, export to and import from OpenAI messages, bad files."""
+
+from __future__ import annotations
+
+import json
+import stat
+
+import pytest
+
+import chat_history
+from chat_history import export_chat, import_chat, rename, upsert
+
+KNOWN = {"system_prompt", "temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty", "seed", "thinking"}
+PAGE = [
+    {"role": "user", "content": [{"type": "text", "text": "What is the tallest lighthouse?"}]},
+    {"role": "assistant", "content": "Hmm", "metadata": {"title": "💭 Thinking", "status": "done"}},
+    {"role": "assistant", "content": [{"type": "text", "text": "The Jeddah Light, $133\\,m$."}]},
+    {"role": "assistant", "content": "", "metadata": {"title": "0.10 s to first token · 30 tok/s"}},
+]
+
+
+def test_a_chat_is_named_after_its_first_message_until_it_is_renamed():
+    a = chat_history.new_chat_id()
+    chats = upsert({}, a, PAGE[:1], {})
+    assert chats[a]["title"] == "What is the tallest lighthouse?"
+    edited = [{"role": "user", "content": "Tell me about ships"}]
+    chats = upsert(chats, a, edited, {})
+    assert chats[a]["title"] == "Tell me about ships", "an edited first message renames an unnamed chat"
+    chats = rename(chats, a, "  Ships   and sea ")
+    chats = upsert(chats, a, PAGE, {})
+    assert chats[a]["title"] == "Ships and sea", "a name given by hand stays"
+    assert len(chat_history.title_for([{"role": "user", "content": "word " * 100}])) == chat_history.MAX_TITLE
+
+
+def test_the_list_shows_the_most_recent_first_and_drops_the_oldest_beyond_the_limit(monkeypatch):
+    clock = iter(range(10_000))
+    monkeypatch.setattr(chat_history.time, "time", lambda: next(clock))
+    monkeypatch.setattr(chat_history, "MAX_CHATS", 3)
+    chats, ids = {}, [chat_history.new_chat_id() for _ in range(4)]
+    for n, chat_id in enumerate(ids):
+        chats = upsert(chats, chat_id, [{"role": "user", "content": f"chat {n}"}], {})
+    assert [title for title, _ in chat_history.choices(chats)] == ["chat 3", "chat 2", "chat 1"]
+    chats = upsert(chats, ids[1], [{"role": "user", "content": "chat 1"}], {})
+    assert chat_history.choices(chats)[0] == ("chat 1", ids[1])
+    assert chat_history.choices(chat_history.delete(chats, ids[1]))[0][1] == ids[3]
+
+
+def test_bad_names_and_unknown_chats_are_refused_and_change_nothing():
+    a = chat_history.new_chat_id()
+    chats = upsert({}, a, PAGE, {})
+    for title, error in (("   ", "empty"), ("x" * 81, "at most 80"), ("fine", "saved chat")):
+        with pytest.raises(ValueError, match=error):
+            rename(chats, a if title.strip() != "fine" else chat_history.new_chat_id(), title)
+    assert chats[a]["title"] == "What is the tallest lighthouse?"
+
+
+def test_malformed_stored_entries_are_left_out():
+    a = chat_history.new_chat_id()
+    stored = {a: {"messages": PAGE}, "not-an-id": {"messages": []}, chat_history.new_chat_id(): "junk"}
+    assert list(chat_history.saved(stored)) == [a]
+    assert chat_history.saved(None) == {} and chat_history.saved(["a"]) == {}
+    assert chat_history.valid_chat_id("../../etc") is None and chat_history.valid_chat_id(a) == a
+
+
+def test_export_is_openai_messages_without_page_notes_and_imports_back():
+    settings = {"system_prompt": "Be brief.", "temperature": 0.3, "top_k": 7}
+    body = json.loads(export_chat({"title": "Lighthouses", "messages": PAGE, "settings": settings}))
+    assert body["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is the tallest lighthouse?"},
+        {"role": "assistant", "content": "The Jeddah Light, $133\\,m$."},
+    ]
+    assert body["title"] == "Lighthouses" and body["settings"] == {"temperature": 0.3, "top_k": 7}
+    title, messages, imported = import_chat(json.dumps(body).encode(), KNOWN)
+    assert title == "Lighthouses" and imported == settings
+    assert messages == body["messages"][1:]
+
+
+def test_a_bare_list_of_openai_messages_imports_with_text_parts_joined():
+    data = json.dumps(
+        [
+            {"role": "system", "content": "Be kind."},
+            {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]},
+        ]
+    )
+    title, messages, settings = import_chat(data, KNOWN)
+    assert (title, messages, settings) == (
+        "Hi there",
+        [{"role": "user", "content": "Hi there"}],
+        {"system_prompt": "Be kind."},
+    )
+
+
+@pytest.mark.parametrize(
+    "data, error",
+    [
+        (b"\xff\xfe not json", "not JSON"),
+        (b"{not json", "not JSON"),
+        (b'{"title": "x"}', "exported chat"),
+        (b"[]", "no user message"),
+        (b'[{"role": "tool", "content": "x"}]', r"messages\[0\] needs a role"),
+        (b'[{"role": "user", "content": 3}]', r"messages\[0\].content"),
+        (b"[" + b" " * chat_history.MAX_IMPORT_BYTES + b"]", "larger than"),
+    ],
+)
+def test_a_bad_file_gets_a_clear_error(data, error):
+    with pytest.raises(ValueError, match=error):
+        import_chat(data, KNOWN)
+
+
+def test_unknown_settings_in_an_import_are_ignored():
+    data = json.dumps({"messages": [{"role": "user", "content": "hi"}], "settings": {"temperature": 0, "evil": 1}})
+    assert import_chat(data, KNOWN)[2] == {"temperature": 0}
+
+
+def test_the_page_secret_survives_a_restart_and_only_its_owner_reads_it(tmp_path):
+    first = chat_history.page_secret(tmp_path / "cache")
+    assert chat_history.page_secret(tmp_path / "cache") == first and len(first) >= 24
+    assert stat.S_IMODE((tmp_path / "cache" / "page-secret").stat().st_mode) == 0o600
