@@ -212,10 +212,14 @@ class ChatSettings:
     repetition_penalty: float
     seed: int | None
     thinking: bool
+    thinking_budget: int = 0  # max reasoning tokens, 0 = no limit (last, so older /chat callers still fit)
 
     @classmethod
     def from_inputs(cls, values: Sequence) -> ChatSettings:
-        return cls(**dict(zip((f.name for f in fields(cls)), values, strict=True)))
+        names = [f.name for f in fields(cls)]
+        if len(values) > len(names):
+            raise ValueError(f"expected at most {len(names)} settings ({', '.join(names)}), got {len(values)}")
+        return cls(**dict(zip(names, values, strict=False)))
 
     def request(self, model: ChatModel, messages: list[dict], session: SessionKey) -> ChatRequest:
         """The reply's request; oldest turns are dropped to fit. A control still at the default the page shows
@@ -237,6 +241,7 @@ class ChatSettings:
             repetition_penalty=changed("repetition_penalty", float(self.repetition_penalty)),
             seed=None if self.seed in (None, "", -1) else int(self.seed),
             thinking=None if thinking == mode_default else thinking,
+            thinking_budget=int(self.thinking_budget) if thinking and (self.thinking_budget or 0) > 0 else None,
             fit_context=True,
         )
 
@@ -296,13 +301,17 @@ def stats_line(stats, stopped: bool = False) -> str:
 
 
 # A page-only note (stats, notices) is a titled message with nothing to expand: shown as a plain caption, without
-# the box and the expand arrow Gradio gives a message with a title. (A thinking message has content, so it keeps
-# both.)
+# the box and the expand arrow Gradio gives a message with a title. A thinking message keeps both: collapsed, it
+# too shows only its title, but that title always holds a spinner (while it thinks) or a duration (after).
 PAGE_CSS = """
-.message.thought:has(.thought-group > .title:only-child),
-.thought-group:has(> .title:only-child) { border: none; background: none; box-shadow: none; padding: 0 4px; }
-.thought-group > .title:only-child { pointer-events: none; font-size: var(--text-sm); opacity: 0.8; }
-.thought-group > .title:only-child .arrow { display: none; }
+.message.thought:has(.thought-group > .title:only-child):not(:has(.duration, .loading-spinner)),
+.thought-group:has(> .title:only-child):not(:has(.duration, .loading-spinner)) {
+  border: none; background: none; box-shadow: none; padding: 0 4px;
+}
+.thought-group > .title:only-child:not(:has(.duration, .loading-spinner)) {
+  pointer-events: none; font-size: var(--text-sm); opacity: 0.8;
+}
+.thought-group > .title:only-child:not(:has(.duration, .loading-spinner)) .arrow { display: none; }
 #chat-list .wrap { flex-direction: column; align-items: stretch; }
 #model-picker input { text-overflow: ellipsis; padding-right: var(--size-8); }
 """
@@ -314,15 +323,15 @@ def note(title: str) -> gr.ChatMessage:
 
 
 def reply_messages(
-    notes: list, answer: str, reasoning: str, stats, started: float, stopped: bool = False
+    notes: list, answer: str, reasoning: str, stats, thought_s: float | None = None, stopped: bool = False
 ) -> list[gr.ChatMessage]:
-    """One reply as the chat shows it: notices, the collapsible thinking, the answer, the stats line (marked
-    when Stop ended the reply)."""
+    """One reply as the chat shows it: notices, the collapsible thinking (``thought_s``: how long it thought,
+    None while it still does), the answer, the stats line (marked when Stop ended the reply)."""
     shown = list(notes)
     if reasoning:
-        thought = {"title": "💭 Thinking", "status": "done" if answer else "pending"}
-        if answer:
-            thought["duration"] = round(time.perf_counter() - started, 1)
+        thought = {"title": "💭 Thinking", "status": "pending"}
+        if thought_s is not None:
+            thought.update(status="done", duration=max(0.1, round(thought_s, 1)))
         shown.append(gr.ChatMessage(role="assistant", content=reasoning, metadata=thought))
     shown.append(gr.ChatMessage(role="assistant", content=answer))
     if stats is not None:
@@ -384,7 +393,7 @@ class Replies:
         except RuntimeError as e:
             raise gr.Error(str(e)) from e
         if not self._begin(tab):  # Stop was pressed before the reply started
-            yield reply_messages([], "", "", None, 0.0, stopped=True)
+            yield reply_messages([], "", "", None, stopped=True)
             return
         messages = to_messages(settings.system_prompt, history, message)
         try:
@@ -400,7 +409,7 @@ class Replies:
         stream = self.registry.metrics.track(stream, "page")
         if not self._hold(tab, stream):  # Stop was pressed while the reply was being prepared
             stream.close()
-            yield reply_messages([], "", "", None, 0.0, stopped=True)
+            yield reply_messages([], "", "", None, stopped=True)
             return
         notes = []
         if stream.dropped_turns:
@@ -410,19 +419,23 @@ class Replies:
                     f"model's context of {model.info.context_length} tokens"
                 )
             )
-        answer, reasoning, started = "", "", time.perf_counter()
+        answer, reasoning, started, thought_s = "", "", time.perf_counter(), None
         try:
             for chunk in stream:
                 answer += chunk.text
                 reasoning += chunk.reasoning
+                if thought_s is None and (answer or chunk.finish_reason):
+                    thought_s = time.perf_counter() - started
                 stopped = chunk.finish_reason == "cancelled"
-                yield reply_messages(notes, answer, reasoning, chunk.stats, started, stopped)
+                yield reply_messages(notes, answer, reasoning, chunk.stats, thought_s, stopped)
         except BackendError as e:
-            yield reply_messages([*notes, note(f"⚠️ {e}")], answer, reasoning, None, started)
+            thought_s = thought_s or time.perf_counter() - started
+            yield reply_messages([*notes, note(f"⚠️ {e}")], answer, reasoning, None, thought_s)
         except Exception as e:  # shown as one line in the chat; the traceback goes to the server log
             log.exception("generation failed")
+            thought_s = thought_s or time.perf_counter() - started
             failure = note(f"⚠️ internal error while generating ({type(e).__name__}); see the server log")
-            yield reply_messages([*notes, failure], answer, reasoning, None, started)
+            yield reply_messages([*notes, failure], answer, reasoning, None, thought_s)
         finally:
             self._release(tab, stream)
 
@@ -493,14 +506,17 @@ class Replies:
 
 
 def family_controls(model: ChatModel, thinking: bool | None = None) -> tuple:
-    """Updates for temperature, top-p, top-k and the thinking box: the defaults shown for ``model`` in a
-    thinking mode (None: its default mode)."""
+    """Updates for temperature, top-p, top-k, the thinking box and its budget: the defaults shown for ``model``
+    in a thinking mode (None: its default mode)."""
     shown = shown_defaults(model, thinking)
+    # A remote model's upstream has no budget field; only a local model that thinks offers one.
+    budget = model.capabilities.thinking and model.family is not None
     return (
         gr.update(value=shown["temperature"]),
         gr.update(value=shown["top_p"]),
         gr.update(value=shown["top_k"]),
         gr.update(visible=model.capabilities.thinking, value=shown["thinking"]),
+        gr.update(visible=budget),
     )
 
 
@@ -574,11 +590,23 @@ def settings_panel(registry: ModelRegistry) -> dict[str, gr.components.Component
                 1.0, 2.0, value=shown["repetition_penalty"], step=0.05, label="Repetition penalty"
             )
             controls["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1 = random)")
-    controls["thinking"] = gr.Checkbox(
-        value=shown["thinking"],
-        visible=can_think,
-        label="Thinking (reasoning shown collapsed, never sent back to the model)",
-    )
+    with gr.Row(equal_height=True):
+        controls["thinking"] = gr.Checkbox(
+            value=shown["thinking"],
+            visible=can_think,
+            label="Thinking (reasoning shown collapsed, never sent back to the model)",
+            scale=3,
+        )
+        controls["thinking_budget"] = gr.Number(
+            value=0,
+            minimum=0,
+            precision=0,
+            visible=can_think and registry.model.family is not None,
+            label="Thinking budget (tokens, 0 = no limit)",
+            info="After this many tokens of reasoning the model is told to answer.",
+            scale=2,
+            min_width=200,
+        )
     return controls
 
 
@@ -853,7 +881,7 @@ def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
             model = registry.switch(model_id, progress=lambda f, msg: progress(f, desc=msg))
         except (ModelLoadError, ValueError, KeyError) as e:
             gr.Warning(f"Could not load {model_id}: {e}. Still serving {registry.current_id}.")
-            return (gr.update(value=registry.current_id), *[gr.update()] * 4, info_text(registry))
+            return (gr.update(value=registry.current_id), *[gr.update()] * 5, info_text(registry))
         gr.Info(f"Now serving {model_id}")
         return (gr.update(value=model_id), *family_controls(model), info_text(registry))
 
@@ -862,7 +890,7 @@ def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
         try:
             model = registry.wait_ready(timeout=600)
         except RuntimeError:
-            return (gr.update(), *[gr.update()] * 4, info_text(registry))
+            return (gr.update(), *[gr.update()] * 5, info_text(registry))
         own = (chat_history.saved(chats).get(chat_id) or {}).get("settings") or {}
         defaults = family_controls(model)
         shown = [
@@ -872,7 +900,7 @@ def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
         thinking = defaults[3]
         if "thinking" in own and model.capabilities.thinking:
             thinking = gr.update(visible=True, value=bool(own["thinking"]))
-        return (gr.update(value=registry.current_id), *shown, thinking, info_text(registry))
+        return (gr.update(value=registry.current_id), *shown, thinking, defaults[4], info_text(registry))
 
     with gr.Blocks(title="Local LLM chat", fill_height=True) as demo:
         history = history_panel(config.page_secret or chat_history.page_secret(cache_root()))
@@ -884,7 +912,8 @@ def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
         settings = [controls[f.name] for f in fields(ChatSettings)]
         api_chat(replies, settings, config.concurrency)
         sampling = [controls[name] for name in SAMPLING]
-        dropdown.input(switch_model, [dropdown], [dropdown, *sampling, controls["thinking"], info], concurrency_limit=1)
+        mode = [controls["thinking"], controls["thinking_budget"]]
+        dropdown.input(switch_model, [dropdown], [dropdown, *sampling, *mode, info], concurrency_limit=1)
         mode_defaults = lambda thinking: family_controls(registry.get(), bool(thinking))[:3]  # noqa: E731
         controls["thinking"].input(mode_defaults, [controls["thinking"]], sampling, **hidden)
         demo.load(
@@ -895,7 +924,7 @@ def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
         ).then(
             on_load,
             [panel.chat_id, panel.chats],
-            [dropdown, *sampling, controls["thinking"], info],
+            [dropdown, *sampling, *mode, info],
             api_visibility="undocumented",
             concurrency_limit=None,
         )

@@ -157,13 +157,15 @@ class ChatModel(ABC):
         repetition_penalty=None,
         seed=None,
         enable_thinking=None,
+        thinking_budget=None,
         stop=None,
     ) -> ChatStream:
         """Streams the model's reply to ``messages`` (the last one from the user) as Chunk objects.
 
         Unset sampling fields take the family's recommended values. Raises ValueError for bad input before
         any work starts and before the session is touched. With ``session_id`` (a Python caller's own name)
-        the session's cache is reused for the longest common token prefix.
+        the session's cache is reused for the longest common token prefix. ``thinking_budget`` caps the
+        reasoning in tokens, after which the model is told to answer.
         """
         if session_id is not None and not isinstance(session_id, str):
             raise ValueError(f"session_id must be a string, not {type(session_id).__name__}")
@@ -177,6 +179,7 @@ class ChatModel(ABC):
             repetition_penalty=repetition_penalty,
             seed=seed,
             thinking=enable_thinking,
+            thinking_budget=thinking_budget,
             stop=stop,
         )
         return self.stream(request)

@@ -126,6 +126,41 @@ class Constraint(Protocol):
         """Follows the token that was chosen."""
 
 
+class ThinkingBudget:
+    """A Constraint that lets reasoning run for at most ``budget`` tokens, then makes the model write
+    ``cutoff`` (token ids ending with ``end_id``, the end-of-thinking token) one forced token at a time, so the
+    cache and its ledger hold exactly what was written. ``inner`` (a grammar waiting for the end of thinking)
+    sees every token and applies after it."""
+
+    def __init__(self, budget: int, cutoff: Sequence[int], end_id: int, inner: Constraint | None = None):
+        self.left = budget
+        self.cutoff = tuple(cutoff)
+        self.end_id = end_id
+        self.inner = inner
+        self.forced: int | None = None  # index into cutoff while writing it
+        self.done = False
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.done or self.forced is None:
+            return logits if self.inner is None else self.inner.mask(logits)
+        only = torch.full_like(logits, float("-inf"), dtype=torch.float32)
+        only[self.cutoff[self.forced]] = 0.0
+        return only
+
+    def advance(self, token: int) -> None:
+        if not self.done:
+            if token == self.end_id:  # written by the model or forced: the reasoning is over
+                self.done = True
+            elif self.forced is not None:
+                self.forced += 1
+            else:
+                self.left -= 1
+                if self.left <= 0:
+                    self.forced = 0
+        if self.inner is not None:
+            self.inner.advance(token)
+
+
 class DecodeRun:
     """One reply's decode. Iterating yields token ids (the stop token included, last); afterwards
     ``finish_reason`` is "stop", "length" or "cancelled", ``cached_tokens`` the prompt tokens reused.

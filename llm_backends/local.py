@@ -20,7 +20,7 @@ from . import tools as tool_calls
 from .backend import Capabilities, ChatModel, ChatStream, ModelInfo
 from .chunks import Chunk, Stats, TokenLogprob
 from .constrained import Grammars
-from .engine import Engine, Runner
+from .engine import Engine, Runner, ThinkingBudget
 from .errors import BackendError
 from .families.base import Family
 from .request import ChatRequest, SessionKey
@@ -71,6 +71,11 @@ class LocalModel(ChatModel):
         self.think_ids = (
             tuple(tokenizer.convert_tokens_to_ids(t) for t in family.think_tags) if family.think_tags else None
         )
+        self.cutoff_ids = ()  # forced when a thinking budget is spent: up to the end-of-thinking token
+        if self.think_ids:
+            cutoff = tokenizer(family.thinking_cutoff or family.think_tags[1], add_special_tokens=False)["input_ids"]
+            if self.think_ids[1] in cutoff:
+                self.cutoff_ids = tuple(cutoff[: cutoff.index(self.think_ids[1]) + 1])
         self.user_turn_ids = (
             tuple(tokenizer(family.user_turn, add_special_tokens=False)["input_ids"]) if family.user_turn else ()
         )
@@ -164,6 +169,10 @@ class LocalModel(ChatModel):
         if grammar is not None:
             wait_for = think_ids[1] if think_ids and request.thinking else None
             constraint = self.grammars.constraint(grammar, wait_for)
+        if request.thinking_budget is not None and request.thinking and think_ids:
+            if not self.cutoff_ids:
+                raise ValueError("this model's tokenizer cannot write its end-of-thinking tag: no thinking_budget")
+            constraint = ThinkingBudget(request.thinking_budget, self.cutoff_ids, think_ids[1], constraint)
         reply = ReplyText(
             self.tokenizer,
             think_ids=think_ids,

@@ -93,7 +93,10 @@ class RemoteChatModel(ChatModel):
         return None
 
     def body(self, request: ChatRequest) -> dict:
-        """The upstream request: what the caller set, nothing the upstream should default itself."""
+        """The upstream request: what the caller set, nothing the upstream should default itself. ValueError for
+        what OpenAI-compatible servers have no field for (a thinking budget)."""
+        if request.thinking_budget is not None:
+            raise ValueError("thinking_budget is not supported for a remote model (the upstream has no such field)")
         sampling = request.sampling
         fields = {
             "model": self.model_name,

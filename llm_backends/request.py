@@ -65,6 +65,8 @@ class ChatRequest:
     ``response_format`` (None, or json_object / json_schema) and a forcing ``tool_choice`` ("required" or a
     function's name) constrain the answer; ``tools`` are offered to the model ("auto") or not ("none").
     ``logprobs`` None: none; N: each answer token's log-probability and its N likeliest alternatives.
+    ``thinking_budget``: at most this many tokens of reasoning, after which the model is told to answer (None:
+    no limit; always None when the reply does not think).
     """
 
     messages: tuple[dict, ...]
@@ -79,6 +81,7 @@ class ChatRequest:
     tools: tuple[dict, ...] | None = None
     tool_choice: str | None = None
     logprobs: int | None = None
+    thinking_budget: int | None = None
 
 
 def build_request(
@@ -102,6 +105,7 @@ def build_request(
     tools=None,
     tool_choice=None,
     logprobs=None,
+    thinking_budget=None,
 ) -> ChatRequest:
     """The validated request; raises ValueError naming the first bad field, before anything is touched.
 
@@ -142,6 +146,9 @@ def build_request(
         ),
         seed=_optional(_integer, "seed", seed, 0, 2**63 - 1),
     )
+    budget = _optional(_integer, "thinking_budget", thinking_budget, 1, limit)
+    if budget is not None and family is not None and not family.can_think:
+        raise ValueError(f"thinking_budget needs a model that thinks; {family.name} models do not")
     checked_tools = tool_calls.check_tools(tools)
     if checked_tools and prompt is not None:
         raise ValueError("tools need messages, not a raw prompt")
@@ -158,6 +165,7 @@ def build_request(
         tools=checked_tools,
         tool_choice=tool_calls.check_tool_choice(tool_choice, checked_tools),
         logprobs=_optional(_integer, "top_logprobs", logprobs, 0, MAX_TOP_LOGPROBS),
+        thinking_budget=budget if thinking is not False else None,
     )
 
 

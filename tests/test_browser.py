@@ -81,6 +81,12 @@ def wait_reply(page, count: int) -> str:
     return stats.nth(count - 1).inner_text()
 
 
+def is_caption(note) -> bool:
+    """A page note shown as a plain line: no expand arrow, no box."""
+    boxed = note.evaluate("e => getComputedStyle(e).borderTopStyle") != "none"
+    return not note.locator(".arrow").is_visible() and not boxed
+
+
 def saved_titles(page) -> list[str]:
     return [t.strip() for t in page.locator("#chat-list label").all_inner_texts()]
 
@@ -110,7 +116,7 @@ def test_browser_chat_streams_stops_and_isolates_visitors(page_url, browser):
     assert len(growth) >= 3, f"the reply should grow in several steps, saw lengths {growth}"
     page.screenshot(path=str(SHOTS / "browser-reply.png"), full_page=True)
     stats = page.locator(".thought-group", has_text="to first token").last
-    assert stats.is_visible() and not stats.locator(".arrow").is_visible(), "stats are a plain caption"
+    assert stats.is_visible() and is_caption(stats), "stats are a plain caption"
 
     calls = []
     handle = model.model.get_output_embeddings().register_forward_hook(lambda *args: calls.append(1))
@@ -257,3 +263,29 @@ def test_replies_render_latex_and_code_blocks_with_a_copy_button(page_url, brows
     assert reply.locator(".katex").count() >= 2, "inline and display LaTeX are typeset"
     assert reply.locator(".copy_code_button").count() >= 1, "the code block has a copy button"
     page.screenshot(path=str(SHOTS / "browser-latex-code.png"), full_page=True)
+
+
+@pytest.fixture(scope="module")
+def qwen_page_url(qwen3_dir):
+    registry = ModelRegistry([str(qwen3_dir)], max_cache_bytes=2**27)
+    registry.switch(registry.ids[0])
+    config = app.AppConfig(port=free_port(), concurrency=2)
+    demo = app.serve(config, registry, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{config.port}/"
+    demo.close()
+
+
+def test_a_thinking_budget_cuts_the_reasoning_which_opens_on_a_click_while_stats_stay_a_caption(qwen_page_url, browser):
+    page = open_page(browser, qwen_page_url)
+    page.get_by_text("System prompt and sampling").click()
+    page.get_by_label("Temperature (0 = greedy)").first.fill("0")  # the tiny model's greedy reply thinks on
+    page.get_by_label("Thinking budget (tokens, 0 = no limit)").fill("3")
+    send(page, "Why is the sky blue?")
+    wait_reply(page, 1)
+    thinking = page.locator("#chat .thought-group", has_text="Thinking").first
+    assert thinking.locator(".arrow").is_visible(), "the thinking message keeps its arrow"
+    thinking.locator(".title").click()
+    assert "Considering the limited time by the user" in thinking.inner_text(timeout=5_000)
+    stats = page.locator("#chat .thought-group", has_text="first token").last
+    assert is_caption(stats), "the stats line stays a caption"
+    page.screenshot(path=str(SHOTS / "browser-thinking-budget.png"), full_page=True)

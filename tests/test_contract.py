@@ -355,6 +355,7 @@ def test_the_chat_api_parameters_follow_chat_settings(qwen3_dir):
         "repetition_penalty": "Repetition penalty",
         "seed": "Seed (-1 = random)",
         "thinking": "Thinking (reasoning shown collapsed, never sent back to the model)",
+        "thinking_budget": "Thinking budget (tokens, 0 = no limit)",
     }
     assert labels == [expected[f.name] for f in settings]
 

@@ -21,7 +21,9 @@ class Family:
 
     ``fallback_chat_template`` is used only when a checkpoint ships no chat template;
     ``think_tags`` names the tokens that open and close reasoning (None: the family cannot think);
-    ``user_turn`` is how the template begins a user's turn (restore points are kept there).
+    ``user_turn`` is how the template begins a user's turn (restore points are kept there);
+    ``thinking_cutoff`` is what the model is made to write when its thinking budget is spent, up to the closing
+    think tag (default: just that tag).
     """
 
     name: str
@@ -32,6 +34,7 @@ class Family:
     think_tags: tuple[str, str] | None = None
     fallback_chat_template: str | None = None
     user_turn: str | None = None
+    thinking_cutoff: str | None = None
 
     @property
     def can_think(self) -> bool:

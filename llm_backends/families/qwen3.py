@@ -11,4 +11,9 @@ FAMILY = Family(
     thinking_sampling=SamplingDefaults(temperature=0.6, top_p=0.95, top_k=20),
     think_tags=("<think>", "</think>"),
     user_turn="<|im_start|>user",
+    # The words Qwen's own documentation inserts when a thinking budget runs out.
+    thinking_cutoff=(
+        "\n\nConsidering the limited time by the user, I have to give the solution based on the thinking "
+        "directly now.\n</think>\n\n"
+    ),
 )
