@@ -521,8 +521,9 @@ def family_controls(model: ChatModel, thinking: bool | None = None) -> tuple:
 
 
 BASE_MODEL_NOTE = (
-    "ℹ️ This is a **base model**: it continues text rather than answering questions, so its replies can wander "
-    "or repeat. For a real chat, where the Hugging Face Hub is reachable: "
+    "ℹ️ This is a **base model**: it continues text rather than following instructions. It is asked in a plain "
+    "Question/Answer transcript, which keeps short factual questions on topic; longer requests wander or repeat. "
+    "For a real chat, where the Hugging Face Hub is reachable: "
     "`python app.py --model Qwen/Qwen3-0.6B`"
 )
 
@@ -574,7 +575,7 @@ def settings_panel(registry: ModelRegistry) -> dict[str, gr.components.Component
     if registry.model is not None:
         shown = shown_defaults(registry.model, None)
     can_think = registry.model is not None and registry.model.capabilities.thinking
-    with gr.Accordion("System prompt and sampling", open=False):
+    with gr.Accordion("System prompt and sampling", open=True, elem_id="settings"):
         controls = {"system_prompt": gr.Textbox("", label="System prompt", lines=2)}
         with gr.Row():
             controls["temperature"] = gr.Slider(
@@ -617,8 +618,11 @@ LATEX = [
     {"left": "$", "right": "$", "display": False},
     {"left": "\\(", "right": "\\)", "display": False},
 ]
-# On a phone the chats' panel starts closed (its toggle opens it over the chat).
-CLOSE_PANEL_ON_PHONES = """() => {
+# Gradio mounts an accordion's contents when it is first opened, and an update sent to a control not mounted yet
+# can be lost (a reopened chat's system prompt would silently not apply). So the accordions are built open and
+# closed once the page has mounted them. On a phone the chats' panel starts closed (its toggle opens it).
+SETTLE_LAYOUT = """() => {
+  for (const id of ["settings", "chat-tools"]) document.querySelector(`#${id} .label-wrap.open`)?.click();
   if (window.innerWidth < 768) document.querySelector(".sidebar.open .toggle-button")?.click();
 }"""
 # The export leaves the server as a file download made in the browser: the chat never touches the server's disk.
@@ -665,7 +669,7 @@ def history_panel(secret: str) -> dict:
     with gr.Sidebar(label="Chats", open=True, width=280):
         parts["new_chat"] = gr.Button("+ New chat", variant="primary", size="sm")
         parts["picker"] = gr.Radio([], value=None, label="Saved in this browser", elem_id="chat-list")
-        with gr.Accordion("Rename, delete, export, import", open=False):
+        with gr.Accordion("Rename, delete, export, import", open=True, elem_id="chat-tools"):
             parts["title"] = gr.Textbox(label="Name of the open chat", max_lines=1, max_length=chat_history.MAX_TITLE)
             with gr.Row():
                 parts["rename"] = gr.Button("Rename", size="sm")
@@ -928,7 +932,7 @@ def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
             api_visibility="undocumented",
             concurrency_limit=None,
         )
-        demo.load(None, None, None, js=CLOSE_PANEL_ON_PHONES, **hidden)
+        demo.load(None, None, None, js=SETTLE_LAYOUT, **hidden)
         demo.unload(replies.forget)
     demo.queue(default_concurrency_limit=config.concurrency, max_size=256)
     return demo

@@ -46,7 +46,7 @@ class ModelInfo:
 class Capabilities:
     """What a backend can do with a request: reason before answering (a thinking toggle), read images;
     ``base_model``: the checkpoint ships no chat template (a pretrained, not instruction-tuned, model: it
-    continues text rather than answering, and runs on its family's fallback template)."""
+    continues text rather than answering, and is asked in a plain Question:/Answer: transcript)."""
 
     thinking: bool = False
     images: bool = False

@@ -22,7 +22,7 @@ from .chunks import Chunk, Stats, TokenLogprob
 from .constrained import Grammars
 from .engine import Engine, Runner, ThinkingBudget
 from .errors import BackendError
-from .families.base import Family
+from .families.base import BASE_MODEL_STOP, BASE_MODEL_TEMPLATE, BASE_MODEL_TURN, Family
 from .request import ChatRequest, SessionKey
 from .session_cache import SessionStore, common_prefix_len
 from .text_stream import ReplyText
@@ -62,8 +62,10 @@ class LocalModel(ChatModel):
         self.tokenizer = tokenizer
         self.family = family
         self.info = info
-        self.capabilities = Capabilities(thinking=family.can_think, base_model=not tokenizer.chat_template)
-        self.chat_template = tokenizer.chat_template or family.fallback_chat_template
+        base = not tokenizer.chat_template
+        self.capabilities = Capabilities(thinking=family.can_think and not base, base_model=base)
+        self.chat_template = BASE_MODEL_TEMPLATE if base else tokenizer.chat_template
+        self.template_stops = BASE_MODEL_STOP if base else ()  # a base model's reply ends at the next question
         stop_ids = {tokenizer.convert_tokens_to_ids(t) for t in family.stop_tokens} | set(eos_ids)
         stop_ids.add(tokenizer.eos_token_id)
         stop_ids -= {None, tokenizer.unk_token_id}
@@ -76,9 +78,8 @@ class LocalModel(ChatModel):
             cutoff = tokenizer(family.thinking_cutoff or family.think_tags[1], add_special_tokens=False)["input_ids"]
             if self.think_ids[1] in cutoff:
                 self.cutoff_ids = tuple(cutoff[: cutoff.index(self.think_ids[1]) + 1])
-        self.user_turn_ids = (
-            tuple(tokenizer(family.user_turn, add_special_tokens=False)["input_ids"]) if family.user_turn else ()
-        )
+        user_turn = BASE_MODEL_TURN if base else family.user_turn
+        self.user_turn_ids = tuple(tokenizer(user_turn, add_special_tokens=False)["input_ids"]) if user_turn else ()
         self.engine = Engine(runner, stop_ids=self.stop_ids)
         self.sessions = SessionStore(max_cache_bytes, max_sessions, disk_tier)
         if disk_tier is not None:  # what is still in memory when the process ends goes to disk too
@@ -164,7 +165,8 @@ class LocalModel(ChatModel):
         left = self.info.context_length - len(prompt_ids)
         params = replace(request.sampling, max_new_tokens=min(request.sampling.max_new_tokens, left))
         grammar = self.grammars.for_request(request.response_format, request.tools, request.tool_choice)
-        think_ids = None if request.prompt is not None else self.think_ids
+        # Raw text, and a base model asked in its plain transcript, are continued as written: no reasoning split.
+        think_ids = None if request.prompt is not None or self.capabilities.base_model else self.think_ids
         constraint = None
         if grammar is not None:
             wait_for = think_ids[1] if think_ids and request.thinking else None
@@ -176,8 +178,8 @@ class LocalModel(ChatModel):
         reply = ReplyText(
             self.tokenizer,
             think_ids=think_ids,
-            thinking=bool(request.thinking),
-            stop=request.stop,
+            thinking=bool(request.thinking) and think_ids is not None,
+            stop=request.stop if request.prompt is not None else request.stop + self.template_stops,
             raw=request.prompt is not None,
         )
         cancel = threading.Event()

@@ -178,9 +178,6 @@ def load(target: str | None, options: LoadOptions) -> LocalModel:
             if stored:
                 int8_weights.store(model, stored)
     parameters = model.llm_chat_parameters
-    if not (tokenizer.chat_template or family.fallback_chat_template):
-        raise ModelLoadError(f"{where.name} ships no chat template and its family ({family.name}) has no fallback")
-
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     info = ModelInfo(
         name=where.name,

@@ -53,7 +53,7 @@ def answer_of(messages) -> str:
 def test_streamed_multi_turn_chat_on_the_embedded_default(server):
     url, registry = server
     client = Client(url, verbose=False)
-    first, updates = chat(client, "The capital of France is")
+    first, updates = chat(client, "Tell me about the history of lighthouses.")
     assert len(updates) >= 3, "the reply arrives in several steps"
     stats = [m for m in first if "to first token" in (m.get("metadata") or {}).get("title", "")]
     assert stats and answer_of(first).strip()

@@ -104,7 +104,7 @@ def test_browser_chat_streams_stops_and_isolates_visitors(page_url, browser):
     SHOTS.mkdir(exist_ok=True)
     page = open_page(browser, url, width=1100)
 
-    send(page, "The capital of France is")
+    send(page, "Tell me about the history of lighthouses.")
     lengths = []
     deadline = time.time() + 90
     while time.time() < deadline:

@@ -15,19 +15,28 @@ PARAGRAPH = (
 )
 
 
-def test_embedded_model_loads_offline_with_gemma_turn_format(embedded):
+def test_embedded_base_model_is_asked_in_a_question_answer_transcript_and_stops_at_the_next_question(embedded):
     info = embedded.get_model_info()
     assert info["family"] == "gemma3" and info["name"] == "gemma-3-270m" and info["source"] == "embedded"
-    assert embedded.tokenizer.chat_template is None, "the base model ships no template: the fallback serves"
-    ids = embedded.render([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
-    text = embedded.tokenizer.decode(ids)
-    assert text == "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
+    assert embedded.tokenizer.chat_template is None and embedded.capabilities.base_model
+    conversation = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": " Paris"},
+        {"role": "user", "content": "And of Italy?"},
+    ]
+    text = embedded.tokenizer.decode(embedded.render(conversation))
+    assert text == "<bos>Be brief.\n\nQuestion: What is the capital of France?\nAnswer: Paris\n\n" + (
+        "Question: And of Italy?\nAnswer:"
+    )
+    reply = "".join(c.text for c in embedded.stream_chat(conversation[1:2], temperature=0, max_new_tokens=48))
+    assert "Paris" in reply and "Question:" not in reply, reply
 
 
 def test_embedded_model_streams_in_several_chunks(embedded):
     chunks = list(
         embedded.stream_chat(
-            [{"role": "user", "content": "The capital of France is"}], temperature=0, max_new_tokens=16
+            [{"role": "user", "content": "Tell me about the history of lighthouses."}], temperature=0, max_new_tokens=16
         )
     )
     assert sum(1 for c in chunks if c.text) >= 3

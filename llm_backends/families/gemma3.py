@@ -2,8 +2,9 @@
 
 from .base import Family, SamplingDefaults
 
-# Gemma's documented turn format. Gemma has no system role: the system prompt is folded into the first user
-# turn, as the official template does. Base checkpoints (the embedded default) ship no template at all.
+# Gemma's documented turn format (what instruction-tuned checkpoints ship; the tests' tiny models use it). Gemma
+# has no system role: the system prompt is folded into the first user turn, as the official template does. Base
+# checkpoints (the embedded default) ship no template and are asked in families.base.BASE_MODEL_TEMPLATE.
 GEMMA3_TEMPLATE = (
     "{{ bos_token }}"
     "{%- if messages[0]['role'] == 'system' -%}"
@@ -28,6 +29,5 @@ FAMILY = Family(
     stop_tokens=("<end_of_turn>",),
     # Google's recommended settings for Gemma 3.
     sampling=SamplingDefaults(temperature=1.0, top_p=0.95, top_k=64),
-    fallback_chat_template=GEMMA3_TEMPLATE,
     user_turn="<start_of_turn>user",
 )
