@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -39,6 +40,8 @@ ENV = {
     "concurrency": "LLM_CONCURRENCY",
     "api_key": "LLM_API_KEY",
     "insecure_no_auth": "LLM_INSECURE_NO_AUTH",
+    "admins": "LLM_ADMINS",
+    "models_dir": "LLM_MODELS_DIR",
 }
 TRUE = {"1", "true", "yes", "on"}
 
@@ -58,6 +61,8 @@ class AppConfig:
     insecure_no_auth: bool = False
     on_spaces: bool = False
     page_secret: str | None = None  # encrypts the chats saved in browsers; kept in the user cache folder if unset
+    admins: list[str] = field(default_factory=list)
+    models_dir: str | None = None
 
 
 def _auth_pairs(values: Sequence[str]) -> list[tuple[str, str]]:
@@ -136,6 +141,19 @@ def parse_args(argv: Sequence[str] | None = None, env: dict | None = None) -> Ap
         default=None,
         help="allow --share or a non-loopback --host without --auth (trusted networks only) [LLM_INSECURE_NO_AUTH]",
     )
+    parser.add_argument(
+        "--admin",
+        action="append",
+        dest="admins",
+        metavar="USER",
+        help="a login (of --auth) that may load and free models from the page (repeatable); without logins, "
+        "the person at a local server may [LLM_ADMINS, comma-separated]",
+    )
+    parser.add_argument(
+        "--models-dir",
+        help="the folder the page may load checkpoint folders and .gguf files from (default: none; Hub repo ids "
+        "only) [LLM_MODELS_DIR]",
+    )
     args = parser.parse_args(argv)
 
     def pick(name, cast=str):
@@ -160,6 +178,16 @@ def parse_args(argv: Sequence[str] | None = None, env: dict | None = None) -> Ap
     config.api_keys = [k.strip() for k in keys if k.strip()]
     config.insecure_no_auth = bool(pick("insecure_no_auth", bool))
     config.page_secret = env.get("LLM_PAGE_SECRET") or None  # not a flag: a command line is visible to others
+    admins = args.admins or env.get(ENV["admins"], "").split(",")
+    config.admins = [a.strip() for a in admins if a.strip()]
+    config.models_dir = pick("models_dir")
+    if config.admins and not config.auth:
+        raise SystemExit("--admin names logins: add them with --auth user:password")
+    unknown = set(config.admins) - {user for user, _ in config.auth}
+    if unknown:
+        raise SystemExit(f"--admin names no login of --auth: {', '.join(sorted(unknown))}")
+    if config.models_dir and not Path(config.models_dir).is_dir():
+        raise SystemExit(f"--models-dir {config.models_dir} is not a folder")
     if config.concurrency < 1:
         raise SystemExit("--concurrency must be at least 1")
     if config.quantization not in QUANTIZATIONS:
@@ -194,6 +222,62 @@ def check_exposure(config: AppConfig) -> None:
         "Add a login with --auth user:password (repeatable), or --auth FILE with one user:password per line "
         "(or LLM_AUTH).\nOn a trusted private network, --insecure-no-auth overrides this."
     )
+
+
+def is_exposed(config: AppConfig) -> bool:
+    """Whether people other than the one at this machine can reach the page."""
+    return config.share or not is_loopback(config.host) or config.on_spaces
+
+
+def is_operator(request: gr.Request, config: AppConfig) -> bool:
+    """Who may load and free models from the page: with logins, the ones named by --admin; without, the one
+    person at a local server (nobody on a server others reach without logins)."""
+    if config.auth:
+        return bool(request.username) and request.username in config.admins
+    return not is_exposed(config)
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def page_source(text: str, models_dir: str | None) -> str:
+    """What the operator typed as a model source: a checkpoint folder or .gguf file inside the models folder, or a
+    Hub repo id. Raises ValueError for anything else (absolute paths, a way out of the folder, backends such as
+    openai: that would make the server fetch an address)."""
+    text = (text or "").strip()
+    if not text:
+        raise ValueError("type a folder or .gguf file of the models folder, or a Hub repo id (org/name)")
+    if models_dir and not Path(text).is_absolute():
+        root = Path(models_dir).resolve()
+        candidate = (root / text).resolve()  # links are followed, so one pointing out of the folder is refused
+        if candidate.is_relative_to(root) and candidate != root and candidate.exists():
+            return str(candidate)
+    if HUB_ID.fullmatch(text) and ".." not in text:
+        return text
+    if models_dir:
+        raise ValueError(
+            f"{text!r} is neither a folder or .gguf file inside the models folder ({models_dir}) nor a Hub repo id"
+        )
+    raise ValueError("only Hub repo ids (org/name) load from the page; --models-dir names a folder to load from")
+
+
+def available_models(models_dir: str | None) -> list[str]:
+    """What the operator can load without typing: the models folder's checkpoints and .gguf files, and the
+    Hugging Face cache's model repos."""
+    names = []
+    if models_dir:
+        root = Path(models_dir).resolve()
+        for path in sorted(Path(models_dir).iterdir()):
+            inside = path.resolve().is_relative_to(root)
+            if inside and ((path.is_dir() and (path / "config.json").is_file()) or path.suffix == ".gguf"):
+                names.append(path.name)
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        names += sorted(repo.repo_id for repo in scan_cache_dir().repos if repo.repo_type == "model")
+    except Exception:  # no cache folder yet, or one it cannot read: nothing cached to offer
+        pass
+    return names
 
 
 # --- the page ---------------------------------------------------------------------------------------------------
@@ -529,6 +613,8 @@ BASE_MODEL_NOTE = (
 
 
 def info_text(registry: ModelRegistry) -> str:
+    if registry.unloaded:
+        return "⏹ No model is loaded (the operator freed it): choose one in the Model list."
     if registry.model is None:
         return f"⏳ {registry.load_error or f'loading {registry.loading or registry.ids[0]}…'}"
     info = registry.get().info
@@ -564,7 +650,7 @@ def model_header(registry: ModelRegistry) -> tuple[gr.Dropdown, gr.Markdown]:
                 elem_id="model-picker",
             )
         with gr.Column(scale=2, min_width=300):
-            info = gr.Markdown(info_text(registry))
+            info = gr.Markdown(info_text(registry), elem_id="model-info")
     return dropdown, info
 
 
@@ -854,6 +940,69 @@ def wire_history(panel: ChatPanel, replies: Replies, controls: dict) -> None:
     panel.chat_id.change  # noqa: B018 (kept in the browser; read by the events above)
 
 
+def operator_panel(config: AppConfig) -> dict:
+    """Loading and freeing models from the page: shown only to the operator (``is_operator``), who is checked
+    again by every handler."""
+    parts = {}
+    with gr.Accordion("Models (operator)", open=True, visible=False, elem_id="operator") as parts["panel"]:
+        where = f"the models folder ({config.models_dir})" if config.models_dir else "no models folder (--models-dir)"
+        parts["source"] = gr.Dropdown(
+            available_models(config.models_dir),
+            value=None,
+            allow_custom_value=True,
+            label="Load a model",
+            info=f"A checkpoint folder or .gguf file of {where}, or a Hub repo id (downloaded with progress)",
+        )
+        with gr.Row():
+            parts["load"] = gr.Button("Load", size="sm", variant="primary")
+            parts["unload"] = gr.Button("Free the current model", size="sm")
+    return parts
+
+
+def wire_operator(parts: dict, registry: ModelRegistry, config: AppConfig, header: list) -> None:
+    """``header``: the model dropdown, sampling controls, thinking controls and info, as switch_model updates
+    them."""
+    told = {"api_visibility": "private", "concurrency_limit": 1}
+    unchanged = [gr.skip()] * (len(header) + 1)
+
+    def refuse(request: gr.Request) -> bool:
+        if is_operator(request, config):
+            return False
+        gr.Warning("Only the operator of this server can load or free models.")
+        return True
+
+    def load(text, request: gr.Request, progress=gr.Progress()):  # noqa: B008 (Gradio injects it)
+        if refuse(request):
+            return unchanged
+        try:
+            source = page_source(text, config.models_dir)
+        except ValueError as e:
+            gr.Warning(f"Could not load: {e}")
+            return unchanged
+        model_id = registry.add(source)
+        try:
+            model = registry.switch(model_id, progress=lambda f, msg: progress(f, desc=msg))
+        except Exception as e:  # ModelLoadError, ValueError, a download that failed: the current model serves on
+            registry.remove(model_id)
+            serving = registry.current_id or "nothing"
+            gr.Warning(f"Could not load {text}: {e}. Still serving {serving}.")
+            return (gr.update(choices=registry.ids, value=registry.current_id), *unchanged[1:])
+        gr.Info(f"Now serving {model_id}")
+        listed = gr.update(choices=available_models(config.models_dir), value=None)
+        return (gr.update(choices=registry.ids, value=model_id), *family_controls(model), info_text(registry), listed)
+
+    def unload(request: gr.Request):
+        if refuse(request):
+            return unchanged
+        freed = registry.unload()
+        gr.Info(f"Freed {freed}" if freed else "No model was loaded")
+        return (gr.update(value=None), *[gr.update()] * (len(header) - 2), info_text(registry), gr.skip())
+
+    outputs = [*header, parts["source"]]
+    parts["load"].click(load, [parts["source"]], outputs, **told)
+    parts["unload"].click(unload, None, outputs, **told)
+
+
 def api_chat(replies: Replies, settings: list, concurrency: int) -> None:
     """The ``/chat`` endpoint for gradio_client: the message and the settings in; the reply's messages out,
     streamed. The conversation so far is kept per client (in its Gradio session)."""
@@ -877,17 +1026,20 @@ SAMPLING = ("temperature", "top_p", "top_k")
 def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
     """The page: saved chats at the side; model dropdown, chat, sampling accordion, thinking toggle, stats under
     each reply."""
-    replies = Replies(registry, exposed=config.share or not is_loopback(config.host) or config.on_spaces)
+    replies = Replies(registry, exposed=is_exposed(config))
     hidden = {"queue": False, "api_visibility": "undocumented"}
 
     def switch_model(model_id, progress=gr.Progress()):  # noqa: B008 (Gradio injects it)
         try:
             model = registry.switch(model_id, progress=lambda f, msg: progress(f, desc=msg))
         except (ModelLoadError, ValueError, KeyError) as e:
-            gr.Warning(f"Could not load {model_id}: {e}. Still serving {registry.current_id}.")
+            gr.Warning(f"Could not load {model_id}: {e}. Still serving {registry.current_id or 'nothing'}.")
             return (gr.update(value=registry.current_id), *[gr.update()] * 5, info_text(registry))
         gr.Info(f"Now serving {model_id}")
         return (gr.update(value=model_id), *family_controls(model), info_text(registry))
+
+    def show_operator(request: gr.Request):
+        return gr.update(visible=is_operator(request, config))
 
     def on_load(chat_id, chats):
         """Once the model is ready: its family's defaults, then the open chat's own settings over them."""
@@ -911,6 +1063,7 @@ def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
         dropdown, info = model_header(registry)
         chatbot, textbox = chat_area()
         controls = settings_panel(registry)
+        operator = operator_panel(config)
         panel = ChatPanel(chatbot=chatbot, textbox=textbox, **history)
         wire_chat(panel, replies, controls, config)
         settings = [controls[f.name] for f in fields(ChatSettings)]
@@ -918,6 +1071,7 @@ def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
         sampling = [controls[name] for name in SAMPLING]
         mode = [controls["thinking"], controls["thinking_budget"]]
         dropdown.input(switch_model, [dropdown], [dropdown, *sampling, *mode, info], concurrency_limit=1)
+        wire_operator(operator, registry, config, [dropdown, *sampling, *mode, info])
         mode_defaults = lambda thinking: family_controls(registry.get(), bool(thinking))[:3]  # noqa: E731
         controls["thinking"].input(mode_defaults, [controls["thinking"]], sampling, **hidden)
         demo.load(
@@ -933,6 +1087,7 @@ def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
             concurrency_limit=None,
         )
         demo.load(None, None, None, js=SETTLE_LAYOUT, **hidden)
+        demo.load(show_operator, None, operator["panel"], **hidden)
         demo.unload(replies.forget)
     demo.queue(default_concurrency_limit=config.concurrency, max_size=256)
     return demo

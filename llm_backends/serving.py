@@ -41,11 +41,7 @@ class ModelRegistry:
             raise ValueError("at least one model source is needed")
         self.entries: dict[str, Entry] = {}
         for source in sources:
-            base = label = label_for(source)
-            n = 2
-            while label in self.entries:
-                label, n = f"{base} #{n}", n + 1
-            self.entries[label] = Entry(label, source)
+            self._register(source)
         self._load = load
         self._load_kwargs = load_kwargs
         self._lock = threading.Lock()
@@ -54,11 +50,42 @@ class ModelRegistry:
         self.loading: str | None = None
         self.load_error: str | None = None
         self._ready = threading.Event()
+        self._ever_loaded = False
         self.metrics = Metrics(lambda: self.model)
+
+    def _register(self, source: str | None) -> str:
+        base = label = label_for(source)
+        n = 2
+        while label in self.entries:
+            label, n = f"{base} #{n}", n + 1
+        self.entries[label] = Entry(label, source)
+        return label
 
     @property
     def ids(self) -> list[str]:
         return list(self.entries)
+
+    def add(self, source: str) -> str:
+        """The id of ``source``: the registered one, or a new entry (the operator loaded it from the page)."""
+        known = [entry.id for entry in self.entries.values() if entry.source == source]
+        return known[0] if known else self._register(source)
+
+    def remove(self, model_id: str) -> None:
+        """Forgets an entry that is not being served (a load from the page that failed, or one freed)."""
+        if model_id != self.current_id and len(self.entries) > 1:
+            self.entries.pop(model_id, None)
+
+    def unload(self) -> str | None:
+        """Frees the served model and its caches; nothing serves until a model is chosen. Returns its id."""
+        with self._lock:
+            previous, model_id = self.model, self.current_id
+            self.model, self.current_id = None, None
+            self._ready.clear()
+        if previous is not None:
+            previous.clear_cache()
+            del previous
+            _free_memory()
+        return model_id
 
     def resolve(self, name: str) -> str:
         """A registered id for ``name``: the id itself, "default" (the first entry), or an id's short form
@@ -93,6 +120,7 @@ class ModelRegistry:
             finally:
                 self.loading = None
             previous, self.model, self.current_id = self.model, model, model_id
+            self._ever_loaded = True
             self._ready.set()
         if previous is not None:
             previous.clear_cache()
@@ -100,8 +128,16 @@ class ModelRegistry:
             _free_memory()
         return model
 
+    @property
+    def unloaded(self) -> bool:
+        """The operator freed the served model and none is loading."""
+        return self.model is None and self.loading is None and self._ever_loaded
+
     def wait_ready(self, timeout: float | None = None) -> ChatModel:
-        """The loaded model, waiting up to ``timeout`` s for a first load; RuntimeError if none arrives."""
+        """The loaded model, waiting up to ``timeout`` s for a load under way; RuntimeError if none arrives
+        (at once when nothing is loading: the operator freed the model)."""
+        if self.unloaded:
+            raise RuntimeError("no model is loaded: choose one in the Model list")
         if self.model is None and not self._ready.wait(timeout):
             raise RuntimeError(self.load_error or "the model is still loading")
         return self.get()

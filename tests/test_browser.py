@@ -266,10 +266,12 @@ def test_replies_render_latex_and_code_blocks_with_a_copy_button(page_url, brows
 
 
 @pytest.fixture(scope="module")
-def qwen_page_url(qwen3_dir):
+def qwen_page_url(qwen3_dir, gemma3_dir, tmp_path_factory):
     registry = ModelRegistry([str(qwen3_dir)], max_cache_bytes=2**27)
     registry.switch(registry.ids[0])
-    config = app.AppConfig(port=free_port(), concurrency=2)
+    models = tmp_path_factory.mktemp("models")
+    shutil.copytree(gemma3_dir, models / "tiny-gemma3")
+    config = app.AppConfig(port=free_port(), concurrency=2, models_dir=str(models))
     demo = app.serve(config, registry, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{config.port}/"
     demo.close()
@@ -289,3 +291,27 @@ def test_a_thinking_budget_cuts_the_reasoning_which_opens_on_a_click_while_stats
     stats = page.locator("#chat .thought-group", has_text="first token").last
     assert is_caption(stats), "the stats line stays a caption"
     page.screenshot(path=str(SHOTS / "browser-thinking-budget.png"), full_page=True)
+
+
+def test_the_operator_loads_a_model_from_the_models_folder_and_frees_it(qwen_page_url, browser):
+    page = open_page(browser, qwen_page_url)
+    panel = page.locator("#operator")
+    assert panel.is_visible(), "the one person at a local server is its operator"
+    source = page.get_by_label("Load a model")
+    source.fill("../../etc")
+    page.get_by_role("button", name="Load", exact=True).click()
+    page.get_by_text("is neither a folder").wait_for(timeout=10_000)
+    assert "qwen3" in page.locator("#model-info").inner_text(), "a refused source leaves the model serving"
+    source.fill("tiny-gemma3")
+    page.get_by_role("button", name="Load", exact=True).click()
+    page.get_by_text("Now serving tiny-gemma3").wait_for(timeout=30_000)
+    assert "gemma3" in page.locator("#model-info").inner_text()
+    assert not page.get_by_label("Thinking budget (tokens, 0 = no limit)").is_visible(), "Gemma does not think"
+    page.screenshot(path=str(SHOTS / "browser-operator-loaded.png"), full_page=True)
+    page.get_by_role("button", name="Free the current model").click()
+    page.get_by_text("No model is loaded").wait_for(timeout=10_000)
+    page.locator("#model-picker input").click()
+    page.get_by_role("option").first.click()
+    page.get_by_text("Now serving").last.wait_for(timeout=30_000)
+    send(page, "Hello")
+    assert "first token" in wait_reply(page, 1), "a model chosen again serves"
