@@ -41,9 +41,11 @@ ENV = {
     "api_key": "LLM_API_KEY",
     "insecure_no_auth": "LLM_INSECURE_NO_AUTH",
     "admins": "LLM_ADMINS",
+    "page_secret": "LLM_PAGE_SECRET",
     "models_dir": "LLM_MODELS_DIR",
 }
 TRUE = {"1", "true", "yes", "on"}
+MODEL_WAIT_S = 600  # how long a reply or a page waits for a model that is loading
 
 
 @dataclass
@@ -177,7 +179,7 @@ def parse_args(argv: Sequence[str] | None = None, env: dict | None = None) -> Ap
     keys = args.api_key or env.get(ENV["api_key"], "").split(",")
     config.api_keys = [k.strip() for k in keys if k.strip()]
     config.insecure_no_auth = bool(pick("insecure_no_auth", bool))
-    config.page_secret = env.get("LLM_PAGE_SECRET") or None  # not a flag: a command line is visible to others
+    config.page_secret = env.get(ENV["page_secret"]) or None  # not a flag: a command line is visible to others
     admins = args.admins or env.get(ENV["admins"], "").split(",")
     config.admins = [a.strip() for a in admins if a.strip()]
     config.models_dir = pick("models_dir")
@@ -252,7 +254,8 @@ def page_source(text: str, models_dir: str | None) -> str:
         candidate = (root / text).resolve()  # links are followed, so one pointing out of the folder is refused
         if candidate.is_relative_to(root) and candidate != root and candidate.exists():
             return str(candidate)
-    if HUB_ID.fullmatch(text) and ".." not in text:
+    # A repo id that names an existing path would be loaded from there (relative to the server's folder).
+    if HUB_ID.fullmatch(text) and not any(part in (".", "..") for part in text.split("/")) and not Path(text).exists():
         return text
     if models_dir:
         raise ValueError(
@@ -285,8 +288,8 @@ def available_models(models_dir: str | None) -> list[str]:
 
 @dataclass(frozen=True)
 class ChatSettings:
-    """The page's controls for one reply. Their order here is the order of ChatInterface's
-    ``additional_inputs`` (and of the ``/chat`` API's parameters after the message): both are built from it."""
+    """The page's controls for one reply, as saved with a chat. Their order here is the order of the chat
+    events' inputs after the history (and of the ``/chat`` API's parameters after the message)."""
 
     system_prompt: str
     temperature: float
@@ -325,10 +328,28 @@ class ChatSettings:
             repetition_penalty=changed("repetition_penalty", float(self.repetition_penalty)),
             seed=None if self.seed in (None, "", -1) else int(self.seed),
             thinking=None if thinking == mode_default else thinking,
-            thinking_budget=int(self.thinking_budget) if thinking and (self.thinking_budget or 0) > 0 else None,
+            # Remote upstreams have no budget field: a budget left from a local model is not sent to one.
+            thinking_budget=int(self.thinking_budget)
+            if thinking and model.family is not None and (self.thinking_budget or 0) > 0
+            else None,
             fit_context=True,
         )
 
+
+# The types a saved or imported chat's settings may have (anything else is left out: chat_history.clean_settings).
+NUMBER = (int, float)
+SETTING_KINDS = {
+    "system_prompt": (str,),
+    "temperature": NUMBER,
+    "top_p": NUMBER,
+    "top_k": NUMBER,
+    "max_new_tokens": NUMBER,
+    "repetition_penalty": NUMBER,
+    "seed": (*NUMBER, type(None)),
+    "thinking": (bool,),
+    "thinking_budget": NUMBER,
+}
+assert set(SETTING_KINDS) == {f.name for f in fields(ChatSettings)}, "each setting has its kinds"
 
 # What the controls show before a model says otherwise, and for a model whose family is unknown (remote).
 PLACEHOLDERS = {
@@ -473,7 +494,7 @@ class Replies:
         if self.registry.model is None:
             yield [note("⏳ Waiting for the model to load (the header shows its progress)…")]
         try:
-            model = self.registry.wait_ready(timeout=600)
+            model = self.registry.wait_ready(timeout=MODEL_WAIT_S)
         except RuntimeError as e:
             raise gr.Error(str(e)) from e
         if not self._begin(tab):  # Stop was pressed before the reply started
@@ -612,11 +633,18 @@ BASE_MODEL_NOTE = (
 )
 
 
+def progress_text(registry: ModelRegistry) -> str:
+    if registry.progress is None:
+        return ""
+    fraction, message = registry.progress
+    return f" {message} ({fraction:.0%})"
+
+
 def info_text(registry: ModelRegistry) -> str:
     if registry.unloaded:
         return "⏹ No model is loaded (the operator freed it): choose one in the Model list."
     if registry.model is None:
-        return f"⏳ {registry.load_error or f'loading {registry.loading or registry.ids[0]}…'}"
+        return f"⏳ {registry.load_error or f'loading {registry.loading or registry.ids[0]}…{progress_text(registry)}'}"
     info = registry.get().info
     weights = {
         "fp16": "weights in fp16, sums in fp32",
@@ -632,6 +660,8 @@ def info_text(registry: ModelRegistry) -> str:
     if info.context_length:
         parts.append(f"context {info.context_length}")
     line = " · ".join(parts)
+    if registry.loading and registry.loading != registry.current_id:
+        line += f"\n\n⏳ switching to {registry.loading}…{progress_text(registry)}"
     if registry.get().capabilities.base_model:
         line += "\n\n" + BASE_MODEL_NOTE
     return line
@@ -783,8 +813,9 @@ def settings_of(values: Sequence) -> dict:
 
 
 def saved_settings(controls: dict, settings: dict | None) -> list:
-    """Updates putting a saved chat's settings back in the controls (left as they are where it has none)."""
-    settings = settings or {}
+    """Updates putting a saved chat's settings back in the controls (left as they are where it has none, or
+    where the browser's copy holds a value of the wrong type)."""
+    settings = chat_history.clean_settings(settings, SETTING_KINDS)
     return [gr.update(value=settings[f.name]) if f.name in settings else gr.update() for f in fields(ChatSettings)]
 
 
@@ -807,13 +838,15 @@ def wire_chat(panel: ChatPanel, replies: Replies, controls: dict, config: AppCon
             pass
 
     def busy(yes: bool, **textbox) -> list:
-        return [gr.update(submit_btn=not yes, stop_btn=yes, **textbox), *[gr.update(interactive=not yes)] * 5]
+        """While a reply streams nothing else may start a turn: the box offers Stop only."""
+        box = gr.update(submit_btn=not yes, stop_btn=yes, interactive=not yes, **textbox)
+        return [box, *[gr.update(interactive=not yes)] * len(panel.locked)]
 
     def begin(request: gr.Request, history: list, chat_id, text, **textbox) -> tuple:
         """The turn's first step: the person's message shown at once, Stop offered; nothing if it is empty."""
         text = text_of(text).strip()
-        if not text:
-            return (*[gr.skip()] * (len(panel.locked) + 3), False)
+        if not text:  # nothing to send: the page stays as it is (a turn under way keeps its flag)
+            return (*[gr.skip()] * (len(panel.locked) + 3), gr.skip())
         replies.announce(request)
         chat_id = valid_chat_id(chat_id) or chat_history.new_chat_id()
         return (*busy(True, **textbox), [*history, {"role": "user", "content": text}], chat_id, True)
@@ -917,7 +950,7 @@ def wire_history(panel: ChatPanel, replies: Replies, controls: dict) -> None:
 
     def import_(data, chats):
         try:
-            title, messages, imported = chat_history.import_chat(data, {f.name for f in fields(ChatSettings)})
+            title, messages, imported = chat_history.import_chat(data, SETTING_KINDS)
         except ValueError as e:
             gr.Warning(f"Could not import the chat: {e}")
             return [gr.skip()] * (len(opened) + 1)
@@ -937,7 +970,6 @@ def wire_history(panel: ChatPanel, replies: Replies, controls: dict) -> None:
         export, [panel.chat_id, panel.chatbot, panel.chats, *settings], [panel.export_text, panel.title], **told
     ).then(None, [panel.export_text, panel.title], None, js=DOWNLOAD_JS, **quick)
     panel.importer.upload(import_, [panel.importer, panel.chats], [panel.chats, *opened], **told)
-    panel.chat_id.change  # noqa: B018 (kept in the browser; read by the events above)
 
 
 def operator_panel(config: AppConfig) -> dict:
@@ -945,14 +977,8 @@ def operator_panel(config: AppConfig) -> dict:
     again by every handler."""
     parts = {}
     with gr.Accordion("Models (operator)", open=True, visible=False, elem_id="operator") as parts["panel"]:
-        where = f"the models folder ({config.models_dir})" if config.models_dir else "no models folder (--models-dir)"
-        parts["source"] = gr.Dropdown(
-            available_models(config.models_dir),
-            value=None,
-            allow_custom_value=True,
-            label="Load a model",
-            info=f"A checkpoint folder or .gguf file of {where}, or a Hub repo id (downloaded with progress)",
-        )
+        # Empty until the operator opens the page: what a component is built with reaches every visitor.
+        parts["source"] = gr.Dropdown([], value=None, allow_custom_value=True, label="Load a model")
         with gr.Row():
             parts["load"] = gr.Button("Load", size="sm", variant="primary")
             parts["unload"] = gr.Button("Free the current model", size="sm")
@@ -979,11 +1005,13 @@ def wire_operator(parts: dict, registry: ModelRegistry, config: AppConfig, heade
         except ValueError as e:
             gr.Warning(f"Could not load: {e}")
             return unchanged
+        known = set(registry.ids)
         model_id = registry.add(source)
         try:
             model = registry.switch(model_id, progress=lambda f, msg: progress(f, desc=msg))
         except Exception as e:  # ModelLoadError, ValueError, a download that failed: the current model serves on
-            registry.remove(model_id)
+            if model_id not in known:  # an entry this load made; a configured one stays in the list
+                registry.remove(model_id)
             serving = registry.current_id or "nothing"
             gr.Warning(f"Could not load {text}: {e}. Still serving {serving}.")
             return (gr.update(choices=registry.ids, value=registry.current_id), *unchanged[1:])
@@ -1039,15 +1067,22 @@ def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
         return (gr.update(value=model_id), *family_controls(model), info_text(registry))
 
     def show_operator(request: gr.Request):
-        return gr.update(visible=is_operator(request, config))
+        if not is_operator(request, config):
+            return gr.update(visible=False), gr.update()
+        where = f"the models folder ({config.models_dir})" if config.models_dir else "no models folder (--models-dir)"
+        listed = gr.update(
+            choices=available_models(config.models_dir),
+            info=f"A checkpoint folder or .gguf file of {where}, or a Hub repo id (downloaded with progress)",
+        )
+        return gr.update(visible=True), listed
 
     def on_load(chat_id, chats):
         """Once the model is ready: its family's defaults, then the open chat's own settings over them."""
         try:
-            model = registry.wait_ready(timeout=600)
+            model = registry.wait_ready(timeout=MODEL_WAIT_S)
         except RuntimeError:
             return (gr.update(), *[gr.update()] * 5, info_text(registry))
-        own = (chat_history.saved(chats).get(chat_id) or {}).get("settings") or {}
+        own = chat_history.clean_settings((chat_history.saved(chats).get(chat_id) or {}).get("settings"), SETTING_KINDS)
         defaults = family_controls(model)
         shown = [
             gr.update(value=own[name]) if name in own else update
@@ -1087,7 +1122,15 @@ def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
             concurrency_limit=None,
         )
         demo.load(None, None, None, js=SETTLE_LAYOUT, **hidden)
-        demo.load(show_operator, None, operator["panel"], **hidden)
+        demo.load(show_operator, None, [operator["panel"], operator["source"]], **hidden)
+        # While a model loads (the embedded one converts once, ~90 s) the header shows its progress each second.
+        ticker = gr.Timer(1.0)
+        ticker.tick(
+            lambda: (info_text(registry), gr.Timer(active=registry.loading is not None)),
+            None,
+            [info, ticker],
+            **hidden,
+        )
         demo.unload(replies.forget)
     demo.queue(default_concurrency_limit=config.concurrency, max_size=256)
     return demo

@@ -16,8 +16,11 @@ import time
 import uuid
 from pathlib import Path
 
-MAX_CHATS = 200  # the oldest are dropped beyond this: the browser's storage is small (~5 MB per site)
-MAX_IMPORT_BYTES = 4 * 2**20
+MAX_CHATS = 200  # the oldest are dropped beyond this, or beyond MAX_STORED_BYTES
+# A browser keeps ~5 MB per site, and Gradio stores the chats encrypted and base64-encoded (a third larger): past
+# that every later save would fail without a word, so the oldest chats go first.
+MAX_STORED_BYTES = 3 * 2**20
+MAX_IMPORT_BYTES = 2**20
 MAX_TITLE = 80
 CHAT_ID = re.compile(r"[0-9a-f]{32}")
 ROLES = ("system", "user", "assistant")
@@ -78,7 +81,12 @@ def upsert(chats: dict | None, chat_id: str, messages: list[dict], settings: dic
         "settings": settings,
         "updated": time.time(),
     }
-    for old in sorted(chats, key=lambda key: chats[key].get("updated", 0))[: max(0, len(chats) - MAX_CHATS)]:
+    sizes = {key: len(json.dumps(record, ensure_ascii=False).encode()) for key, record in chats.items()}
+    total = sum(sizes.values())
+    for old in sorted(chats, key=lambda key: chats[key].get("updated", 0)):
+        if len(chats) <= MAX_CHATS and total <= MAX_STORED_BYTES or old == chat_id:
+            break
+        total -= sizes[old]
         del chats[old]
     return chats
 
@@ -129,11 +137,34 @@ def export_chat(record: dict) -> str:
     return json.dumps(body, ensure_ascii=False, indent=2)
 
 
-def import_chat(data: bytes | str, known_settings: set[str]) -> tuple[str, list[dict], dict]:
+def clean_settings(settings, kinds: dict[str, tuple[type, ...]]) -> dict:
+    """The settings whose name the page knows and whose value has a type it takes (``kinds``: name -> types);
+    the rest are left out. Ranges are checked when a reply is asked for, with a message naming the field."""
+    clean = {}
+    for name, value in settings.items() if isinstance(settings, dict) else ():
+        kind = kinds.get(name, ())
+        if isinstance(value, kind) and not (isinstance(value, bool) and bool not in kind):
+            clean[name] = value
+    return clean
+
+
+def _text(content, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    parts = content if isinstance(content, list) else None
+    if parts is None or not all(
+        isinstance(p, dict) and p.get("type", "text") == "text" and isinstance(p.get("text"), str) for p in parts
+    ):
+        raise ValueError(f"{where}.content must be a string or a list of text parts")
+    return "".join(p["text"] for p in parts)
+
+
+def import_chat(data: bytes | str, kinds: dict[str, tuple[type, ...]]) -> tuple[str, list[dict], dict]:
     """(title, the page's messages, settings) from an exported chat or a list of OpenAI messages.
 
     Raises ValueError saying what is wrong: not JSON, too large, no messages, a role or content it cannot
-    show. Settings it does not know are ignored; the system prompt becomes the setting of that name."""
+    show. Settings it does not know, or of a type it does not take, are left out (``clean_settings``); the
+    system prompt becomes the setting of that name."""
     if len(data) > MAX_IMPORT_BYTES:
         raise ValueError(f"the file is larger than {MAX_IMPORT_BYTES // 2**20} MiB")
     try:
@@ -144,16 +175,12 @@ def import_chat(data: bytes | str, known_settings: set[str]) -> tuple[str, list[
         body = {"messages": body}
     if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
         raise ValueError('expected an exported chat ({"messages": [...]}) or a list of OpenAI messages')
-    settings = body.get("settings") if isinstance(body.get("settings"), dict) else {}
-    settings = {key: value for key, value in settings.items() if key in known_settings}
+    settings = clean_settings(body.get("settings"), kinds)
     messages, system = [], []
     for i, message in enumerate(body["messages"]):
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             raise ValueError(f"messages[{i}] needs a role of {', '.join(ROLES)}")
-        content = message.get("content")
-        if not isinstance(content, (str, list)):
-            raise ValueError(f"messages[{i}].content must be a string or a list of text parts")
-        text = text_of(content)
+        text = _text(message.get("content"), f"messages[{i}]")
         if message["role"] == "system":
             system.append(text)
         else:
@@ -168,13 +195,18 @@ def import_chat(data: bytes | str, known_settings: set[str]) -> tuple[str, list[
 
 def page_secret(folder: Path) -> str:
     """The key the browser's saved chats are encrypted with, kept in ``folder`` so they survive a restart of
-    the server (Gradio's default is a new key per start, which would make every saved chat unreadable)."""
+    the server (Gradio's default is a new key per start, which would make every saved chat unreadable). The page
+    hands this key to the browser: it keeps other sites' scripts from reading the chats, not someone at the same
+    browser profile."""
     path = folder / "page-secret"
     try:
-        return path.read_text().strip()
+        secret = path.read_text().strip()
     except FileNotFoundError:
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        secret = secrets.token_urlsafe(24)
-        path.touch(mode=0o600)
-        path.write_text(secret)
+        secret = ""
+    if secret:
         return secret
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(24)
+    path.touch(mode=0o600)
+    path.write_text(secret)
+    return secret

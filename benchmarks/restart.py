@@ -49,6 +49,7 @@ def second(folder: str, answer: str) -> None:
             "cached": last.stats.cached_tokens,
         }
     rows["disk"] = model.cache_info()["disk"]
+    rows["hits"] = model.cache_info()["hits"]  # by tier: the warm turn's prefix should be a disk hit
     print(json.dumps(rows))
 
 
@@ -69,6 +70,7 @@ def main() -> None:
     print(f"| returning session, --cache-dir | {warm['prompt']} | {warm['cached']} | {warm['ttft_s']:.3f} |")
     print(f"| same prompt, cold | {cold['prompt']} | {cold['cached']} | {cold['ttft_s']:.3f} |")
     print(f"\nwarm / cold: 1/{cold['ttft_s'] / warm['ttft_s']:.1f} (target: at most 1/5); disk: {two['disk']}")
+    print(f"cache hits by tier after the restart: {two['hits']}")
 
 
 if __name__ == "__main__":

@@ -110,6 +110,7 @@ def script(precision: str, device: str | None) -> dict:
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "turns": turns,
         "follow_up": follow_up,
+        "cache_hits": model.cache_info()["hits"],  # where each warm turn's prefix came from, by tier
         "batched_steps": rows,
         "quality": teacher_forced(logits.cpu(), quality_ids),
         "quality_ids": quality_ids,
@@ -333,14 +334,18 @@ def markdown(results: dict) -> str:
         "",
         f"Short follow-up ({FOLLOW_UP!r}) after the 8 turns:",
         "",
-        "| precision | prompt tokens | cached | warm TTFT s | cold TTFT s | cold / warm | same answer |",
-        "|---|---|---|---|---|---|---|",
+        "| precision | prompt tokens | cached | warm TTFT s | cold TTFT s | cold / warm | same answer "
+        "| cache hits: memory / disk / shared / none |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for run in results["precisions"]:
         f = run["follow_up"]
+        hits = run.get("cache_hits") or {}
+        tiers = " / ".join(str(hits.get(tier, "–")) for tier in ("memory", "disk", "shared", "none"))
         lines.append(
             f"| {run['precision']} | {f['prompt_tokens']} | {f['cached_tokens']} | {f['ttft_warm_s']:.3f} | "
-            f"{f['ttft_cold_s']:.3f} | {f['ttft_cold_s'] / f['ttft_warm_s']:.1f}× | {f['same_answer_as_cold']} |"
+            f"{f['ttft_cold_s']:.3f} | {f['ttft_cold_s'] / f['ttft_warm_s']:.1f}× | {f['same_answer_as_cold']} "
+            f"| {tiers} |"
         )
     quality = [r for r in results["precisions"] + [results.get("peer") or {}] if r.get("quality")]
     if quality:

@@ -8,7 +8,8 @@ A backend (transformers and MLX through ``local.LocalModel``, an OpenAI-compatib
 - ``stream(request) -> ChatStream``: the reply to a ``ChatRequest``; raises ValueError before any work when
   the request cannot be served (too long, unsupported), BackendError while streaming when generation fails;
 - ``count_tokens(request)``: the prompt's token count, or None where the backend cannot count;
-- ``cache_info()`` and ``clear_sessions(session=None)``.
+- ``cache_info()`` and ``clear_sessions(session=None)`` (every session's cache gone, on disk too), and
+  ``release()`` where memory only should be let go.
 
 Everything else here (``stream_chat``, ``create``, ``get_model_info``, ``request``) is written once on top of
 those. The page and ``/v1`` use nothing else, so a new backend is one file plus one line in ``registry.py``.
@@ -134,6 +135,11 @@ class ChatModel(ABC):
     @abstractmethod
     def clear_sessions(self, session: SessionKey | None = None) -> None:
         """Drops one session's cache, or every session's."""
+
+    def release(self) -> None:
+        """Lets go of what the sessions hold in memory (the server switches to another model). Backends without
+        a disk tier drop them; one with a disk tier writes them there first, so they resume later."""
+        self.clear_sessions()
 
     def clear_cache(self, session: SessionKey | str | None = None) -> None:
         """Drops one session's cache (a string names a Python caller's own, as ``stream_chat``'s

@@ -4,8 +4,9 @@ stops) and read back when that session returns, also after a restart.
 Each file holds one session's token ids and KV states, behind a SHA-256 of its bytes and the identity of the
 model that computed them (checkpoint files, precision, this code and the library versions), so a damaged
 file or one from another model is ignored with a log line, never loaded. A file's name is a hash of the
-model identity and the session key (which includes the person), so it tells nobody whose session it is, and
-one person's key never finds another's file. The folder is kept under a byte budget, oldest file first.
+model identity (so one model's files can all be removed) and a hash of the identity with the session key
+(which includes the person), so it tells nobody whose session it is, and one person's key never finds
+another's file. The folder is kept under a byte budget, oldest file first.
 """
 
 from __future__ import annotations
@@ -38,9 +39,20 @@ class DiskTier:
         self.writes = self.reads = self.rejected = 0
         self._lock = threading.Lock()
 
+    @property
+    def _model_prefix(self) -> str:
+        return hashlib.sha256(self.identity.encode()).hexdigest()[:16]
+
     def path(self, key: Hashable) -> Path:
         name = hashlib.sha256(f"{self.identity}\0{key!r}".encode()).hexdigest()
-        return self.folder / f"{name}.kv"
+        return self.folder / f"{self._model_prefix}-{name}.kv"
+
+    def clear(self) -> int:
+        """Removes every session file of this model (other models' files stay); returns how many."""
+        files = self._files(f"{self._model_prefix}-*.kv")
+        for _, _, path in files:
+            path.unlink(missing_ok=True)
+        return len(files)
 
     def save(self, key: Hashable, entry) -> bool:
         """Writes the entry; False, with a log line where it failed, for a cache this tier cannot hold."""
@@ -123,7 +135,8 @@ class DiskTier:
             total -= size
 
     def info(self) -> dict:
-        files = self._files()
+        """This model's files (the byte budget is the folder's, shared with other models' files)."""
+        files = self._files(f"{self._model_prefix}-*.kv")
         with self._lock:
             return {
                 "folder": str(self.folder),

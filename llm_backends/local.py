@@ -307,5 +307,8 @@ class LocalModel(ChatModel):
     def cache_info(self) -> dict:
         return self.sessions.info()
 
+    def release(self) -> None:
+        self.sessions.release()
+
     def clear_sessions(self, session: SessionKey | None = None) -> None:
         self.sessions.clear(session)

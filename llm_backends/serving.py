@@ -10,6 +10,7 @@ import gc
 import logging
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -49,6 +50,7 @@ class ModelRegistry:
         self.model: ChatModel | None = None
         self.loading: str | None = None
         self.load_error: str | None = None
+        self.progress: tuple[float, str] | None = None  # the load under way: (fraction done, what it does)
         self._ready = threading.Event()
         self._ever_loaded = False
         self.metrics = Metrics(lambda: self.model)
@@ -82,7 +84,7 @@ class ModelRegistry:
             self.model, self.current_id = None, None
             self._ready.clear()
         if previous is not None:
-            previous.clear_cache()
+            previous.release()
             del previous
             _free_memory()
         return model_id
@@ -115,15 +117,21 @@ class ModelRegistry:
             if model_id == self.current_id and self.model is not None:
                 return self.model
             self.loading = model_id
+
+            def report(fraction: float, message: str) -> None:
+                self.progress = (fraction, message)  # every page shows it, not only the one that asked
+                if progress is not None:
+                    progress(fraction, message)
+
             try:
-                model = self._load(entry.source, progress=progress, **self._load_kwargs)
+                model = self._load(entry.source, progress=report, **self._load_kwargs)
             finally:
-                self.loading = None
+                self.loading, self.progress = None, None
             previous, self.model, self.current_id = self.model, model, model_id
             self._ever_loaded = True
             self._ready.set()
         if previous is not None:
-            previous.clear_cache()
+            previous.release()
             del previous
             _free_memory()
         return model
@@ -134,13 +142,18 @@ class ModelRegistry:
         return self.model is None and self.loading is None and self._ever_loaded
 
     def wait_ready(self, timeout: float | None = None) -> ChatModel:
-        """The loaded model, waiting up to ``timeout`` s for a load under way; RuntimeError if none arrives
-        (at once when nothing is loading: the operator freed the model)."""
-        if self.unloaded:
-            raise RuntimeError("no model is loaded: choose one in the Model list")
-        if self.model is None and not self._ready.wait(timeout):
-            raise RuntimeError(self.load_error or "the model is still loading")
-        return self.get()
+        """The loaded model, waiting up to ``timeout`` s for a load under way; RuntimeError when none arrives:
+        at once when nothing is loading (the operator freed the model, or the load failed)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (model := self.model) is None:
+            if self.unloaded:
+                raise RuntimeError("no model is loaded: choose one in the Model list")
+            if self.loading is None and self.load_error:
+                raise RuntimeError(self.load_error)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise RuntimeError(self.load_error or "the model is still loading")
+            self._ready.wait(0.25)
+        return model
 
     def load_in_background(self, model_id: str) -> threading.Thread:
         """Starts loading ``model_id`` so a server can answer (with 503 / a wait) while it loads."""

@@ -231,6 +231,7 @@ class SessionStore:
         self.max_sessions = max_sessions
         self.tier = tier
         self._forgotten: set = set()  # sessions cleared while an evicted copy may still be on its way to disk
+        self._clearings = 0  # clear-alls so far: a copy on its way to disk from before one is not written
         self.evictions = 0
         self.hits = {"memory": 0, "disk": 0, "shared": 0, "none": 0}
         self._entries: OrderedDict[Hashable, CacheEntry] = OrderedDict()
@@ -303,7 +304,8 @@ class SessionStore:
             self._entries.move_to_end(session_id)
             self._forgotten.discard(session_id)
             victims = self._evict()
-        self._save([(key, victim.payload) for key, victim in victims])
+            clearings = self._clearings
+        self._save([(key, victim.payload) for key, victim in victims], clearings)
 
     def _evict(self) -> list:
         victims = []
@@ -315,8 +317,9 @@ class SessionStore:
             victims.append((key, victim))
         return victims
 
-    def _save(self, pending: list) -> None:
-        """Writes (key, payload or a function giving it) pairs to the disk tier, except sessions cleared since."""
+    def _save(self, pending: list, clearings: int) -> None:
+        """Writes (key, payload or a function giving it) pairs to the disk tier, except sessions cleared since
+        (``clearings``: how many clear-alls there had been when the pairs were taken)."""
         if self.tier is None:
             return
         for key, payload in pending:
@@ -327,7 +330,7 @@ class SessionStore:
             except NotImplementedError:  # a cache kind the tier does not hold (MLX)
                 continue
             with self._lock:
-                if key in self._forgotten:
+                if key in self._forgotten or self._clearings != clearings:
                     continue
                 # Written under the lock, so a clear() cannot come between this check and the file.
                 self.tier.write(key, data)
@@ -342,14 +345,28 @@ class SessionStore:
                     held.append((key, entry.payload()))
                 except NotImplementedError:
                     continue
-        self._save(held)
+            clearings = self._clearings
+        self._save(held, clearings)
+
+    def release(self) -> None:
+        """Frees the memory of every session (the model is being let go): with a disk tier they are written
+        there first, so they resume when this model is loaded again."""
+        if self.tier is not None:
+            self.persist()
+        with self._lock:
+            self._entries.clear()
+            self._leases.clear()
 
     def clear(self, session_id: Hashable | None = None) -> None:
-        """Drops one session's cache (or all), including any that a running stream would put back."""
+        """Drops one session's cache (or all), on disk too, including any that a running stream would put
+        back."""
         with self._lock:
             if session_id is None:
                 self._entries.clear()
                 self._leases.clear()
+                self._clearings += 1
+                if self.tier is not None:
+                    self.tier.clear()
                 return
             self._entries.pop(session_id, None)
             if self.tier is not None:

@@ -202,7 +202,8 @@ def test_the_page_opens_while_the_model_loads(qwen3_dir):
 
     release = threading.Event()
 
-    def slow_load(source, **kwargs):
+    def slow_load(source, progress=None, **kwargs):
+        progress(0.4, "converting the checkpoint")
         release.wait(30)
         return load_model(source, max_cache_bytes=2**26)
 
@@ -212,6 +213,7 @@ def test_the_page_opens_while_the_model_loads(qwen3_dir):
     try:
         base = f"http://127.0.0.1:{config.port}"
         assert httpx.get(base + "/", timeout=10).status_code == 200, "the page is up before the model"
+        assert "converting the checkpoint (40%)" in app.info_text(registry), "the header shows the load's progress"
         r = httpx.post(base + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading"
         client = Client(base + "/", verbose=False)

@@ -315,3 +315,28 @@ def test_the_operator_loads_a_model_from_the_models_folder_and_frees_it(qwen_pag
     page.get_by_text("Now serving").last.wait_for(timeout=30_000)
     send(page, "Hello")
     assert "first token" in wait_reply(page, 1), "a model chosen again serves"
+
+
+def test_the_header_shows_the_loads_progress_and_then_the_model(qwen3_dir, browser):
+    import threading
+
+    from llm_backends import load_model
+
+    release = threading.Event()
+
+    def slow_load(source, progress=None, **kwargs):
+        progress(0.4, "converting the checkpoint")
+        release.wait(60)
+        return load_model(source, max_cache_bytes=2**26)
+
+    registry = ModelRegistry([str(qwen3_dir)], load=slow_load)
+    config = app.AppConfig(port=free_port())
+    demo = app.serve(config, registry, prevent_thread_lock=True, quiet=True)
+    try:
+        page = open_page(browser, f"http://127.0.0.1:{config.port}/")
+        page.get_by_text("converting the checkpoint (40%)").wait_for(timeout=10_000)
+        release.set()
+        page.get_by_text("qwen3 · int8 weights").wait_for(timeout=30_000)
+    finally:
+        release.set()
+        demo.close()

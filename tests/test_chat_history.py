@@ -10,7 +10,7 @@ import pytest
 import chat_history
 from chat_history import export_chat, import_chat, rename, upsert
 
-KNOWN = {"system_prompt", "temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty", "seed", "thinking"}
+KNOWN = {"system_prompt": (str,), "temperature": (int, float), "top_k": (int, float), "seed": (int, type(None))}
 PAGE = [
     {"role": "user", "content": [{"type": "text", "text": "What is the tallest lighthouse?"}]},
     {"role": "assistant", "content": "Hmm", "metadata": {"title": "💭 Thinking", "status": "done"}},
@@ -100,6 +100,8 @@ def test_a_bare_list_of_openai_messages_imports_with_text_parts_joined():
         (b"[]", "no user message"),
         (b'[{"role": "tool", "content": "x"}]', r"messages\[0\] needs a role"),
         (b'[{"role": "user", "content": 3}]', r"messages\[0\].content"),
+        (b'[{"role": "user", "content": [{"type": "text", "text": 5}]}]', r"messages\[0\].content"),
+        (b'[{"role": "user", "content": [[{"type": "text", "text": "x"}]]}]', r"messages\[0\].content"),
         (b"[" + b" " * chat_history.MAX_IMPORT_BYTES + b"]", "larger than"),
     ],
 )
@@ -108,12 +110,26 @@ def test_a_bad_file_gets_a_clear_error(data, error):
         import_chat(data, KNOWN)
 
 
-def test_unknown_settings_in_an_import_are_ignored():
-    data = json.dumps({"messages": [{"role": "user", "content": "hi"}], "settings": {"temperature": 0, "evil": 1}})
+def test_unknown_settings_and_wrong_types_in_an_import_are_left_out():
+    settings = {"temperature": 0, "evil": 1, "system_prompt": 5, "seed": "x", "top_k": True}
+    data = json.dumps({"messages": [{"role": "user", "content": "hi"}], "settings": settings})
     assert import_chat(data, KNOWN)[2] == {"temperature": 0}
+
+
+def test_the_stored_chats_stay_under_the_browsers_quota_dropping_the_oldest(monkeypatch):
+    clock = iter(range(10_000))
+    monkeypatch.setattr(chat_history.time, "time", lambda: next(clock))
+    monkeypatch.setattr(chat_history, "MAX_STORED_BYTES", 5_000)
+    chats, ids = {}, [chat_history.new_chat_id() for _ in range(5)]
+    for chat_id in ids:
+        chats = upsert(chats, chat_id, [{"role": "user", "content": "x" * 1_500}], {})
+    assert ids[-1] in chats and ids[0] not in chats
+    assert len(json.dumps(chats)) <= 5_000 + 2_000
 
 
 def test_the_page_secret_survives_a_restart_and_only_its_owner_reads_it(tmp_path):
     first = chat_history.page_secret(tmp_path / "cache")
     assert chat_history.page_secret(tmp_path / "cache") == first and len(first) >= 24
     assert stat.S_IMODE((tmp_path / "cache" / "page-secret").stat().st_mode) == 0o600
+    (tmp_path / "cache" / "page-secret").write_text("")
+    assert len(chat_history.page_secret(tmp_path / "cache")) >= 24, "an empty file is not an empty key"

@@ -64,7 +64,8 @@ def test_a_damaged_or_foreign_file_is_ignored_with_a_log_line(qwen3_dir, tmp_pat
     reply(model, messages, "s")
     model.sessions.persist()
     (path,) = tmp_path.glob("*.kv")
-    assert "s" not in path.stem.split("-") and len(path.stem) == 64, "the name is a hash, not the session's"
+    model_part, session_part = path.stem.split("-")
+    assert len(model_part) == 16 and len(session_part) == 64, "the name is two hashes, not the session's name"
 
     other_precision = load(qwen3_dir, tmp_path, quantization="none")  # another model identity, same key
     with caplog.at_level(logging.WARNING):
@@ -165,7 +166,45 @@ def test_a_cleared_session_is_not_written_back_by_an_eviction_already_under_way(
     model.engine.runner.forward(entry, list(range(5, 40)))
     payload = entry.payload()  # an eviction had copied it, and is about to write it
     model.sessions.clear(key)  # New chat, meanwhile
-    model.sessions._save([(key, payload)])
+    model.sessions._save([(key, payload)], model.sessions._clearings)
     assert not model.sessions.tier.path(key).exists()
     model.sessions.checkin(lease, entry)  # the cleared session's stream ends: nothing comes back
     assert model.cache_info()["sessions"] == 0
+
+
+def test_forgetting_every_session_removes_this_models_files_and_nothing_else(qwen3_dir, gemma3_dir, tmp_path):
+    qwen, gemma = load(qwen3_dir, tmp_path), load(gemma3_dir, tmp_path)
+    for model in (qwen, gemma):
+        reply(model, [{"role": "user", "content": "Hello, how are you today?"}], "a")
+        model.sessions.persist()
+    assert len(list(tmp_path.glob("*.kv"))) == 2
+    qwen.clear_cache()
+    assert qwen.cache_info()["disk"]["sessions"] == 0 and gemma.cache_info()["disk"]["sessions"] == 1
+    assert qwen.cache_info()["sessions"] == 0
+
+
+def test_a_copy_on_its_way_to_disk_from_before_a_clear_all_is_not_written(qwen3_dir, tmp_path):
+    model = load(qwen3_dir, tmp_path)
+    reply(model, [{"role": "user", "content": "Hello, how are you today?"}], "a")
+    key = next(iter(model.sessions._entries))
+    payload = model.sessions._entries[key].payload()
+    before = model.sessions._clearings
+    model.clear_cache()
+    model.sessions._save([(key, payload)], before)  # an eviction that raced the clear
+    assert list(tmp_path.glob("*.kv")) == []
+
+
+def test_switching_models_keeps_the_sessions_on_disk_for_when_the_model_returns(qwen3_dir, gemma3_dir, tmp_path):
+    from llm_backends.serving import ModelRegistry
+
+    registry = ModelRegistry([str(qwen3_dir), str(gemma3_dir)], max_cache_bytes=2**26, cache_dir=str(tmp_path))
+    qwen = registry.switch(registry.ids[0])
+    messages = [{"role": "user", "content": "Tell me about the sea, the sky and the mountains."}]
+    text, _, _ = reply(qwen, messages, "a")
+    registry.switch(registry.ids[1])
+    assert qwen.cache_info()["sessions"] == 0, "the memory was let go"
+    again = registry.switch(registry.ids[0])
+    messages += [{"role": "assistant", "content": text}, {"role": "user", "content": "And the rivers?"}]
+    warm, _, last = reply(again, messages, "a")
+    assert last.stats.cache_tier == "disk" and last.stats.cached_tokens > 0
+    assert warm == reply(again, messages)[0]

@@ -119,3 +119,49 @@ def test_the_registry_adds_each_source_once(qwen3_dir):
     assert registry.ids == [registry.ids[0], added]
     registry.remove(added)
     assert len(registry.ids) == 1
+
+
+def test_a_repo_id_that_names_a_local_folder_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "org" / "model").mkdir(parents=True)
+    (tmp_path / "org" / "model" / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError):
+        app.page_source("org/model", None)
+
+
+def test_what_the_models_folder_holds_reaches_only_the_operator(models, gemma3_dir):
+    import json
+
+    registry = ModelRegistry([str(gemma3_dir)])
+    demo = app.build_app(registry, app.AppConfig(models_dir=str(models)))
+    page_config = json.dumps(demo.get_config_file(), default=str)
+    assert "tiny-qwen3" not in page_config and str(models) not in page_config
+
+
+def test_a_failed_load_of_a_configured_model_keeps_it_listed(qwen3_dir, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "qwen3"}')
+    registry = ModelRegistry([str(qwen3_dir), str(broken)], max_cache_bytes=2**26)
+    registry.switch(registry.ids[0])
+    config = app.AppConfig(models_dir=str(tmp_path))
+    load = handler(app.build_app(registry, config), "load")
+    load("broken", FakeRequest("t"), progress=lambda *args, **kwargs: None)
+    assert len(registry.ids) == 2 and registry.get().info.family == "qwen3"
+
+
+def test_after_a_free_a_failed_load_does_not_leave_replies_waiting(qwen3_dir, tmp_path):
+    import time
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "qwen3"}')
+    registry = ModelRegistry([str(qwen3_dir), str(broken)], max_cache_bytes=2**26)
+    registry.switch(registry.ids[0])
+    registry.unload()
+    with pytest.raises(Exception):  # noqa: B017 (whatever the loader raises)
+        registry.switch(registry.ids[1])
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="choose one"):
+        registry.wait_ready(timeout=30)
+    assert time.monotonic() - started < 2

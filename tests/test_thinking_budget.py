@@ -110,3 +110,27 @@ def test_the_pages_budget_reaches_the_request_only_when_thinking(qwen3):
         app.ChatSettings(**base, thinking=True),
     ):
         assert settings.request(qwen3, ASK, None).thinking_budget is None
+
+
+def test_a_budget_left_from_a_local_model_is_not_sent_to_a_remote_one(qwen3):
+    from llm_backends.backend import Capabilities, ChatModel, ModelInfo
+
+    class Remote(ChatModel):
+        info = ModelInfo("up", None, "remote", "openai:x", "remote")
+        capabilities = Capabilities(thinking=True)
+
+        def stream(self, request):
+            raise AssertionError
+
+        def count_tokens(self, request):
+            return None
+
+        def cache_info(self):
+            return {}
+
+        def clear_sessions(self, session=None):
+            pass
+
+    base = dict(system_prompt="", temperature=0, top_p=1, top_k=0, max_new_tokens=16, repetition_penalty=1, seed=-1)
+    settings = app.ChatSettings(**base, thinking=True, thinking_budget=64)
+    assert settings.request(Remote(), ASK, None).thinking_budget is None
