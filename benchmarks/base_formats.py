@@ -60,7 +60,7 @@ FORMATS = {
         ),
         ("\nUser:",),
     ),
-    "Question:/Answer:": (lambda q: f"Question: {q}\nAnswer:", ("\nQuestion:",)),
+    "Question:/Answer:": (lambda q: f"Question: {q}\nAnswer:", ("\nQuestion:", "\nAnswer:")),
     "the app's chat path (base-model template)": (None, ()),
 }
 NEW_TURN = re.compile(r"^\s*(user|assistant|question|answer|q|a)\s*:", re.IGNORECASE | re.MULTILINE)

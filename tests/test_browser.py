@@ -340,3 +340,31 @@ def test_the_header_shows_the_loads_progress_and_then_the_model(qwen3_dir, brows
     finally:
         release.set()
         demo.close()
+
+
+def test_two_visitors_of_an_open_server_share_at_most_the_operators_system_prompt(embedded, browser):
+    """A server others reach without logins: each browser is its own person. The second visitor sending the same
+    words under the same system prompt reuses the system prompt's tokens at most, never the first one's turn."""
+    registry = ModelRegistry([None], max_cache_bytes=2**30)
+    registry.model, registry.current_id = embedded, registry.ids[0]
+    config = app.AppConfig(port=free_port(), host="0.0.0.0", insecure_no_auth=True)
+    demo = app.serve(config, registry, prevent_thread_lock=True, quiet=True)
+    system = "You are the help desk of the lighthouse museum. Answer briefly. " * 6
+    secret = "My locker code is 4417 and my cat is called Biscuit."
+    try:
+        url = f"http://127.0.0.1:{config.port}/"
+        first, second = open_page(browser, url), open_page(browser, url)
+        for page in (first, second):
+            page.get_by_text("System prompt and sampling").click()
+            page.get_by_label("System prompt").fill(system)
+        send(first, secret)
+        wait_reply(first, 1)
+        assert saved_titles(second) == [], "the second browser sees none of the first one's chats"
+        send(second, secret)
+        stats = wait_reply(second, 1)
+        request = embedded.request([{"role": "system", "content": system}, {"role": "user", "content": secret}])
+        operator, prompt = embedded.operator_tokens(request), embedded.count_tokens(request)
+        cached = int(stats.split(", ")[1].split(" ")[0]) if "from cache" in stats else 0
+        assert cached <= operator < prompt, (cached, operator, prompt, stats)
+    finally:
+        demo.close()

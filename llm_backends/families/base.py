@@ -8,7 +8,7 @@ from dataclasses import dataclass
 # Answer:" transcript (the system prompt as a first paragraph), the embedded Gemma 3 270M answered 13 of 20 short
 # questions on topic, against 9 for a "User:/Assistant:" transcript with a preamble, 6 without one, and 2 for
 # Gemma's own turn format (benchmarks/base_formats.py; docs/benchmarks.md). A reply ends where the model starts
-# the next question itself.
+# a turn of its own (a new question or answer line).
 BASE_MODEL_TEMPLATE = (
     "{{ bos_token if bos_token else '' }}"
     "{%- if messages and messages[0]['role'] == 'system' -%}"
@@ -26,7 +26,7 @@ BASE_MODEL_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ 'Answer:' }}{%- endif -%}"
 )
-BASE_MODEL_STOP = ("\nQuestion:",)
+BASE_MODEL_STOP = ("\nQuestion:", "\nAnswer:")
 BASE_MODEL_TURN = "Question:"
 
 
