@@ -5,7 +5,8 @@ Templates, the text layer, validation, sampling, the session store and the ledge
 same exactness tests hold. Sliding-window (rotating) caches past their window cannot be trimmed: restore
 points keep copies of their state where turns begin and prompts end (mlx-lm's own ``state``, which holds
 the arrays and the position of the rotation), so a new turn, a retry or an undo resumes there instead of
-re-reading the conversation. Full (trimmable) layers are trimmed instead of copied.
+re-reading the conversation. Full (trimmable) layers are trimmed instead of copied. With ``cache_dir`` the
+sessions go to disk as for transformers (``disk_tier.py``), their arrays as torch tensors.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import numpy as np
 import torch
 
 from .backend import ModelInfo
+from .disk_tier import DiskTier
 from .errors import ModelLoadError
+from .int8_weights import checkpoint_key
 from .loading import LoadOptions, default_cache_bytes, local_label, locate
 from .local import FALLBACK_CONTEXT, LocalModel, restore_points
 from .registry import family_for
@@ -98,8 +101,39 @@ class MLXCacheEntry(CacheEntry):
         del self.ids[checkpoint.length :]
         self.checkpoints = [c for c in self.checkpoints if c.length <= checkpoint.length]
 
-    def payload(self) -> dict:
-        raise NotImplementedError("the disk tier holds transformers caches only")
+    def payload(self, restore_points: int = 2) -> dict:
+        """The token ids, each layer's mlx-lm state and the last restore points, as torch tensors and numbers
+        (what the disk tier writes)."""
+        layers = [None if layer.empty() else _to_disk(layer.state) for layer in self.cache]
+        kept = self.checkpoints[-restore_points:] if restore_points else []
+        points = [
+            {"length": c.length, "states": [None if s is None else _to_disk(s) for s in c.states], "logits": c.logits}
+            for c in kept
+        ]
+        return {"ids": list(self.ids), "layers": layers, "restore_points": points}
+
+    def load_payload(self, payload: dict) -> None:
+        """Takes the states ``payload()`` gave; raises (ValueError and the like) if they do not fit this model's
+        caches (another layer count, or a rotating layer's state where a full one is)."""
+        layers = payload["layers"]
+        if len(layers) != len(self.cache):
+            raise ValueError(f"{len(layers)} layers stored, the model has {len(self.cache)}")
+        for layer, saved in zip(self.cache, layers, strict=True):
+            if saved is not None:
+                layer.state = _from_disk(saved)
+        self.ids = [int(i) for i in payload["ids"]]
+        points = [c for c in payload.get("restore_points", []) if len(c["states"]) == len(layers)]
+        self.checkpoints = (
+            [
+                MLXCheckpoint(
+                    int(c["length"]), tuple(None if s is None else _from_disk(s) for s in c["states"]), c["logits"]
+                )
+                for c in points
+                if int(c["length"]) <= len(self.ids)
+            ][-self.max_checkpoints :]
+            if self.max_checkpoints > 0
+            else []
+        )
 
     def copy(self) -> MLXCacheEntry:
         cache = self.make_cache()
@@ -128,6 +162,34 @@ def _copy_arrays(state):
     copied = tuple(mx.array(item) if isinstance(item, mx.array) else item for item in state)
     mx.eval([item for item in copied if isinstance(item, mx.array)])
     return copied
+
+
+def _to_disk(state) -> list:
+    """An mlx-lm layer state (arrays and integers) as torch tensors and integers. Arrays go through float32 (numpy
+    has no bfloat16), which holds bf16 and fp16 values exactly; their own dtype is kept to convert back."""
+    import mlx.core as mx
+
+    out = []
+    for item in state:
+        if isinstance(item, mx.array):
+            values = torch.from_numpy(
+                np.array(item.astype(mx.float32) if mx.issubdtype(item.dtype, mx.floating) else item)
+            )
+            out.append({"array": values, "dtype": str(item.dtype).removeprefix("mlx.core.")})
+        else:
+            out.append(item)
+    return out
+
+
+def _from_disk(state) -> tuple:
+    import mlx.core as mx
+
+    items = tuple(
+        mx.array(item["array"].numpy()).astype(getattr(mx, item["dtype"])) if isinstance(item, dict) else item
+        for item in state
+    )
+    mx.eval([item for item in items if isinstance(item, mx.array)])
+    return items
 
 
 def _arrays(state):
@@ -214,6 +276,12 @@ def load(target: str | None, options: LoadOptions) -> LocalModel:
         memory_footprint_bytes=int(sum(w.nbytes for _, w in weights)),
         context_length=int(text_config.get("max_position_embeddings") or FALLBACK_CONTEXT),
     )
+    tier = None
+    if options.cache_dir is not None:
+        import mlx_lm
+
+        key = checkpoint_key(folder, None)
+        tier = DiskTier(options.cache_dir, f"{key}|mlx|{mx.__version__}|{mlx_lm.__version__}", options.disk_cache_bytes)
     return LocalModel(
         tokenizer,
         family,
@@ -222,4 +290,5 @@ def load(target: str | None, options: LoadOptions) -> LocalModel:
         max_cache_bytes=options.max_cache_bytes or default_cache_bytes("cpu"),
         vocab_size=int(text_config["vocab_size"]),
         model=model,
+        disk_tier=tier,
     )

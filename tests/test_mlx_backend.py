@@ -154,3 +154,25 @@ def test_mlx_a_new_session_starts_from_another_sessions_prefix(mlx_gemma3):
     c.messages = second[:1]
     c.ask(second[1]["content"])
     assert c.cached[0] > 0, "the system prompt's tokens come from the other session"
+
+
+def test_mlx_sessions_survive_a_restart_through_the_disk_tier_and_answer_exactly(gemma3_dir, tmp_path):
+    turns = ("Tell me about the sea, the sky and the mountains. " * 2, "What is the capital of France? " * 2)
+    first = load_model(str(gemma3_dir), backend="mlx", max_cache_bytes=2**26, cache_dir=str(tmp_path))
+    c = Conversation(first, "returning", max_new_tokens=16)
+    for turn in turns:
+        c.ask(turn)
+    assert c.prompts[-1] > 16 * 4, "past the tiny Gemma's sliding window: only stored states can resume it"
+    first.sessions.persist()  # what the server does when it stops
+
+    restarted = load_model(str(gemma3_dir), backend="mlx", max_cache_bytes=2**26, cache_dir=str(tmp_path))
+    again = Conversation(restarted, "returning", max_new_tokens=16)  # checks every answer against a fresh one
+    again.messages = list(c.messages)
+    again.ask("And the mountains?")
+    assert again.cached[-1] >= c.prompts[-1], "the whole earlier conversation came back from disk"
+    assert restarted.cache_info()["hits"]["disk"] == 1
+    transformers = load_model(str(gemma3_dir), max_cache_bytes=2**26, cache_dir=str(tmp_path))
+    other = Conversation(transformers, "returning", max_new_tokens=16)
+    other.messages = list(c.messages)
+    other.ask("And the mountains?")
+    assert transformers.cache_info()["hits"]["disk"] == 0, "another backend never reads MLX's files"
