@@ -1069,11 +1069,11 @@ def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
     def show_operator(request: gr.Request):
         if not is_operator(request, config):
             return gr.update(visible=False), gr.update()
-        where = f"the models folder ({config.models_dir})" if config.models_dir else "no models folder (--models-dir)"
-        listed = gr.update(
-            choices=available_models(config.models_dir),
-            info=f"A checkpoint folder or .gguf file of {where}, or a Hub repo id (downloaded with progress)",
-        )
+        if config.models_dir:
+            hint = f"A checkpoint folder or .gguf file of {config.models_dir}, or a Hub repo id (org/name)"
+        else:
+            hint = "A Hub repo id (org/name); start the server with --models-dir to load local folders and .gguf files"
+        listed = gr.update(choices=available_models(config.models_dir), info=f"{hint}. Loads with progress.")
         return gr.update(visible=True), listed
 
     def on_load(chat_id, chats):

@@ -83,10 +83,7 @@ class ModelRegistry:
             previous, model_id = self.model, self.current_id
             self.model, self.current_id = None, None
             self._ready.clear()
-        if previous is not None:
-            previous.release()
-            del previous
-            _free_memory()
+        _let_go(previous)
         return model_id
 
     def resolve(self, name: str) -> str:
@@ -130,10 +127,7 @@ class ModelRegistry:
             previous, self.model, self.current_id = self.model, model, model_id
             self._ever_loaded = True
             self._ready.set()
-        if previous is not None:
-            previous.release()
-            del previous
-            _free_memory()
+        _let_go(previous)
         return model
 
     @property
@@ -173,6 +167,14 @@ class ModelRegistry:
     def clear_session(self, session: SessionKey) -> None:
         if self.model is not None:
             self.model.clear_cache(session)
+
+
+def _let_go(model: ChatModel | None) -> None:
+    """Frees a model that no longer serves: its sessions' memory (to disk where it has a tier), then the model."""
+    if model is not None:
+        model.release()
+        del model
+        _free_memory()
 
 
 def _free_memory() -> None:

@@ -195,19 +195,24 @@ def test_long_conversations_drop_the_fewest_oldest_turns_rendering_once_per_try(
         qwen3.stream(qwen3.request(messages, max_new_tokens=256))
 
 
-def test_the_page_opens_while_the_model_loads(qwen3_dir):
-    import httpx
-
+def slowly_loading(folder) -> tuple[ModelRegistry, threading.Event]:
+    """A registry whose load reports 40 % progress, then waits for the event before loading ``folder``."""
     from llm_backends import load_model
 
     release = threading.Event()
 
     def slow_load(source, progress=None, **kwargs):
         progress(0.4, "converting the checkpoint")
-        release.wait(30)
+        release.wait(60)
         return load_model(source, max_cache_bytes=2**26)
 
-    registry = ModelRegistry([str(qwen3_dir)], load=slow_load)
+    return ModelRegistry([str(folder)], load=slow_load), release
+
+
+def test_the_page_opens_while_the_model_loads(qwen3_dir):
+    import httpx
+
+    registry, release = slowly_loading(qwen3_dir)
     config = app.AppConfig(port=free_port())
     demo = app.serve(config, registry, prevent_thread_lock=True, quiet=True)
     try:

@@ -13,7 +13,7 @@ import pytest
 
 import app
 from llm_backends.serving import ModelRegistry
-from test_app import free_port
+from test_app import free_port, slowly_loading
 
 pytestmark = pytest.mark.embedded
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
@@ -318,18 +318,7 @@ def test_the_operator_loads_a_model_from_the_models_folder_and_frees_it(qwen_pag
 
 
 def test_the_header_shows_the_loads_progress_and_then_the_model(qwen3_dir, browser):
-    import threading
-
-    from llm_backends import load_model
-
-    release = threading.Event()
-
-    def slow_load(source, progress=None, **kwargs):
-        progress(0.4, "converting the checkpoint")
-        release.wait(60)
-        return load_model(source, max_cache_bytes=2**26)
-
-    registry = ModelRegistry([str(qwen3_dir)], load=slow_load)
+    registry, release = slowly_loading(qwen3_dir)
     config = app.AppConfig(port=free_port())
     demo = app.serve(config, registry, prevent_thread_lock=True, quiet=True)
     try:

@@ -138,26 +138,29 @@ def test_what_the_models_folder_holds_reaches_only_the_operator(models, gemma3_d
     assert "tiny-qwen3" not in page_config and str(models) not in page_config
 
 
-def test_a_failed_load_of_a_configured_model_keeps_it_listed(qwen3_dir, tmp_path):
+@pytest.fixture()
+def with_broken(qwen3_dir, tmp_path) -> ModelRegistry:
+    """Serving the tiny Qwen 3, with a second configured entry whose load fails (a config without weights)."""
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text('{"model_type": "qwen3"}')
     registry = ModelRegistry([str(qwen3_dir), str(broken)], max_cache_bytes=2**26)
     registry.switch(registry.ids[0])
+    return registry
+
+
+def test_a_failed_load_of_a_configured_model_keeps_it_listed(with_broken, tmp_path):
+    registry = with_broken
     config = app.AppConfig(models_dir=str(tmp_path))
     load = handler(app.build_app(registry, config), "load")
     load("broken", FakeRequest("t"), progress=lambda *args, **kwargs: None)
     assert len(registry.ids) == 2 and registry.get().info.family == "qwen3"
 
 
-def test_after_a_free_a_failed_load_does_not_leave_replies_waiting(qwen3_dir, tmp_path):
+def test_after_a_free_a_failed_load_does_not_leave_replies_waiting(with_broken):
     import time
 
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "config.json").write_text('{"model_type": "qwen3"}')
-    registry = ModelRegistry([str(qwen3_dir), str(broken)], max_cache_bytes=2**26)
-    registry.switch(registry.ids[0])
+    registry = with_broken
     registry.unload()
     with pytest.raises(Exception):  # noqa: B017 (whatever the loader raises)
         registry.switch(registry.ids[1])
