@@ -1022,7 +1022,11 @@ def wire_operator(parts: dict, registry: ModelRegistry, config: AppConfig, heade
     def unload(request: gr.Request):
         if refuse(request):
             return unchanged
-        freed = registry.unload()
+        try:
+            freed = registry.unload()
+        except RuntimeError as e:
+            gr.Warning(str(e))
+            return unchanged
         gr.Info(f"Freed {freed}" if freed else "No model was loaded")
         return (gr.update(value=None), *[gr.update()] * (len(header) - 2), info_text(registry), gr.skip())
 

@@ -53,6 +53,7 @@ class ModelRegistry:
         self.progress: tuple[float, str] | None = None  # the load under way: (fraction done, what it does)
         self._ready = threading.Event()
         self._ever_loaded = False
+        self._loads = 0  # loads started: a free that waited behind one does not free what it brought
         self.metrics = Metrics(lambda: self.model)
 
     def _register(self, source: str | None) -> str:
@@ -78,8 +79,14 @@ class ModelRegistry:
             self.entries.pop(model_id, None)
 
     def unload(self) -> str | None:
-        """Frees the served model and its caches; nothing serves until a model is chosen. Returns its id."""
+        """Frees the served model and its caches; nothing serves until a model is chosen. Returns its id.
+        RuntimeError while a load is under way (what it brings in would be freed the moment it arrives)."""
+        loads = self._loads
+        if self.loading is not None:
+            raise RuntimeError(f"{self.loading} is loading: free a model once the load has finished")
         with self._lock:
+            if self._loads != loads:  # a load ran while this waited for the lock: it was not the one to free
+                raise RuntimeError("another model was just loaded: free it again if that is the one to free")
             previous, model_id = self.model, self.current_id
             self.model, self.current_id = None, None
             self._ready.clear()
@@ -113,6 +120,7 @@ class ModelRegistry:
         with self._lock:
             if model_id == self.current_id and self.model is not None:
                 return self.model
+            self._loads += 1
             self.loading = model_id
 
             def report(fraction: float, message: str) -> None:

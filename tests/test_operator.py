@@ -168,3 +168,12 @@ def test_after_a_free_a_failed_load_does_not_leave_replies_waiting(with_broken):
     with pytest.raises(RuntimeError, match="choose one"):
         registry.wait_ready(timeout=30)
     assert time.monotonic() - started < 2
+
+
+def test_a_model_cannot_be_freed_while_another_loads(with_broken):
+    registry = with_broken
+    registry.loading = registry.ids[1]  # a load under way
+    with pytest.raises(RuntimeError, match="is loading"):
+        registry.unload()
+    registry.loading = None
+    assert registry.unload() == registry.ids[0]
