@@ -751,6 +751,10 @@ DOWNLOAD_JS = """(text, title) => {
 }"""
 
 
+# The page's own small steps (show a message, save a chat): no queue, no spinner, not part of the API.
+QUICK = {"queue": False, "show_progress": "hidden", "api_visibility": "undocumented"}
+
+
 @dataclass
 class ChatPanel:
     """The chat and its saved history. ``chat_id`` is the open chat's id ("" until its first message);
@@ -822,7 +826,7 @@ def saved_settings(controls: dict, settings: dict | None) -> list:
 def wire_chat(panel: ChatPanel, replies: Replies, controls: dict, config: AppConfig) -> None:
     """The chat's events: send, edit, retry, undo, Stop, clear; each turn ends by saving the chat."""
     settings = [controls[f.name] for f in fields(ChatSettings)]
-    quick = {"queue": False, "show_progress": "hidden", "api_visibility": "undocumented"}
+    quick = QUICK
     go = gr.State(False)  # whether the turn's first step asked for a reply
 
     def reply(asked: bool, history, chat_id, request: gr.Request, *values):
@@ -922,7 +926,7 @@ def opened_chat(controls: dict, chat_id, chats) -> tuple:
 def wire_history(panel: ChatPanel, replies: Replies, controls: dict) -> None:
     """New chat, reopen, rename, delete (also the chat's trash button), export, import."""
     settings = [controls[f.name] for f in fields(ChatSettings)]
-    quick = {"queue": False, "show_progress": "hidden", "api_visibility": "undocumented"}
+    quick = QUICK
     # Through the queue, since only queued events can show a warning (a bad file, a bad name); never waiting.
     told = {**quick, "queue": True, "concurrency_limit": None}
 
