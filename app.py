@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -18,8 +19,9 @@ from pathlib import Path
 import gradio as gr
 
 import chat_history
-from chat_history import openai_messages, text_of, valid_chat_id
+from chat_history import files_of, openai_messages, page_content, text_of, valid_chat_id
 from llm_backends import BackendError, ChatModel, ChatRequest, ChatStream, ModelLoadError, SessionKey
+from llm_backends import images as image_input
 from llm_backends.default_model import cache_root
 from llm_backends.http_api import add_openai_routes
 from llm_backends.loading import QUANTIZATIONS
@@ -43,6 +45,7 @@ ENV = {
     "admins": "LLM_ADMINS",
     "page_secret": "LLM_PAGE_SECRET",
     "models_dir": "LLM_MODELS_DIR",
+    "image_urls": "LLM_IMAGE_URLS",
 }
 TRUE = {"1", "true", "yes", "on"}
 MODEL_WAIT_S = 600  # how long a reply or a page waits for a model that is loading
@@ -65,6 +68,7 @@ class AppConfig:
     page_secret: str | None = None  # encrypts the chats saved in browsers; kept in the user cache folder if unset
     admins: list[str] = field(default_factory=list)
     models_dir: str | None = None
+    image_urls: bool = False  # /v1 fetches http(s) image URLs (off: a server fetching any address is a risk)
 
 
 def _auth_pairs(values: Sequence[str]) -> list[tuple[str, str]]:
@@ -156,6 +160,14 @@ def parse_args(argv: Sequence[str] | None = None, env: dict | None = None) -> Ap
         help="the folder the page may load checkpoint folders and .gguf files from (default: none; Hub repo ids "
         "only) [LLM_MODELS_DIR]",
     )
+    parser.add_argument(
+        "--image-urls",
+        action="store_true",
+        default=None,
+        help="let /v1 requests name images by http(s) URL, which the server then fetches (default: data: URLs "
+        "only; a server that fetches any address it is sent can be made to reach places its callers cannot) "
+        "[LLM_IMAGE_URLS]",
+    )
     args = parser.parse_args(argv)
 
     def pick(name, cast=str):
@@ -183,6 +195,7 @@ def parse_args(argv: Sequence[str] | None = None, env: dict | None = None) -> Ap
     admins = args.admins or env.get(ENV["admins"], "").split(",")
     config.admins = [a.strip() for a in admins if a.strip()]
     config.models_dir = pick("models_dir")
+    config.image_urls = bool(pick("image_urls", bool))
     if config.admins and not config.auth:
         raise SystemExit("--admin names logins: add them with --auth user:password")
     unknown = set(config.admins) - {user for user, _ in config.auth}
@@ -387,9 +400,39 @@ def page_session(request: gr.Request, exposed: bool) -> SessionKey:
     return SessionKey("page", principal, request.session_hash)
 
 
-def to_messages(system_prompt: str, history: list[dict], message: str) -> list[dict]:
-    """The conversation as the model sees it: titled messages (thinking, stats, notices) are the page's own."""
-    return [*openai_messages(history, system_prompt), {"role": "user", "content": message}]
+MISSING_IMAGE = "[an image that is no longer on this server]"
+
+
+def page_image(path: str) -> dict:
+    """An image the person attached (a file in Gradio's upload folder, which checks that the browser names
+    only files uploaded there) as a content part; a file gone since (a restart that cleared it) becomes a note."""
+    try:
+        return {"type": "image", "image": Path(path).read_bytes()}
+    except OSError:
+        return {"type": "text", "text": MISSING_IMAGE}
+
+
+def exported_image(path: str) -> dict | None:
+    """An attached image as an ``image_url`` data: URL part (None when its file is gone)."""
+    try:
+        picture = image_input.from_bytes(Path(path).read_bytes(), "an image")
+    except (OSError, ValueError):
+        return None
+    return {"type": "image_url", "image_url": {"url": picture.data_url()}}
+
+
+def imported_image(url, where: str) -> str:
+    """An imported chat's data: URL image written to a file the chat can show; ValueError if it is none."""
+    picture = image_input.read(url, where)
+    with tempfile.NamedTemporaryFile(prefix="llm-chat-import-", suffix=".png", delete=False) as file:
+        picture.pixels.save(file, format="PNG")
+    return file.name
+
+
+def to_messages(system_prompt: str, history: list[dict], message) -> list[dict]:
+    """The conversation as the model sees it: titled messages (thinking, stats, notices) are the page's own;
+    ``message`` is the new user message's content (text, or parts with images)."""
+    return [*openai_messages(history, system_prompt, page_image), {"role": "user", "content": message}]
 
 
 def stats_line(stats, stopped: bool = False) -> str:
@@ -476,7 +519,8 @@ class Replies:
         earlier, message = history[:-1], history[-1]
         cache = self.chat_session(request, chat_id)
         settings = ChatSettings.from_inputs(settings_values)
-        for reply in self._reply(text_of(message.get("content")), earlier, tab, cache, settings):
+        content = page_content(message.get("content"), page_image)
+        for reply in self._reply(content, earlier, tab, cache, settings):
             yield [*earlier, message, *reply]
 
     def chat_session(self, request: gr.Request, chat_id) -> SessionKey:
@@ -490,7 +534,7 @@ class Replies:
             self._chats.setdefault(tab, set()).add(session)
         return session
 
-    def _reply(self, message: str, history: list[dict], tab: SessionKey, cache: SessionKey, settings: ChatSettings):
+    def _reply(self, message, history: list[dict], tab: SessionKey, cache: SessionKey, settings: ChatSettings):
         if self.registry.model is None:
             yield [note("⏳ Waiting for the model to load (the header shows its progress)…")]
         try:
@@ -610,18 +654,25 @@ class Replies:
             stream.close()
 
 
+TEXT_ONLY = "Type a message… (this model reads text only: no images)"
+WITH_IMAGES = "Type a message… or attach images with the clip"
+
+
 def family_controls(model: ChatModel, thinking: bool | None = None) -> tuple:
-    """Updates for temperature, top-p, top-k, the thinking box and its budget: the defaults shown for ``model``
-    in a thinking mode (None: its default mode)."""
+    """Updates for temperature, top-p, top-k, the thinking box and its budget, and the message box (an attach
+    button only for a model that reads images): the defaults shown for ``model`` in a thinking mode (None: its
+    default mode)."""
     shown = shown_defaults(model, thinking)
     # A remote model's upstream has no budget field; only a local model that thinks offers one.
     budget = model.capabilities.thinking and model.family is not None
+    images = model.capabilities.images
     return (
         gr.update(value=shown["temperature"]),
         gr.update(value=shown["top_p"]),
         gr.update(value=shown["top_k"]),
         gr.update(visible=model.capabilities.thinking, value=shown["thinking"]),
         gr.update(visible=budget),
+        gr.update(sources=["upload"] if images else [], placeholder=WITH_IMAGES if images else TEXT_ONLY),
     )
 
 
@@ -652,7 +703,8 @@ def info_text(registry: ModelRegistry) -> str:
         "int8": "int8 weights, sums in fp32" if info.device == "cpu" else "8-bit weights",
         "none": f"{info.dtype} weights",
     }.get(info.quantization, f"{info.quantization} weights")
-    parts = [f"**{info.name}**", info.family or "remote model", weights]
+    reads = "reads images" if registry.get().capabilities.images else "text only"
+    parts = [f"**{info.name}**", info.family or "remote model", weights, reads]
     if info.dtype:
         parts.append(f"on {info.device}")
     if info.memory_footprint_bytes:
@@ -761,7 +813,7 @@ class ChatPanel:
     ``chats`` the saved chats by id (``chat_history`` records), both kept in the browser."""
 
     chatbot: gr.Chatbot
-    textbox: gr.Textbox
+    textbox: gr.MultimodalTextbox
     chat_id: gr.BrowserState
     chats: gr.BrowserState
     picker: gr.Radio
@@ -801,12 +853,22 @@ def history_panel(secret: str) -> dict:
     return parts
 
 
-def chat_area() -> tuple[gr.Chatbot, gr.Textbox]:
+def chat_area() -> tuple[gr.Chatbot, gr.MultimodalTextbox]:
     chatbot = gr.Chatbot(
         label="Chat", height=520, buttons=["copy"], editable="user", latex_delimiters=LATEX, elem_id="chat"
     )
-    textbox = gr.Textbox(
-        placeholder="Type a message…", show_label=False, submit_btn=True, stop_btn=False, autofocus=True, max_lines=8
+    # The attach button is offered once the loaded model is known to read images (family_controls).
+    textbox = gr.MultimodalTextbox(
+        placeholder="Type a message…",
+        show_label=False,
+        sources=[],
+        file_types=["image"],
+        file_count="multiple",
+        submit_btn=True,
+        stop_btn=False,
+        autofocus=True,
+        max_lines=8,
+        elem_id="message",
     )
     return chatbot, textbox
 
@@ -846,32 +908,40 @@ def wire_chat(panel: ChatPanel, replies: Replies, controls: dict, config: AppCon
         box = gr.update(submit_btn=not yes, stop_btn=yes, interactive=not yes, **textbox)
         return [box, *[gr.update(interactive=not yes)] * len(panel.locked)]
 
-    def begin(request: gr.Request, history: list, chat_id, text, **textbox) -> tuple:
-        """The turn's first step: the person's message shown at once, Stop offered; nothing if it is empty."""
+    def begin(request: gr.Request, history: list, chat_id, text, files=(), **textbox) -> tuple:
+        """The turn's first step: the person's message (text, then attached images) shown at once, Stop
+        offered; nothing if it is empty."""
         text = text_of(text).strip()
-        if not text:  # nothing to send: the page stays as it is (a turn under way keeps its flag)
+        if not text and not files:  # nothing to send: the page stays as it is (a turn under way keeps its flag)
             return (*[gr.skip()] * (len(panel.locked) + 3), gr.skip())
         replies.announce(request)
         chat_id = valid_chat_id(chat_id) or chat_history.new_chat_id()
-        return (*busy(True, **textbox), [*history, {"role": "user", "content": text}], chat_id, True)
+        content = [*({"path": path} for path in files), text] if files else text
+        return (*busy(True, **textbox), [*history, {"role": "user", "content": content}], chat_id, True)
 
     def send(message, history, chat_id, request: gr.Request):
-        return begin(request, history, chat_id, message, value="")
+        message = message or {}
+        # The box gives its files as paths in Gradio's upload folder.
+        files = [f if isinstance(f, str) else f.get("path") for f in message.get("files") or []]
+        return begin(request, history, chat_id, message.get("text", ""), [f for f in files if f], value=None)
 
     def edit(history, chat_id, data: gr.EditData, request: gr.Request):
         index = data.index[0] if isinstance(data.index, (list, tuple)) else data.index
-        return begin(request, history[:index], chat_id, data.value)
+        kept = files_of(history[index].get("content")) if index < len(history) else []  # the text is what changed
+        return begin(request, history[:index], chat_id, data.value, kept)
 
     def retry(history, chat_id, data: gr.RetryData, request: gr.Request):
         users = [i for i, m in enumerate(history[: data.index + 1]) if m.get("role") == "user"]
         last = users[-1] if users else len(history)
-        return begin(request, history[:last], chat_id, history[last].get("content") if users else "")
+        content = history[last].get("content") if users else ""
+        return begin(request, history[:last], chat_id, content, files_of(content))
 
     def undo(history):
         users = [i for i, m in enumerate(history) if m.get("role") == "user"]
         if not users:
             return history, gr.update()
-        return history[: users[-1]], text_of(history[users[-1]].get("content"))
+        content = history[users[-1]].get("content")
+        return history[: users[-1]], {"text": text_of(content), "files": files_of(content)}
 
     def save(history, chat_id, chats, *values):
         chat_id = valid_chat_id(chat_id)
@@ -949,12 +1019,13 @@ def wire_history(panel: ChatPanel, replies: Replies, controls: dict) -> None:
             return "", gr.skip()
         record = chat_history.saved(chats).get(chat_id, {})
         title = record.get("title") or chat_history.title_for(history)
-        body = chat_history.export_chat({"title": title, "messages": history, "settings": settings_of(values)})
+        record = {"title": title, "messages": history, "settings": settings_of(values)}
+        body = chat_history.export_chat(record, exported_image)
         return body, title
 
     def import_(data, chats):
         try:
-            title, messages, imported = chat_history.import_chat(data, SETTING_KINDS)
+            title, messages, imported = chat_history.import_chat(data, SETTING_KINDS, imported_image)
         except ValueError as e:
             gr.Warning(f"Could not import the chat: {e}")
             return [gr.skip()] * (len(opened) + 1)
@@ -1070,7 +1141,7 @@ def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
             model = registry.switch(model_id, progress=lambda f, msg: progress(f, desc=msg))
         except (ModelLoadError, ValueError, KeyError) as e:
             gr.Warning(f"Could not load {model_id}: {e}. Still serving {registry.current_id or 'nothing'}.")
-            return (gr.update(value=registry.current_id), *[gr.update()] * 5, info_text(registry))
+            return (gr.update(value=registry.current_id), *[gr.update()] * 6, info_text(registry))
         gr.Info(f"Now serving {model_id}")
         return (gr.update(value=model_id), *family_controls(model), info_text(registry))
 
@@ -1089,7 +1160,7 @@ def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
         try:
             model = registry.wait_ready(timeout=MODEL_WAIT_S)
         except RuntimeError:
-            return (gr.update(), *[gr.update()] * 5, info_text(registry))
+            return (gr.update(), *[gr.update()] * 6, info_text(registry))
         own = chat_history.clean_settings((chat_history.saved(chats).get(chat_id) or {}).get("settings"), SETTING_KINDS)
         defaults = family_controls(model)
         shown = [
@@ -1099,7 +1170,7 @@ def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
         thinking = defaults[3]
         if "thinking" in own and model.capabilities.thinking:
             thinking = gr.update(visible=True, value=bool(own["thinking"]))
-        return (gr.update(value=registry.current_id), *shown, thinking, defaults[4], info_text(registry))
+        return (gr.update(value=registry.current_id), *shown, thinking, *defaults[4:], info_text(registry))
 
     with gr.Blocks(title="Local LLM chat", fill_height=True) as demo:
         history = history_panel(config.page_secret or chat_history.page_secret(cache_root()))
@@ -1112,7 +1183,7 @@ def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
         settings = [controls[f.name] for f in fields(ChatSettings)]
         api_chat(replies, settings, config.concurrency)
         sampling = [controls[name] for name in SAMPLING]
-        mode = [controls["thinking"], controls["thinking_budget"]]
+        mode = [controls["thinking"], controls["thinking_budget"], textbox]  # what family_controls sets
         dropdown.input(switch_model, [dropdown], [dropdown, *sampling, *mode, info], concurrency_limit=1)
         wire_operator(operator, registry, config, [dropdown, *sampling, *mode, info])
         mode_defaults = lambda thinking: family_controls(registry.get(), bool(thinking))[:3]  # noqa: E731
@@ -1166,10 +1237,12 @@ def serve(config: AppConfig, registry: ModelRegistry | None = None, **launch_kwa
         show_error=True,
         prevent_thread_lock=True,
         css=PAGE_CSS,
+        # Uploads are images (each at most MAX_IMAGE_BYTES) and exported chats (a few images as data: URLs).
+        max_file_size=chat_history.MAX_IMPORT_BYTES,
         **launch_kwargs,
     )
     exposed = config.share or not is_loopback(config.host)
-    add_openai_routes(demo.app, registry, api_key=config.api_keys, exposed=exposed)
+    add_openai_routes(demo.app, registry, api_key=config.api_keys, exposed=exposed, image_urls=config.image_urls)
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
     log.info(
         "Ready at http://%s:%d (OpenAI API at /v1)%s",

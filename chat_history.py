@@ -2,9 +2,10 @@
 
 A chat record is plain JSON: ``{"title", "named", "messages", "settings", "updated"}`` under its id, where ``messages``
 are the chat's messages as the page shows them (thinking, stats and notices included, as titled messages) and
-``settings`` the page's controls for it (system prompt, sampling). The export is what another tool reads:
-``{"title", "messages": [OpenAI messages, system prompt first], "settings"}``; an import takes that, or a bare
-list of OpenAI messages.
+``settings`` the page's controls for it (system prompt, sampling). A user message's images are file parts
+(paths in the server's upload folder). The export is what another tool reads: ``{"title", "messages": [OpenAI
+messages, system prompt first], "settings"}`` with images as ``image_url`` data: URLs; an import takes that, or a
+bare list of OpenAI messages.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ import re
 import secrets
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 MAX_CHATS = 200  # the oldest are dropped beyond this, or beyond MAX_STORED_BYTES
 # A browser keeps ~5 MB per site, and Gradio stores the chats encrypted and base64-encoded (a third larger): past
 # that every later save would fail without a word, so the oldest chats go first.
 MAX_STORED_BYTES = 3 * 2**20
-MAX_IMPORT_BYTES = 2**20
+MAX_IMPORT_BYTES = 16 * 2**20  # room for a few images as data: URLs
 MAX_TITLE = 80
 CHAT_ID = re.compile(r"[0-9a-f]{32}")
 ROLES = ("system", "user", "assistant")
@@ -44,6 +46,29 @@ def text_of(content) -> str:
     if isinstance(content, (list, tuple)):
         return "".join(text_of(part) for part in content)
     return ""
+
+
+def files_of(content) -> list[str]:
+    """The paths of a page message's files, in order (Gradio gives them as ``{"path"}`` dicts, or as
+    ``{"type": "file", "file": {"path"}}`` parts once they have been through the chat)."""
+    parts = content if isinstance(content, (list, tuple)) else [content]
+    paths = []
+    for part in parts:
+        if isinstance(part, dict) and part.get("type") == "file" and isinstance(part.get("file"), dict):
+            part = part["file"]
+        if isinstance(part, dict) and isinstance(part.get("path"), str):
+            paths.append(part["path"])
+    return paths
+
+
+def page_content(content, image: Callable[[str], dict | None] | None = None) -> str | list[dict]:
+    """A page message's content for a model: its text, and with ``image`` (a file's path -> an OpenAI content
+    part, or None to leave it out) its images first, as typed parts."""
+    text = text_of(content)
+    parts = [part for part in map(image, files_of(content)) if part is not None] if image else []
+    if not parts:
+        return text
+    return [*parts, {"type": "text", "text": text}] if text else parts
 
 
 def is_page_note(message: dict) -> bool:
@@ -118,20 +143,23 @@ def choices(chats: dict | None) -> list[tuple[str, str]]:
     return [(str(chats[key].get("title") or "New chat"), key) for key in ordered]
 
 
-def openai_messages(messages: list[dict], system_prompt: str = "") -> list[dict]:
-    """The conversation as OpenAI messages: the system prompt first, page notes and thinking left out."""
+def openai_messages(messages: list[dict], system_prompt: str = "", image=None) -> list[dict]:
+    """The conversation as OpenAI messages: the system prompt first, page notes and thinking left out; the
+    users' images through ``image`` (see ``page_content``; without it they are left out)."""
     out = [{"role": "system", "content": system_prompt}] if system_prompt and system_prompt.strip() else []
     for message in messages:
         if message.get("role") in ("user", "assistant") and not is_page_note(message):
-            out.append({"role": message["role"], "content": text_of(message.get("content"))})
+            content = page_content(message.get("content"), image if message["role"] == "user" else None)
+            out.append({"role": message["role"], "content": content})
     return out
 
 
-def export_chat(record: dict) -> str:
+def export_chat(record: dict, image=None) -> str:
+    """The chat as JSON another tool reads; ``image`` turns a file's path into an ``image_url`` part."""
     settings = dict(record.get("settings") or {})
     body = {
         "title": record.get("title") or title_for(record.get("messages", [])),
-        "messages": openai_messages(record.get("messages", []), settings.pop("system_prompt", "") or ""),
+        "messages": openai_messages(record.get("messages", []), settings.pop("system_prompt", "") or "", image),
         "settings": settings,
     }
     return json.dumps(body, ensure_ascii=False, indent=2)
@@ -148,23 +176,37 @@ def clean_settings(settings, kinds: dict[str, tuple[type, ...]]) -> dict:
     return clean
 
 
-def _text(content, where: str) -> str:
+def _content(content, where: str, store_image, images_allowed: bool):
+    """Imported content as the page shows it: a string, or (with images) a list of file parts and the text."""
     if isinstance(content, str):
         return content
     parts = content if isinstance(content, list) else None
-    if parts is None or not all(
-        isinstance(p, dict) and p.get("type", "text") == "text" and isinstance(p.get("text"), str) for p in parts
-    ):
-        raise ValueError(f"{where}.content must be a string or a list of text parts")
-    return "".join(p["text"] for p in parts)
+    if parts is None or not all(isinstance(p, dict) for p in parts):
+        raise ValueError(f"{where}.content must be a string or a list of text and image_url parts")
+    text, files = "", []
+    for j, part in enumerate(parts):
+        if part.get("type", "text") == "text" and isinstance(part.get("text"), str):
+            text += part["text"]
+        elif part.get("type") == "image_url" and images_allowed and store_image is not None:
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            files.append({"path": store_image(url, f"{where}.content[{j}]")})
+        else:
+            raise ValueError(
+                f"{where}.content[{j}] must be a text part{' or an image_url part' if images_allowed else ''}"
+            )
+    return [*files, text] if files else text
 
 
-def import_chat(data: bytes | str, kinds: dict[str, tuple[type, ...]]) -> tuple[str, list[dict], dict]:
+def import_chat(
+    data: bytes | str, kinds: dict[str, tuple[type, ...]], store_image: Callable[[str, str], str] | None = None
+) -> tuple[str, list[dict], dict]:
     """(title, the page's messages, settings) from an exported chat or a list of OpenAI messages.
 
     Raises ValueError saying what is wrong: not JSON, too large, no messages, a role or content it cannot
     show. Settings it does not know, or of a type it does not take, are left out (``clean_settings``); the
-    system prompt becomes the setting of that name."""
+    system prompt becomes the setting of that name. A user message's ``image_url`` parts go through
+    ``store_image(url, where)``, which gives the path of a file holding the image (ValueError if it is none)."""
     if len(data) > MAX_IMPORT_BYTES:
         raise ValueError(f"the file is larger than {MAX_IMPORT_BYTES // 2**20} MiB")
     try:
@@ -180,11 +222,12 @@ def import_chat(data: bytes | str, kinds: dict[str, tuple[type, ...]]) -> tuple[
     for i, message in enumerate(body["messages"]):
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             raise ValueError(f"messages[{i}] needs a role of {', '.join(ROLES)}")
-        text = _text(message.get("content"), f"messages[{i}]")
+        images_allowed = message["role"] == "user"
+        content = _content(message.get("content"), f"messages[{i}]", store_image, images_allowed)
         if message["role"] == "system":
-            system.append(text)
+            system.append(content)
         else:
-            messages.append({"role": message["role"], "content": text})
+            messages.append({"role": message["role"], "content": content})
     if not any(m["role"] == "user" for m in messages):
         raise ValueError("the chat has no user message")
     if system:

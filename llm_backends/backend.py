@@ -149,7 +149,13 @@ class ChatModel(ABC):
     def request(self, messages, **fields) -> ChatRequest:
         """A ChatRequest for this model: its family's defaults and context length fill what ``fields`` leave
         unset. Raises ValueError naming the first bad field."""
-        return build_request(messages, family=self.family, context_length=self.info.context_length, **fields)
+        return build_request(
+            messages,
+            family=self.family,
+            context_length=self.info.context_length,
+            images=self.capabilities.images,
+            **fields,
+        )
 
     def stream_chat(
         self,

@@ -28,7 +28,7 @@ class DecodeStep:
 
     def __init__(self, model, *, fused_attention: bool = True):
         self.model = model
-        self.decoder = model.model
+        self.decoder = _text_decoder(model)
         self.layers = list(self.decoder.layers)
         attention = self.layers[0].self_attn
         self.norm_first = ATTENTIONS[type(attention).__name__]
@@ -36,7 +36,7 @@ class DecodeStep:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         self.attend = sdpa_attention_forward
-        config = model.config
+        config = model.config.get_text_config()
         self.layer_types = getattr(config, "layer_types", None)
         rotary = self.decoder.rotary_emb
         self.rotary_by_type = "layer_type" in inspect.signature(rotary.forward).parameters
@@ -57,7 +57,7 @@ class DecodeStep:
     @classmethod
     def for_model(cls, model, **options) -> DecodeStep | None:
         """The step for ``model``, or None where it is not a text decoder this step knows."""
-        decoder = getattr(model, "model", None)
+        decoder = _text_decoder(model)
         layers = getattr(decoder, "layers", None)
         if not layers or not hasattr(decoder, "rotary_emb") or not hasattr(decoder, "embed_tokens"):
             return None
@@ -143,3 +143,9 @@ class DecodeStep:
             rows.append(out)
         out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
         return attention.o_proj(out.reshape(*input_shape, -1).contiguous())
+
+
+def _text_decoder(model):
+    """The decoder stack that reads text: the model's own, or an image-text-to-text model's language model."""
+    decoder = getattr(model, "model", None)
+    return getattr(decoder, "language_model", decoder)

@@ -2,19 +2,22 @@
 
 The engine knows nothing of text, chat templates or which library runs the model: a ``Runner`` (transformers
 in ``transformers_backend.py``, mlx-lm in ``mlx_backend.py``) feeds tokens into a cache entry and returns
-logits. It runs in the caller's thread as a plain generator, so closing the generator, or setting the cancel
-event it was given, stops it before its next forward pass: no thread is left generating.
+logits. Negative ids stand for image tokens (``images.py``): a prefill piece never splits an image, and the
+runner is handed the images their pseudo ids name. It runs in the caller's thread as a plain generator, so
+closing the generator, or setting the cancel event it was given, stops it before its next forward pass: no
+thread is left generating.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Protocol
 
 import torch
 
+from . import images as image_tokens
 from .request import SamplingParams
 from .session_cache import CacheEntry
 
@@ -25,10 +28,13 @@ class Runner(Protocol):
     def new_entry(self) -> CacheEntry:
         """An empty cache entry for this model."""
 
-    def forward(self, entry: CacheEntry, tokens: Sequence[int], *, logits: bool = True) -> torch.Tensor | None:
+    def forward(
+        self, entry: CacheEntry, tokens: Sequence[int], *, logits: bool = True, images: Mapping | None = None
+    ) -> torch.Tensor | None:
         """Feeds ``tokens`` after what ``entry`` holds; returns the last position's logits (1-D, on CPU or the
-        model's device), or None with ``logits=False`` (the output head is skipped). On failure the entry is
-        reset, since its cache state is unknown."""
+        model's device), or None with ``logits=False`` (the output head is skipped). ``images`` maps the keys
+        of the images whose (whole) pseudo-id runs are in ``tokens`` to ``images.Image``. On failure the entry
+        is reset, since its cache state is unknown."""
 
     def decode(self, entry: CacheEntry, token: int) -> torch.Tensor:
         """One decode step (may share a forward pass with other sessions' steps)."""
@@ -82,19 +88,22 @@ class Engine:
         tokens: Sequence[int],
         cancel: threading.Event | None = None,
         boundaries: Sequence[int] = (),
+        images: Mapping | None = None,
     ) -> torch.Tensor | None:
-        """Feeds the uncached prompt tokens in pieces of at most ``prefill_chunk`` that also end at each of
-        ``boundaries`` (offsets into ``tokens`` where a turn begins), saving a restore point at each boundary
-        and at the prompt's end. Returns the last logits, or None if ``cancel`` was set between two pieces."""
+        """Feeds the uncached prompt tokens in pieces of at most ``prefill_chunk`` (longer where that would
+        split an image, which is read in one piece) that also end at each of ``boundaries`` (offsets into
+        ``tokens`` where a turn begins), saving a restore point at each boundary and at the prompt's end.
+        Returns the last logits, or None if ``cancel`` was set between two pieces."""
         logits = None
+        extra = {"images": images} if images else {}
         stops = sorted({b for b in boundaries if 0 < b < len(tokens)} | {len(tokens)})
         start = 0
         for stop in stops:
             while start < stop:
                 if cancel is not None and cancel.is_set():
                     return None
-                end = min(start + self.prefill_chunk, stop)
-                logits = self.runner.forward(entry, tokens[start:end], logits=end == len(tokens))
+                end = image_tokens.cut_after(tokens, min(start + self.prefill_chunk, stop))
+                logits = self.runner.forward(entry, tokens[start:end], logits=end == len(tokens), **extra)
                 start = end
             if stop < len(tokens):
                 entry.save_checkpoint(None)
@@ -110,10 +119,12 @@ class Engine:
         constraint: Constraint | None = None,
         logprobs: int | None = None,
         boundaries: Sequence[int] = (),
+        images: Mapping | None = None,
     ) -> DecodeRun:
-        """A reply's decode; ``boundaries`` are positions in the prompt where turns begin (restore points)."""
+        """A reply's decode; ``boundaries`` are positions in the prompt where turns begin (restore points),
+        ``images`` what the prompt's image tokens name (key -> ``images.Image``)."""
         cancel = cancel or threading.Event()
-        return DecodeRun(self, list(prompt_ids), entry, params, cancel, constraint, logprobs, tuple(boundaries))
+        return DecodeRun(self, list(prompt_ids), entry, params, cancel, constraint, logprobs, tuple(boundaries), images)
 
 
 class Constraint(Protocol):
@@ -177,6 +188,7 @@ class DecodeRun:
         constraint: Constraint | None = None,
         logprobs: int | None = None,
         boundaries: tuple[int, ...] = (),
+        images: Mapping | None = None,
     ):
         if not prompt_ids:
             raise ValueError("the prompt has no tokens")
@@ -191,6 +203,7 @@ class DecodeRun:
         self.top_logprobs = logprobs
         self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
         self.boundaries = boundaries
+        self.images = images
         self.cached_tokens = 0
         self.completion_ids: list[int] = []
         self.finish_reason: str | None = None
@@ -198,10 +211,13 @@ class DecodeRun:
     def __iter__(self) -> Iterator[int]:
         engine, params = self.engine, self.params
         self.cached_tokens, logits = self.entry.rewind_for(self.prompt_ids)
+        while logits is None and image_tokens.cut_before(self.prompt_ids, self.cached_tokens) < self.cached_tokens:
+            # The cache ends inside an image: it is read again whole (its tokens attend to each other).
+            self.cached_tokens = self.entry.rewind_to(image_tokens.cut_before(self.prompt_ids, self.cached_tokens))
         if logits is None:
             cached = self.cached_tokens
             boundaries = [b - cached for b in self.boundaries if b > cached]
-            logits = engine.prefill(self.entry, self.prompt_ids[cached:], self.cancel, boundaries)
+            logits = engine.prefill(self.entry, self.prompt_ids[cached:], self.cancel, boundaries, self.images)
         if logits is None:
             self.finish_reason = "cancelled"
             return

@@ -58,6 +58,19 @@ class EmbeddingFP16(nn.Module):
         return rows if scale is None else rows * scale.float()
 
 
+# A vision model's image encoder stays as loaded (fp32 on a CPU): it runs once per image, not per token.
+VISION_PARTS = ("vision_tower", "multi_modal_projector")
+
+
+def packed_linears(model: nn.Module, also: nn.Module | None = None) -> list[str]:
+    """The names of the Linear layers (and ``also``) the packers replace: all but the image encoder's."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if (isinstance(module, nn.Linear) or module is also) and not any(part in name for part in VISION_PARTS)
+    ]
+
+
 def pack_model(model: nn.Module) -> int:
     """Replaces the model's Linear layers (output head included) and embeddings in place; returns the bytes
     of weights it now holds outside ordinary parameters (the packed ones), for memory accounting."""
@@ -68,7 +81,7 @@ def pack_model(model: nn.Module) -> int:
     packed_bytes = 0
     done: dict[int, nn.Module] = {}  # a module reached under two names (tied) is replaced by one object
     # Walk by name and drop each fp32 Linear as soon as it is packed, so the load peaks near one copy.
-    for name in [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or m is embeddings]:
+    for name in packed_linears(model, embeddings):
         parent_name, _, attribute = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         child = getattr(parent, attribute)

@@ -15,6 +15,7 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import replace
+from functools import partial
 
 import anyio
 from fastapi import FastAPI, Request
@@ -29,6 +30,9 @@ from .serving import ModelRegistry
 
 log = logging.getLogger(__name__)
 
+# A request body's limit: room for a few images as data: URLs (each at most images.MAX_IMAGE_BYTES).
+MAX_BODY_BYTES = 64 * 2**20
+
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error", param=None, code=None):
@@ -40,32 +44,25 @@ class APIError(Exception):
         return JSONResponse(body, status_code=self.status)
 
 
-def text_content(content, index: int) -> str:
-    """OpenAI content (a string or a list of text parts) as one string; other part types are refused."""
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise APIError(400, f"messages[{index}].content: only text parts are supported", param="messages")
-            parts.append(part["text"])
-        return "".join(parts)
-    return content
-
-
 def fingerprint(api_key: str) -> str:
     """An API key's principal: sessions under one key are that key's alone."""
     return "key:" + hashlib.sha256(api_key.encode()).hexdigest()[:16]
 
 
 def add_openai_routes(
-    app: FastAPI, registry: ModelRegistry, *, api_key: str | Sequence[str] | None, exposed: bool
+    app: FastAPI,
+    registry: ModelRegistry,
+    *,
+    api_key: str | Sequence[str] | None,
+    exposed: bool,
+    image_urls: bool = False,
 ) -> None:
     """Adds ``/health``, ``/metrics`` and the ``/v1`` routes. With ``exposed`` (a share link or a non-loopback
     host) ``/v1`` and ``/metrics`` need an API key; ``/health`` is public and says only whether a model is ready.
 
     API sessions live in their own space, under the fingerprint of the key that sent the request as principal,
     so no field or header of a /v1 request can reach a page session's cache, a Python caller's, or another
-    key's.
+    key's. Image parts come as data: URLs; http(s) image URLs are fetched only with ``image_urls``.
     """
     keys = [api_key] if isinstance(api_key, str) else list(api_key or [])
     metrics = registry.metrics
@@ -168,14 +165,13 @@ def add_openai_routes(
         if kind == "chat":
             if not isinstance(body.get("messages"), list):
                 raise APIError(400, "messages is required and must be a list", param="messages")
-            body["messages"] = [
-                {**m, "content": text_content(m.get("content"), i)} if isinstance(m, dict) else m
-                for i, m in enumerate(body["messages"])
-            ]
         model, model_id = await anyio.to_thread.run_sync(model_for, body.get("model"))
         try:
             session = openai_api.session_for("api", principal, request.headers.get("x-session-id") or body.get("user"))
-            opener = openai_api.open_chat if kind == "chat" else openai_api.open_completion
+            if kind == "chat":
+                opener = partial(openai_api.open_chat, fetch_image_urls=image_urls)
+            else:
+                opener = openai_api.open_completion
             call = await anyio.to_thread.run_sync(lambda: opener(model, body, session=session, model_name=model_id))
         except ValueError as e:
             raise APIError(400, str(e), param=_param_of(str(e))) from e
@@ -201,8 +197,14 @@ def add_openai_routes(
 async def read_body(request: Request) -> dict:
     if "json" not in request.headers.get("content-type", ""):
         raise APIError(400, "send the request body as JSON (Content-Type: application/json)")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise APIError(413, f"the request body is over {MAX_BODY_BYTES >> 20} MiB", code="request_too_large")
+    raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise APIError(413, f"the request body is over {MAX_BODY_BYTES >> 20} MiB", code="request_too_large")
     try:
-        body = json.loads(await request.body())
+        body = json.loads(raw)
     except ValueError as e:
         raise APIError(400, f"the request body is not valid JSON: {e}") from e
     if not isinstance(body, dict):

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import cpu_kernels
-from .fp16_weights import EmbeddingFP16
+from .fp16_weights import EmbeddingFP16, packed_linears
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def pack_model(model: nn.Module) -> None:
     tied = head is not None and head.weight.data_ptr() == embeddings.weight.data_ptr()
     done: dict[int, nn.Module] = {}  # a module reached under two names is replaced by one object
     # Walk by name and drop each fp32 Linear as soon as it is packed, so the load peaks near one copy.
-    for name in [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
+    for name in packed_linears(model):
         parent_name, _, attribute = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         child = getattr(parent, attribute)

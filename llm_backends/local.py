@@ -16,6 +16,7 @@ from functools import partial
 
 from jinja2 import TemplateError
 
+from . import images as image_parts
 from . import tools as tool_calls
 from .backend import Capabilities, ChatModel, ChatStream, ModelInfo
 from .chunks import Chunk, Stats, TokenLogprob
@@ -57,13 +58,17 @@ class LocalModel(ChatModel):
         eos_ids: Iterable[int | None] = (),
         model=None,
         disk_tier=None,
+        image_format: image_parts.ImageFormat | None = None,
     ):
         self.model = model  # the library's own model object, for inspection (hooks, memory)
         self.tokenizer = tokenizer
         self.family = family
         self.info = info
         base = not tokenizer.chat_template
-        self.capabilities = Capabilities(thinking=family.can_think and not base, base_model=base)
+        self.image_format = image_format  # None: the model reads text only
+        self.capabilities = Capabilities(
+            thinking=family.can_think and not base, images=image_format is not None, base_model=base
+        )
         self.chat_template = BASE_MODEL_TEMPLATE if base else tokenizer.chat_template
         self.template_stops = BASE_MODEL_STOP if base else ()  # a base model's reply ends at the next question
         stop_ids = {tokenizer.convert_tokens_to_ids(t) for t in family.stop_tokens} | set(eos_ids)
@@ -90,9 +95,10 @@ class LocalModel(ChatModel):
 
     def render(self, messages, *, enable_thinking: bool | None = None, tools=None) -> list[int]:
         """The prompt's token ids: the whole conversation through the chat template, ready for the reply,
-        with ``tools`` offered to the model."""
+        with ``tools`` offered to the model. Each image's tokens are its pseudo ids (``images.py``)."""
         kwargs = {"enable_thinking": enable_thinking} if self.family.can_think else {}
-        messages = [dict(m) for m in messages]
+        pictures = image_parts.images_of(messages)
+        messages = [self._template_message(m) for m in messages]
         if self.template_has_tools:
             if tools:
                 kwargs["tools"] = list(tools)
@@ -104,7 +110,22 @@ class LocalModel(ChatModel):
             )
         except TemplateError as e:  # e.g. "roles must alternate": the conversation, not the server, is wrong
             raise ValueError(f"the model's chat template refused the conversation: {e}") from e
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if self.image_format is None:
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        text = self.image_format.expand(text, len(pictures))
+        return self.image_format.mark(list(self.tokenizer(text, add_special_tokens=False)["input_ids"]), pictures)
+
+    def _template_message(self, message: dict) -> dict:
+        """A message as chat templates read it: content with images as typed parts (Gemma 3's template writes
+        its image placeholder for each), or for the plain base-model transcript the placeholder inline."""
+        content = message["content"]
+        if isinstance(content, str):
+            return dict(message)
+        if self.capabilities.base_model:
+            text = "".join(p if isinstance(p, str) else self.image_format.placeholder for p in content)
+            return {**message, "content": text}
+        parts = [{"type": "text", "text": p} if isinstance(p, str) else {"type": "image"} for p in content]
+        return {**message, "content": parts}
 
     def _render(self, request: ChatRequest, messages) -> list[int]:
         if request.prompt is not None:  # as written; BOS added unless the prompt already starts with it
@@ -191,6 +212,7 @@ class LocalModel(ChatModel):
             constraint=constraint,
             logprobs=request.logprobs,
             boundaries=self.turn_boundaries(prompt_ids, request) if request.prompt is None else (),
+            images={picture.key: picture for picture in image_parts.images_of(request.messages)},
         )
         chunks = self._chunks(
             generate, request.session, reply, cancel, started, prompt_ids, partial(self.operator_tokens, request)

@@ -213,9 +213,11 @@ class MLXRunner:
         model = self.model
         return MLXCacheEntry(make_cache=lambda: make_prompt_cache(model), max_checkpoints=self.max_checkpoints)
 
-    def forward(self, entry: CacheEntry, tokens: Sequence[int], *, logits: bool = True) -> torch.Tensor:
+    def forward(self, entry: CacheEntry, tokens: Sequence[int], *, logits: bool = True, images=None) -> torch.Tensor:
         import mlx.core as mx
 
+        if images:
+            raise ValueError("the MLX backend reads text only")
         try:
             out = self.model(mx.array([list(tokens)]), cache=entry.cache)
             logits = out[0, -1].astype(mx.float32)

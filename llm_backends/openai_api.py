@@ -118,8 +118,16 @@ def _head(model: ChatModel, name: str | None, prefix: str) -> dict:
     return {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": name or model.info.name}
 
 
-def open_chat(model: ChatModel, body: dict, *, session: SessionKey | None, model_name: str | None = None) -> Call:
-    """Validates a chat request body and starts its reply; ValueError naming the first bad field."""
+def open_chat(
+    model: ChatModel,
+    body: dict,
+    *,
+    session: SessionKey | None,
+    model_name: str | None = None,
+    fetch_image_urls: bool = False,
+) -> Call:
+    """Validates a chat request body and starts its reply; ValueError naming the first bad field. Images come
+    as OpenAI ``image_url`` parts (data: URLs; http(s) URLs only with ``fetch_image_urls``)."""
     _check_fields(body, CHAT_FIELDS, NEUTRAL)
     max_tokens = body.get("max_completion_tokens")
     if max_tokens is None:
@@ -146,6 +154,7 @@ def open_chat(model: ChatModel, body: dict, *, session: SessionKey | None, model
         tools=body.get("tools"),
         tool_choice=body.get("tool_choice"),
         logprobs=(body.get("top_logprobs") or 0) if logprobs else None,
+        fetch_image_urls=fetch_image_urls,
         **_sampling(body, max_tokens),
     )
     include_usage = _include_usage(body)

@@ -47,6 +47,19 @@ def label(target: str | None) -> str:
     return f"{name} @ {base.split('://', 1)[1].split('/', 1)[0]}"
 
 
+def openai_message(message: dict) -> dict:
+    """A request's message in OpenAI's shape: content with images becomes text and image_url parts."""
+    if isinstance(message["content"], str):
+        return message
+    parts = [
+        {"type": "text", "text": part}
+        if isinstance(part, str)
+        else {"type": "image_url", "image_url": {"url": part.data_url()}}
+        for part in message["content"]
+    ]
+    return {**message, "content": parts}
+
+
 def load(target: str | None, options) -> RemoteChatModel:
     """Connects to the upstream and checks that it serves the model; the load options do not apply."""
     return RemoteChatModel(target)
@@ -56,8 +69,9 @@ class RemoteChatModel(ChatModel):
     """Streams from an OpenAI-compatible ``/chat/completions``; API key from $OPENAI_API_KEY if set."""
 
     # Thinking is passed on as chat_template_kwargs.enable_thinking: servers of thinking models (vLLM, SGLang,
-    # llama.cpp) honour it, others ignore it, so the page offers the toggle.
-    capabilities = Capabilities(thinking=True)
+    # llama.cpp) honour it, others ignore it, so the page offers the toggle. Images are passed on as data: URLs;
+    # an upstream whose model reads text only answers with its own error.
+    capabilities = Capabilities(thinking=True, images=True)
 
     def __init__(self, target: str, *, timeout: float = 60.0, api_key: str | None = None, check: bool = True):
         if target.startswith(PREFIX):
@@ -113,7 +127,7 @@ class RemoteChatModel(ChatModel):
             fields.update(prompt=request.prompt, logprobs=request.logprobs)
         else:
             fields.update(
-                messages=list(request.messages),
+                messages=[openai_message(m) for m in request.messages],
                 response_format=request.response_format,
                 tools=list(request.tools) if request.tools else None,
                 tool_choice=_openai_tool_choice(request.tool_choice),

@@ -12,6 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from . import images as image_parts
 from . import tools as tool_calls
 from .families.base import Family
 
@@ -57,7 +58,8 @@ class SessionKey:
 class ChatRequest:
     """Everything one reply needs. Built only by ``build_request``.
 
-    Either ``messages`` (a chat) or ``prompt`` (raw text, continued as it is: ``/v1/completions``).
+    Either ``messages`` (a chat) or ``prompt`` (raw text, continued as it is: ``/v1/completions``). A message's
+    content is a string, or (a user message with images) a tuple of strings and ``images.Image`` in order.
     ``thinking`` is None only where the model's family is unknown (the upstream decides). With
     ``fit_context`` the oldest turns are dropped until the conversation fits; without it a conversation that
     does not fit is refused. ``stream`` says whether the caller reads the reply as it comes (a remote backend
@@ -106,12 +108,15 @@ def build_request(
     tool_choice=None,
     logprobs=None,
     thinking_budget=None,
+    images: bool = False,
+    fetch_image_urls: bool = False,
 ) -> ChatRequest:
     """The validated request; raises ValueError naming the first bad field, before anything is touched.
 
     None means "unset" for every field: ``family``'s recommended sampling (for the resolved thinking mode)
     fills it, and ``max_new_tokens`` defaults to DEFAULT_MAX_NEW_TOKENS. ``top_k=0`` switches top-k off.
-    Pass ``messages=None`` and a ``prompt`` string for a raw completion.
+    Pass ``messages=None`` and a ``prompt`` string for a raw completion. Image parts are accepted only with
+    ``images`` (the model reads them); http(s) image URLs are fetched only with ``fetch_image_urls``.
     """
     if session is not None and not isinstance(session, SessionKey):
         raise ValueError(f"session must be a SessionKey, not {type(session).__name__}")
@@ -122,7 +127,11 @@ def build_request(
             raise ValueError("prompt must be a non-empty string")
         clean = ()
     else:
-        clean = check_messages(messages)
+        clean = check_messages(messages, fetch_image_urls=fetch_image_urls)
+        if not images and any(not isinstance(m["content"], str) for m in clean):
+            raise ValueError(
+                "the loaded model reads text only: send text, or load a vision model (Gemma 3 4B and larger)"
+            )
     thinking = _flag("enable_thinking", thinking)
     if prompt is not None:
         thinking = False  # raw text is continued as it is: no template, no reasoning split
@@ -186,31 +195,42 @@ def check_response_format(response_format) -> dict | None:
     raise ValueError("response_format.type must be text, json_object or json_schema")
 
 
-def check_messages(messages) -> tuple[dict, ...]:
+def check_messages(messages, *, fetch_image_urls: bool = False) -> tuple[dict, ...]:
     """The messages reduced to what templates read (role, content; an assistant's tool_calls, a tool result's
-    tool_call_id); raises ValueError on any malformed one."""
+    tool_call_id); raises ValueError on any malformed one.
+
+    Content may be OpenAI's list of parts: text parts are joined into one string; a user message's image parts
+    (``image_url`` with a data: URL, or ``image`` with a PIL image or encoded bytes; a PIL image alone also
+    counts) make its content a tuple of strings and ``images.Image``. At most ``images.MAX_IMAGES`` in all.
+    """
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts")
     if not messages:
         raise ValueError("messages is empty: send at least one user message")
     clean = []
+    pictures = 0
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
             raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', not {type(message).__name__}")
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
             raise ValueError(f"messages[{i}].role is {role!r}; expected one of {', '.join(ROLES)}")
+        if isinstance(content, (list, tuple)):
+            content = _parts(content, f"messages[{i}].content", role == "user", fetch_image_urls)
+            pictures += sum(isinstance(part, image_parts.Image) for part in content)
+            if pictures > image_parts.MAX_IMAGES:
+                raise ValueError(f"the conversation holds more than {image_parts.MAX_IMAGES} images; send fewer")
         calls = message.get("tool_calls") if role == "assistant" else None
         if calls is not None:
             clean.append({"role": role, "content": content or "", "tool_calls": _check_calls(calls, i)})
             if content is not None and not isinstance(content, str):
                 raise ValueError(f"messages[{i}].content must be a string or null, not {type(content).__name__}")
             continue
-        if not isinstance(content, str):
+        if not isinstance(content, (str, tuple)):
             raise ValueError(f"messages[{i}].content must be a string, not {type(content).__name__}")
         if role == "system" and i != 0:
             raise ValueError(f"messages[{i}] is a system message; only the first message may be one")
-        if role == "user" and not content.strip():
+        if role == "user" and isinstance(content, str) and not content.strip():
             raise ValueError(f"messages[{i}] is an empty user message")
         entry = {"role": role, "content": content}
         if role == "tool":
@@ -221,6 +241,39 @@ def check_messages(messages) -> tuple[dict, ...]:
     if clean[-1]["role"] not in ("user", "tool"):
         raise ValueError(f"the last message must be from the user (or a tool's result), not {clean[-1]['role']!r}")
     return tuple(clean)
+
+
+def _parts(parts, where: str, images_allowed: bool, fetch_urls: bool) -> str | tuple:
+    """A list of content parts as one string (text only) or a tuple of strings and images, in order."""
+    out: list = []
+    for j, part in enumerate(parts):
+        here = f"{where}[{j}]"
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise ValueError(f"{here} is a text part without a text string")
+            if out and isinstance(out[-1], str):
+                out[-1] += part["text"]
+            else:
+                out.append(part["text"])
+            continue
+        if kind in ("image_url", "image") or isinstance(part, image_parts.PILImage.Image):
+            if not images_allowed:
+                raise ValueError(f"{here}: only user messages may hold images")
+            if kind == "image_url":
+                value = part.get("image_url")
+                value = value.get("url") if isinstance(value, Mapping) else value
+            else:
+                value = part.get("image") if kind == "image" else part
+            out.append(image_parts.read(value, here, fetch_urls=fetch_urls))
+            continue
+        raise ValueError(
+            f"{where} must be a string or a list of text and image_url parts; {here} is a "
+            f"{kind or type(part).__name__!r}"
+        )
+    if not any(isinstance(part, image_parts.Image) for part in out):
+        return "".join(out)
+    return tuple(out)
 
 
 def _check_calls(calls, index: int) -> list[dict]:

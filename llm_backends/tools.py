@@ -57,7 +57,8 @@ def inline(messages: list[dict], tools: list[dict] | None) -> list[dict]:
     for message in messages:
         if message["role"] == "tool":
             result = f"<tool_response>\n{message['content']}\n</tool_response>"
-            if out and out[-1]["role"] == "user" and out[-1]["content"].endswith("</tool_response>"):
+            earlier = out[-1]["content"] if out and out[-1]["role"] == "user" else None
+            if isinstance(earlier, str) and earlier.endswith("</tool_response>"):
                 out[-1] = {"role": "user", "content": out[-1]["content"] + "\n" + result}
             else:
                 out.append({"role": "user", "content": result})

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 
 import torch
 
 from . import fp16_weights, int8_weights, kv_layers
+from . import images as image_tokens
 from .backend import ModelInfo
 from .batching import DecodeBatcher, RowCaches, attention_backends, use_row_attention
 from .decode_step import DecodeStep
@@ -34,10 +35,12 @@ DTYPES = {
 
 
 class TorchRunner:
-    """Feeds tokens into a transformers causal LM; concurrent sessions' decode steps share one forward pass."""
+    """Feeds tokens into a transformers causal LM (or image-text-to-text model: ``processor`` prepares its
+    images); concurrent sessions' decode steps share one forward pass."""
 
-    def __init__(self, model, *, max_checkpoints: int, max_batch: int = 16):
+    def __init__(self, model, *, max_checkpoints: int, max_batch: int = 16, processor=None):
         self.model = model
+        self.processor = processor
         self.max_checkpoints = max_checkpoints
         self.device = next(model.parameters()).device
         # One forward at a time: concurrent prefills and decode batches would only fight over the cores.
@@ -52,16 +55,24 @@ class TorchRunner:
         return CacheEntry(make_cache=lambda: kv_layers.new_cache(config), max_checkpoints=self.max_checkpoints)
 
     @torch.inference_mode()
-    def forward(self, entry: CacheEntry, tokens: Sequence[int], *, logits: bool = True) -> torch.Tensor | None:
+    def forward(
+        self, entry: CacheEntry, tokens: Sequence[int], *, logits: bool = True, images: Mapping | None = None
+    ) -> torch.Tensor | None:
         """Feeds ``tokens`` after what the cache holds; returns the last position's logits (None with
-        ``logits=False``: the decoder alone runs, not the output head).
+        ``logits=False``: the decoder alone runs, not the output head). Image tokens (pseudo ids) are read
+        from ``images``, each image's run whole in this call.
 
         The ledger grows only once the model has run; a failure mid-forward leaves the cache in an unknown
         state, so the entry is reset rather than trusted.
         """
-        input_ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
         model = self.model if logits else self.model.base_model
         extra = {"logits_to_keep": 1} if logits else {}
+        if any(t < 0 for t in tokens):
+            extra.update(self._image_inputs(len(entry.ids), tokens, images or {}))
+            tokens_in = [self.model.config.image_token_id if t < 0 else t for t in tokens]
+        else:
+            tokens_in = tokens
+        input_ids = torch.tensor([list(tokens_in)], dtype=torch.long, device=self.device)
         try:
             with self.compute, attention_backends(self.device):
                 out = model(input_ids=input_ids, past_key_values=entry.cache, use_cache=True, **extra)
@@ -70,6 +81,20 @@ class TorchRunner:
             raise
         entry.ids.extend(tokens)
         return out.logits[0, -1] if logits else None
+
+    def _image_inputs(self, offset: int, tokens: Sequence[int], images: Mapping) -> dict:
+        """``pixel_values`` for the images that begin in ``tokens`` and ``token_type_ids`` marking image tokens.
+        The latter run from the sequence's start (the mask reads them by absolute position); images already
+        in the cache are marked as text, since no token of this call attends within them."""
+        starts = [image_tokens.key_of(t) for t in tokens if t < 0 and image_tokens.place(t) == 0]
+        if self.processor is None or any(key not in images for key in starts):
+            raise ValueError("the prompt holds image tokens that no image of the request names")
+        pictures = [images[key].pixels for key in starts]
+        pixels = self.processor.image_processor(images=pictures, return_tensors="pt")["pixel_values"]
+        types = torch.zeros((1, offset + len(tokens)), dtype=torch.long, device=self.device)
+        types[0, offset:] = torch.tensor([int(t < 0) for t in tokens], device=self.device)
+        dtype = next(self.model.model.vision_tower.parameters()).dtype
+        return {"pixel_values": pixels.to(self.device, dtype), "token_type_ids": types}
 
     @torch.inference_mode()
     def forward_rows(self, entries: Sequence[CacheEntry], tokens: Sequence[int]) -> torch.Tensor:
@@ -136,7 +161,7 @@ def load(target: str | None, options: LoadOptions) -> LocalModel:
         raise ValueError(f"quantization={quantization!r} computes in float32: leave dtype unset or pass 'float32'")
     where = locate(target, options.progress)
 
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
     gguf = {"gguf_file": where.gguf_file} if where.gguf_file else {}
     try:
@@ -150,9 +175,12 @@ def load(target: str | None, options: LoadOptions) -> LocalModel:
             ) from e
         raise ModelLoadError(_explain(e, where.name)) from e
     family = family_for(getattr(config, "model_type", None))
+    # Gemma 3 from 4B up reads images: loaded as image-text-to-text with its processor (a GGUF holds the text
+    # decoder only).
+    vision = getattr(config, "vision_config", None) is not None and not where.gguf_file
 
     cpu_packed = device == "cpu" and quantization in CPU_PACKED
-    quantization_config = None if cpu_packed else _quantization_config(quantization, dtype)
+    quantization_config = None if cpu_packed else _quantization_config(quantization, dtype, vision)
     kwargs = {"dtype": dtype, **gguf}
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
@@ -161,10 +189,17 @@ def load(target: str | None, options: LoadOptions) -> LocalModel:
     # int8 weights are stored once packed, so later loads map them instead of reading and packing fp32.
     stored = int8_weights.store_path(where.folder, where.gguf_file) if cpu_packed and quantization == "int8" else None
     model = int8_weights.load_stored(stored) if stored else None
+    processor = None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where.folder, **gguf)
+        if vision:
+            processor = AutoProcessor.from_pretrained(where.folder)
+            tokenizer = processor.tokenizer
+            tokenizer.chat_template = tokenizer.chat_template or processor.chat_template
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(where.folder, **gguf)
         if model is None:
-            model = AutoModelForCausalLM.from_pretrained(where.folder, **kwargs)
+            model_class = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+            model = model_class.from_pretrained(where.folder, **kwargs)
             if "device_map" not in kwargs and quantization_config is None:
                 model.to(device)
     except Exception as e:  # any failure inside transformers is a load failure, explained by its cause
@@ -200,12 +235,13 @@ def load(target: str | None, options: LoadOptions) -> LocalModel:
         tokenizer,
         family,
         info,
-        TorchRunner(model, max_checkpoints=restore_points(options.restore_turns)),
+        TorchRunner(model, max_checkpoints=restore_points(options.restore_turns), processor=processor),
         max_cache_bytes=options.max_cache_bytes or default_cache_bytes(device),
         vocab_size=int(text_config.vocab_size),
         eos_ids=eos if isinstance(eos, list) else [eos],
         model=model,
         disk_tier=tier,
+        image_format=image_tokens.ImageFormat.of(processor) if processor is not None else None,
     )
 
 
@@ -245,18 +281,22 @@ def _resolve_dtype(dtype, device: str, quantization: str):
     raise ValueError(f"dtype must be one of {', '.join(sorted(DTYPES))} or a torch.dtype, not {dtype!r}")
 
 
-def _quantization_config(quantization: str, dtype):
+def _quantization_config(quantization: str, dtype, vision: bool = False):
     from transformers import BitsAndBytesConfig
 
+    # A vision model's image encoder stays in the compute dtype (bf16 on GPUs), the known-good setting for
+    # Gemma 3; the output head is left as transformers leaves it by default.
+    skip = {"llm_int8_skip_modules": [*fp16_weights.VISION_PARTS, "lm_head"]} if vision else {}
     if quantization == "nf4":
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
+            **skip,
         )
     if quantization == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, **skip)
     return None
 
 

@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tiny_models import build_gemma3, build_qwen3  # noqa: E402
+from tiny_models import build_gemma3, build_gemma3_vision, build_qwen3  # noqa: E402
 
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # How the tiny test models load; on a GPU machine e.g. LLM_TEST_DEVICE=cuda LLM_TEST_QUANTIZATION=none
@@ -34,6 +34,18 @@ def gemma3_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def qwen3_dir(tmp_path_factory) -> Path:
     return build_qwen3(tmp_path_factory.mktemp("tiny-qwen3"))
+
+
+@pytest.fixture(scope="session")
+def gemma3_vision_dir(tmp_path_factory) -> Path:
+    return build_gemma3_vision(tmp_path_factory.mktemp("tiny-gemma3-vision"))
+
+
+@pytest.fixture(scope="session")
+def gemma3_vision(gemma3_vision_dir):
+    from llm_backends import load_model
+
+    return load_model(str(gemma3_vision_dir), max_cache_bytes=256 * 2**20, **TINY_LOAD)
 
 
 @pytest.fixture(scope="session")

@@ -361,3 +361,77 @@ def test_two_visitors_of_an_open_server_share_at_most_the_operators_system_promp
         assert cached <= operator < prompt, (cached, operator, prompt, stats)
     finally:
         demo.close()
+
+
+@pytest.fixture(scope="module")
+def vision_page_url(gemma3_vision_dir):
+    registry = ModelRegistry([str(gemma3_vision_dir)], max_cache_bytes=2**27)
+    registry.switch(registry.ids[0])
+    config = app.AppConfig(port=free_port(), concurrency=2)
+    demo = app.serve(config, registry, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{config.port}/", registry.get()
+    demo.close()
+
+
+def test_an_attached_image_reaches_the_vision_model_is_reused_next_turn_and_survives_reload_and_export(
+    vision_page_url, browser, tmp_path
+):
+    import numpy as np
+    from PIL import Image
+
+    url, model = vision_page_url
+    photo = tmp_path / "photo.png"
+    Image.fromarray((np.random.RandomState(7).rand(90, 120, 3) * 255).astype("uint8")).save(photo)
+    page = open_page(browser, url)
+    assert "attach images" in page.locator("#message textarea").get_attribute("placeholder")
+    page.locator("#message input[type=file]").set_input_files(str(photo))
+    page.locator("#message .thumbnails img").wait_for(timeout=10_000)
+    send(page, "What is in this picture?")
+    first = wait_reply(page, 1)
+    asked = model.request(
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": photo.read_bytes()},
+                    {"type": "text", "text": "What is in this picture?"},
+                ],
+            }
+        ]
+    )
+    prompt = model.render(asked.messages)
+    assert f"{len(prompt)} prompt tokens" in first, "the image's tokens were in the prompt"
+    assert page.locator("#chat .user-row img, #chat .message.user img").count() >= 1, "the image shows in the chat"
+    send(page, "And what colour is it?")
+    second = wait_reply(page, 2)
+    cached = int(second.split(" from cache")[0].rsplit(", ", 1)[-1])
+    assert cached > max(i for i, t in enumerate(prompt) if t < 0), "the follow-up reused the image's tokens"
+    page.screenshot(path=str(SHOTS / "browser-image.png"), full_page=True)
+
+    page.reload()
+    page.get_by_placeholder("Type a message…").wait_for(timeout=60_000)
+    time.sleep(1.5)
+    assert page.locator("#chat .user-row img, #chat .message.user img").count() >= 1, "the image survives a reload"
+    page.get_by_text("Rename, delete, export, import").click()
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Export JSON").click()
+    exported = tmp_path / "picture.json"
+    download.value.save_as(exported)
+    body = json.loads(exported.read_text())
+    parts = body["messages"][0]["content"]
+    assert parts[0]["type"] == "image_url" and parts[0]["image_url"]["url"].startswith("data:image/png;base64,")
+    page.get_by_role("button", name="Delete", exact=True).click()
+    time.sleep(0.8)
+    import_file(page, exported)
+    assert page.locator("#chat .user-row img, #chat .message.user img").count() >= 1, "the import shows the image"
+    send(page, "Once more?")
+    assert "prompt tokens" in wait_reply(page, 1), "the imported chat goes on"  # export leaves page notes out
+    assert "⚠️" not in page.locator("#chat").inner_text() and "no longer" not in page.locator("#chat").inner_text()
+
+
+def test_a_text_only_model_offers_no_attach_button_and_says_so(page_url, browser):
+    url, _ = page_url
+    page = open_page(browser, url)
+    assert "text only" in page.locator("#message textarea").get_attribute("placeholder")
+    assert page.locator("#message [data-testid=upload-button]").count() == 0
+    assert "text only" in page.locator("#model-info").inner_text()

@@ -133,3 +133,39 @@ def test_the_page_secret_survives_a_restart_and_only_its_owner_reads_it(tmp_path
     assert stat.S_IMODE((tmp_path / "cache" / "page-secret").stat().st_mode) == 0o600
     (tmp_path / "cache" / "page-secret").write_text("")
     assert len(chat_history.page_secret(tmp_path / "cache")) >= 24, "an empty file is not an empty key"
+
+
+def test_images_export_as_data_urls_and_import_back_as_files_while_a_missing_file_becomes_a_note(tmp_path):
+    import app
+    from test_images import data_url, picture
+
+    photo = tmp_path / "photo.png"
+    picture(3).save(photo)
+    page = [
+        {"role": "user", "content": [{"type": "file", "file": {"path": str(photo)}}, {"type": "text", "text": "Hi"}]},
+        {"role": "assistant", "content": "Hello"},
+    ]
+    body = json.loads(export_chat({"messages": page, "settings": {}}, app.exported_image))
+    parts = body["messages"][0]["content"]
+    assert parts[0]["image_url"]["url"].startswith("data:image/png;base64,") and parts[1] == {
+        "type": "text",
+        "text": "Hi",
+    }
+    title, messages, _ = import_chat(json.dumps(body), KNOWN, app.imported_image)
+    assert title == "Hi" and messages[0]["content"][1] == "Hi"
+    stored = messages[0]["content"][0]["path"]
+    assert app.exported_image(stored) == parts[0], "the same pixels come back"
+    with pytest.raises(ValueError, match="image_url"):
+        import_chat(json.dumps([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]), KNOWN)
+    with pytest.raises(ValueError, match="data: URL"):
+        import_chat(
+            json.dumps([{"role": "user", "content": [{"type": "image_url", "image_url": "file:///etc/passwd"}]}]),
+            KNOWN,
+            app.imported_image,
+        )
+    system = [{"role": "system", "content": [{"type": "image_url", "image_url": data_url(picture(1))}]}]
+    with pytest.raises(ValueError, match="must be a text part"):
+        import_chat(json.dumps(system + body["messages"]), KNOWN, app.imported_image)
+    photo.unlink()
+    sent = chat_history.openai_messages(page, "", app.page_image)
+    assert sent[0]["content"] == [{"type": "text", "text": app.MISSING_IMAGE}, {"type": "text", "text": "Hi"}]

@@ -136,3 +136,78 @@ def build_qwen3(folder: Path) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def build_gemma3_vision(folder: Path, *, image_size: int = 32, tokens_per_image: int = 4) -> Path:
+    """A tiny Gemma 3 vision model (image-text-to-text): the text decoder of ``build_gemma3`` with a
+    1-layer SigLIP tower, and a processor whose tokenizer declares Gemma's image tokens."""
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessorPil,
+        Gemma3Processor,
+        SiglipVisionConfig,
+    )
+
+    from llm_backends.families.gemma3 import GEMMA3_TEMPLATE
+
+    special = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+    image_tokens = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+    raw = _tokenizer(special + list(image_tokens.values()), [])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens=image_tokens,
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in image_tokens.items()}
+    text = Gemma3TextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        sliding_window=16,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        layer_types=["sliding_attention"] * 5 + ["full_attention"],
+    )
+    vision = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=image_size // 4,
+    )
+    config = Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=tokens_per_image,
+        boi_token_index=ids["boi_token"],
+        eoi_token_index=ids["eoi_token"],
+        image_token_index=ids["image_token"],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = _init(Gemma3ForConditionalGeneration(config), seed=3, scale=0.3)
+    processor = Gemma3Processor(
+        image_processor=Gemma3ImageProcessorPil(
+            size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+        ),
+        tokenizer=tokenizer,
+        chat_template=GEMMA3_TEMPLATE,
+        image_seq_length=tokens_per_image,
+    )
+    tokenizer.chat_template = GEMMA3_TEMPLATE
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

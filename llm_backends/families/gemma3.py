@@ -2,7 +2,8 @@
 
 from .base import Family, SamplingDefaults
 
-# Gemma's documented turn format (what instruction-tuned checkpoints ship; the tests' tiny models use it). Gemma
+# Gemma's documented turn format (what instruction-tuned checkpoints ship, images as typed parts included; the
+# tests' tiny models use it). Gemma
 # has no system role: the system prompt is folded into the first user turn, as the official template does. Base
 # checkpoints (the embedded default) ship no template and are asked in families.base.BASE_MODEL_TEMPLATE.
 GEMMA3_TEMPLATE = (
@@ -17,7 +18,11 @@ GEMMA3_TEMPLATE = (
     "{%- for message in loop_messages -%}"
     "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
     "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
-    "{{ message['content'] | trim }}"
+    "{%- if message['content'] is string -%}{{ message['content'] | trim }}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{ '<start_of_image>' }}"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
     "{{ '<end_of_turn>\n' }}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
