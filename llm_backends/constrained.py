@@ -84,8 +84,9 @@ class Grammars:
 
 class Constraint:
     """Masks each step's logits to what the grammar allows and follows the tokens chosen. With ``wait_for``
-    (the end-of-thinking token) it starts only after that token: reasoning stays free. Once the grammar is
-    complete only the model's stop tokens remain."""
+    (the end-of-thinking token) it starts only after that token: reasoning stays free, except that it may not
+    end the reply (an answer that must follow a schema has to come). Once the grammar is complete only the
+    model's stop tokens remain."""
 
     def __init__(self, matcher, vocab_size: int, stop_ids: frozenset[int], wait_for: int | None):
         import llguidance.torch
@@ -100,9 +101,9 @@ class Constraint:
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         """The logits (1-D, on any device) with every token the grammar forbids at -inf; the input is kept."""
-        if self._waiting is not None:
-            return logits
         stops = self._stop_ids.to(logits.device)
+        if self._waiting is not None:
+            return logits.float().index_fill(0, stops, float("-inf"))
         if self._matcher.is_stopped():
             masked = torch.full_like(logits, float("-inf"), dtype=torch.float32)
             masked[stops] = logits[stops].float()

@@ -1,5 +1,6 @@
-"""Weight-only int8 on CPUs (``quantization="int8"``): int8 weights with one fp32 scale per output channel,
-fp32 arithmetic, through the ``linear`` kernel of ``cpu_kernels.py`` (whose rows never depend on each other).
+"""int8 on CPUs (``quantization="int8"``): int8 weights with one fp32 scale per output channel, activations
+rounded to int8 per block of 32 features as they come, exact integer products summed in fp32 per block, through
+the ``linear`` kernel of ``cpu_kernels.py`` (whose rows never depend on each other).
 
 A tied embedding table is read from the output head's int8 rows (so both hold the same rounded values, and
 the table is stored once); an untied one is kept as fp16.
@@ -41,11 +42,12 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_kernels.ops().linear(x.float(), self.packed, self.scale, self.bias)
+        return cpu_kernels.ops().linear(x.float(), self.packed, self.scale, self.bias, self.in_features)
 
     def weight_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """The dequantized weight rows of the given output channels (fp32), shaped ids.shape + (in_features,)."""
-        rows = cpu_kernels.ops().rows(self.packed, ids).float() * self.scale[ids.reshape(-1)].unsqueeze(1)
+        rows = cpu_kernels.ops().rows(self.packed, ids, self.in_features).float()
+        rows = rows * self.scale[ids.reshape(-1)].unsqueeze(1)
         return rows.view(*ids.shape, self.in_features)
 
     def extra_repr(self) -> str:

@@ -168,11 +168,24 @@ def test_json_object_and_thinking_first_then_the_schema(client, api):
         max_tokens=160,
         temperature=0,
         response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}},
-        extra_body={"chat_template_kwargs": {"enable_thinking": True}},
+        # The budget makes the tiny model close its reasoning; a reply may not end inside it.
+        extra_body={"chat_template_kwargs": {"enable_thinking": True}, "thinking_budget": 24},
     )
     assert out.choices[0].message.model_extra.get("reasoning_content"), "reasoning stays free"
-    if out.choices[0].finish_reason == "stop":
-        jsonschema.validate(json.loads(out.choices[0].message.content), PERSON)
+    assert out.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(out.choices[0].message.content), PERSON)
+
+
+def test_a_reply_that_must_follow_a_schema_cannot_end_inside_its_reasoning(qwen3):
+    import torch
+
+    grammar = qwen3.grammars.for_request({"type": "json_object"}, None, None)
+    constraint = qwen3.grammars.constraint(grammar, wait_for=qwen3.think_ids[1])
+    logits = torch.zeros(qwen3.grammars.vocab_size)
+    masked = constraint.mask(logits)
+    stops = sorted(i for i in qwen3.stop_ids if i < len(logits))
+    assert stops and torch.isinf(masked[stops]).all()
+    assert (masked[[i for i in range(len(logits)) if i not in stops]] == 0).all(), "reasoning is otherwise free"
 
 
 def test_a_schema_that_cannot_be_compiled_is_a_400(client, api):
