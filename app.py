@@ -401,6 +401,8 @@ def page_session(request: gr.Request, exposed: bool) -> SessionKey:
 
 
 MISSING_IMAGE = "[an image that is no longer on this server]"
+TEXT_ONLY_IMAGE = "[an image, left out: the current model reads text only]"
+IMPORTS = Path(tempfile.gettempdir()) / "llm-chat-imports"  # images of imported chats, one file per image
 
 
 def page_image(path: str) -> dict:
@@ -413,7 +415,7 @@ def page_image(path: str) -> dict:
 
 
 def exported_image(path: str) -> dict | None:
-    """An attached image as an ``image_url`` data: URL part (None when its file is gone)."""
+    """An attached image as an ``image_url`` data: URL part, the file as it was sent (None when it is gone)."""
     try:
         picture = image_input.from_bytes(Path(path).read_bytes(), "an image")
     except (OSError, ValueError):
@@ -422,17 +424,26 @@ def exported_image(path: str) -> dict | None:
 
 
 def imported_image(url, where: str) -> str:
-    """An imported chat's data: URL image written to a file the chat can show; ValueError if it is none."""
+    """An imported chat's data: URL image as a file the chat can show (the same image, the same file);
+    ValueError if it is none."""
     picture = image_input.read(url, where)
-    with tempfile.NamedTemporaryFile(prefix="llm-chat-import-", suffix=".png", delete=False) as file:
-        picture.pixels.save(file, format="PNG")
-    return file.name
+    suffix = {"image/jpeg": ".jpg", "image/webp": ".webp", "image/gif": ".gif"}.get(picture.mime, ".png")
+    path = IMPORTS / f"{picture.digest}{suffix}"
+    if not path.exists():
+        IMPORTS.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if picture.encoded is not None:
+            path.write_bytes(picture.encoded)
+        else:
+            picture.pixels.save(path, format="PNG")
+    return str(path)
 
 
-def to_messages(system_prompt: str, history: list[dict], message) -> list[dict]:
+def to_messages(system_prompt: str, history: list[dict], message, images: bool = True) -> list[dict]:
     """The conversation as the model sees it: titled messages (thinking, stats, notices) are the page's own;
-    ``message`` is the new user message's content (text, or parts with images)."""
-    return [*openai_messages(history, system_prompt, page_image), {"role": "user", "content": message}]
+    ``message`` is the new user message's content (text, or parts with images). For a model that reads text
+    only (``images`` False) earlier images become a note, so a chat that had them goes on after a switch."""
+    image = page_image if images else (lambda path: {"type": "text", "text": TEXT_ONLY_IMAGE})
+    return [*openai_messages(history, system_prompt, image), {"role": "user", "content": message}]
 
 
 def stats_line(stats, stopped: bool = False) -> str:
@@ -544,7 +555,7 @@ class Replies:
         if not self._begin(tab):  # Stop was pressed before the reply started
             yield reply_messages([], "", "", None, stopped=True)
             return
-        messages = to_messages(settings.system_prompt, history, message)
+        messages = to_messages(settings.system_prompt, history, message, model.capabilities.images)
         try:
             stream = model.stream(settings.request(model, messages, cache))
         except ValueError as e:  # the input is wrong: a message box, and the chat stays as it was
@@ -1025,7 +1036,9 @@ def wire_history(panel: ChatPanel, replies: Replies, controls: dict) -> None:
 
     def import_(data, chats):
         try:
-            title, messages, imported = chat_history.import_chat(data, SETTING_KINDS, imported_image)
+            title, messages, imported = chat_history.import_chat(
+                data, SETTING_KINDS, imported_image, max_images=image_input.MAX_IMAGES
+            )
         except ValueError as e:
             gr.Warning(f"Could not import the chat: {e}")
             return [gr.skip()] * (len(opened) + 1)

@@ -199,14 +199,18 @@ def _content(content, where: str, store_image, images_allowed: bool):
 
 
 def import_chat(
-    data: bytes | str, kinds: dict[str, tuple[type, ...]], store_image: Callable[[str, str], str] | None = None
+    data: bytes | str,
+    kinds: dict[str, tuple[type, ...]],
+    store_image: Callable[[str, str], str] | None = None,
+    max_images: int | None = None,
 ) -> tuple[str, list[dict], dict]:
     """(title, the page's messages, settings) from an exported chat or a list of OpenAI messages.
 
     Raises ValueError saying what is wrong: not JSON, too large, no messages, a role or content it cannot
     show. Settings it does not know, or of a type it does not take, are left out (``clean_settings``); the
     system prompt becomes the setting of that name. A user message's ``image_url`` parts go through
-    ``store_image(url, where)``, which gives the path of a file holding the image (ValueError if it is none)."""
+    ``store_image(url, where)``, which gives the path of a file holding the image (ValueError if it is none);
+    a chat with more than ``max_images`` images (None: no limit) is refused before any is stored."""
     if len(data) > MAX_IMPORT_BYTES:
         raise ValueError(f"the file is larger than {MAX_IMPORT_BYTES // 2**20} MiB")
     try:
@@ -218,6 +222,14 @@ def import_chat(
     if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
         raise ValueError('expected an exported chat ({"messages": [...]}) or a list of OpenAI messages')
     settings = clean_settings(body.get("settings"), kinds)
+    sent = sum(
+        isinstance(part, dict) and part.get("type") == "image_url"
+        for message in body["messages"]
+        if isinstance(message, dict) and isinstance(message.get("content"), list)
+        for part in message["content"]
+    )
+    if store_image is not None and max_images is not None and sent > max_images:
+        raise ValueError(f"the chat holds {sent} images; at most {max_images} can be imported")
     messages, system = [], []
     for i, message in enumerate(body["messages"]):
         if not isinstance(message, dict) or message.get("role") not in ROLES:

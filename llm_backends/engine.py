@@ -226,7 +226,8 @@ class DecodeRun:
             generator = torch.Generator(device=logits.device).manual_seed(params.seed)
         seen = None
         if params.repetition_penalty not in (None, 1.0):
-            seen = torch.tensor(self.prompt_ids, dtype=torch.long, device=logits.device)
+            # Image tokens (negative pseudo ids) are no vocabulary entries: only text is penalised.
+            seen = torch.tensor([t for t in self.prompt_ids if t >= 0], dtype=torch.long, device=logits.device)
         with engine.runner.decoding():
             while True:
                 with torch.inference_mode():

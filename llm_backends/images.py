@@ -21,53 +21,66 @@ from dataclasses import dataclass, field
 from PIL import Image as PILImage
 
 MAX_IMAGES = 8  # per request, the whole conversation
-MAX_IMAGE_BYTES = 10 * 2**20  # one image as sent (encoded)
-MAX_IMAGE_PIXELS = 32 * 2**20  # width x height, checked before decoding (no decompression bombs)
+MAX_IMAGE_BYTES = 16 * 2**20  # one image as sent (encoded)
+MAX_IMAGE_PIXELS = 64 * 2**20  # width x height, checked before decoding (no decompression bombs; 50 MP photos pass)
+MAX_SIDE = 2048  # pixels kept per side once the image is named (vision processors read 896 or fewer)
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF")  # what Pillow may decode: no format that runs other programs (EPS)
 FETCH_TIMEOUT_S = 10
 _PLACE_BITS = 16  # a pseudo id's low bits: the token's place in its image
+_KEY_BITS = 46  # its high bits name the image (with the place bits, the id fits an int64)
 
 
 @dataclass(frozen=True, eq=False)
 class Image:
-    """One image of a conversation: ``pixels`` (a PIL image in RGB) and ``digest`` (sha256 of its size and
-    pixels), which names it in the session ledger."""
+    """One image of a conversation: ``pixels`` (a PIL image in RGB, at most MAX_SIDE per side), ``digest``
+    (sha256 of the image's full size and pixels), which names it in the session ledger, and the file it came
+    as (``encoded``, of type ``mime``; None for a PIL image)."""
 
     pixels: PILImage.Image = field(repr=False)
     digest: str
+    encoded: bytes | None = field(default=None, repr=False)
+    mime: str = "image/png"
 
     @property
     def key(self) -> int:
-        return int(self.digest[:10], 16)
+        return int(self.digest[:12], 16) >> (48 - _KEY_BITS)
 
     def data_url(self) -> str:
-        """The image as a PNG ``data:`` URL (what an OpenAI-compatible upstream is sent)."""
-        out = io.BytesIO()
-        self.pixels.save(out, format="PNG")
-        return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+        """The image as a ``data:`` URL: the file it came as, or PNG (what an OpenAI-compatible upstream, or an
+        exported chat, is given)."""
+        data = self.encoded
+        if data is None:
+            out = io.BytesIO()
+            self.pixels.save(out, format="PNG")
+            data = out.getvalue()
+        return f"data:{self.mime};base64," + base64.b64encode(data).decode()
 
 
-def from_pil(picture: PILImage.Image, where: str) -> Image:
-    """An ``Image`` from a PIL image; ValueError when it has too many pixels."""
+def from_pil(picture: PILImage.Image, where: str, encoded: bytes | None = None, mime: str = "image/png") -> Image:
+    """An ``Image`` from a PIL image; ValueError when it has too many pixels. Only a copy of at most MAX_SIDE
+    per side is kept."""
     _check_size(picture.width, picture.height, where)
     rgb = picture.convert("RGB")
     digest = hashlib.sha256(f"{rgb.width}x{rgb.height};".encode() + rgb.tobytes()).hexdigest()
-    return Image(rgb, digest)
+    if max(rgb.size) > MAX_SIDE:  # convert() made a copy: the caller's image is left as it is
+        rgb.thumbnail((MAX_SIDE, MAX_SIDE), PILImage.Resampling.LANCZOS)
+    return Image(rgb, digest, encoded, mime)
 
 
 def from_bytes(data: bytes, where: str) -> Image:
-    """An ``Image`` from an encoded file (PNG, JPEG, WebP, GIF's first frame, ...); ValueError when it is too
-    large or not an image."""
+    """An ``Image`` from an encoded file (PNG, JPEG, WebP, GIF's first frame); ValueError when it is too large
+    or not such an image."""
     if len(data) > MAX_IMAGE_BYTES:
         raise ValueError(f"{where} is {len(data) / 2**20:.1f} MiB; images may be at most {MAX_IMAGE_BYTES >> 20} MiB")
     try:
-        picture = PILImage.open(io.BytesIO(data))
+        picture = PILImage.open(io.BytesIO(data), formats=FORMATS)
         _check_size(picture.width, picture.height, where)
         picture.load()
     except ValueError:
         raise
-    except (OSError, PILImage.DecompressionBombError, SyntaxError) as e:
+    except Exception as e:  # noqa: BLE001 (a decoder's failure on crafted input is the sender's mistake)
         raise ValueError(f"{where} is not an image that can be read (PNG, JPEG, WebP or GIF): {e}") from e
-    return from_pil(picture, where)
+    return from_pil(picture, where, data, PILImage.MIME.get(picture.format or "", "image/png"))
 
 
 def read(value, where: str, *, fetch_urls: bool = False) -> Image:
@@ -117,6 +130,16 @@ def _check_size(width: int, height: int, where: str) -> None:
         raise ValueError(
             f"{where} is {width}x{height} pixels; images may have at most {MAX_IMAGE_PIXELS >> 20} million pixels"
         )
+
+
+def by_key(pictures: Sequence[Image]) -> dict[int, Image]:
+    """The images by the key their tokens carry; ValueError if two different images share one (a 1 in 2^46
+    chance), since their tokens could not be told apart."""
+    out: dict[int, Image] = {}
+    for picture in pictures:
+        if out.setdefault(picture.key, picture).digest != picture.digest:
+            raise ValueError("two different images of this conversation share a key: send one of them re-encoded")
+    return out
 
 
 def images_of(messages) -> list[Image]:

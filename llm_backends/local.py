@@ -212,7 +212,7 @@ class LocalModel(ChatModel):
             constraint=constraint,
             logprobs=request.logprobs,
             boundaries=self.turn_boundaries(prompt_ids, request) if request.prompt is None else (),
-            images={picture.key: picture for picture in image_parts.images_of(request.messages)},
+            images=image_parts.by_key(image_parts.images_of(request.messages)),
         )
         chunks = self._chunks(
             generate, request.session, reply, cancel, started, prompt_ids, partial(self.operator_tokens, request)

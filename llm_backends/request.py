@@ -207,8 +207,10 @@ def check_messages(messages, *, fetch_image_urls: bool = False) -> tuple[dict, .
         raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts")
     if not messages:
         raise ValueError("messages is empty: send at least one user message")
+    sent = sum(_image_parts(m.get("content")) for m in messages if isinstance(m, Mapping))
+    if sent > image_parts.MAX_IMAGES:  # counted before any is read: each may be large once decoded
+        raise ValueError(f"the conversation holds {sent} images; at most {image_parts.MAX_IMAGES} are allowed")
     clean = []
-    pictures = 0
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
             raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', not {type(message).__name__}")
@@ -217,9 +219,6 @@ def check_messages(messages, *, fetch_image_urls: bool = False) -> tuple[dict, .
             raise ValueError(f"messages[{i}].role is {role!r}; expected one of {', '.join(ROLES)}")
         if isinstance(content, (list, tuple)):
             content = _parts(content, f"messages[{i}].content", role == "user", fetch_image_urls)
-            pictures += sum(isinstance(part, image_parts.Image) for part in content)
-            if pictures > image_parts.MAX_IMAGES:
-                raise ValueError(f"the conversation holds more than {image_parts.MAX_IMAGES} images; send fewer")
         calls = message.get("tool_calls") if role == "assistant" else None
         if calls is not None:
             clean.append({"role": role, "content": content or "", "tool_calls": _check_calls(calls, i)})
@@ -241,6 +240,16 @@ def check_messages(messages, *, fetch_image_urls: bool = False) -> tuple[dict, .
     if clean[-1]["role"] not in ("user", "tool"):
         raise ValueError(f"the last message must be from the user (or a tool's result), not {clean[-1]['role']!r}")
     return tuple(clean)
+
+
+def _image_parts(content) -> int:
+    if not isinstance(content, (list, tuple)):
+        return 0
+    return sum(
+        isinstance(part, image_parts.PILImage.Image)
+        or (isinstance(part, Mapping) and part.get("type") in ("image_url", "image"))
+        for part in content
+    )
 
 
 def _parts(parts, where: str, images_allowed: bool, fetch_urls: bool) -> str | tuple:

@@ -169,3 +169,26 @@ def test_images_export_as_data_urls_and_import_back_as_files_while_a_missing_fil
     photo.unlink()
     sent = chat_history.openai_messages(page, "", app.page_image)
     assert sent[0]["content"] == [{"type": "text", "text": app.MISSING_IMAGE}, {"type": "text", "text": "Hi"}]
+
+
+def test_an_exported_photo_keeps_its_own_encoding_and_a_text_model_gets_a_note_for_earlier_images(tmp_path):
+    import app
+    from test_images import picture
+
+    photo = tmp_path / "photo.jpg"
+    picture(4).save(photo, format="JPEG", quality=80)
+    part = app.exported_image(str(photo))
+    assert part["image_url"]["url"].startswith("data:image/jpeg;base64,")
+    page = [{"role": "user", "content": [{"path": str(photo)}, "What is it?"]}, {"role": "assistant", "content": "A"}]
+    sent = app.to_messages("", page, "And now?", images=False)
+    assert sent[0]["content"] == [
+        {"type": "text", "text": app.TEXT_ONLY_IMAGE},
+        {"type": "text", "text": "What is it?"},
+    ]
+    assert app.to_messages("", page, "And now?")[0]["content"][0]["type"] == "image"
+    many = [{"role": "user", "content": [{"type": "image_url", "image_url": part["image_url"]}] * 3}]
+    with pytest.raises(ValueError, match="at most 2"):
+        import_chat(json.dumps(many), KNOWN, app.imported_image, max_images=2)
+    _, messages, _ = import_chat(json.dumps(many), KNOWN, app.imported_image, max_images=3)
+    paths = chat_history.files_of(messages[0]["content"])
+    assert len(set(paths)) == 1 and paths[0].endswith(".jpg"), "the same image is stored once, as it came"

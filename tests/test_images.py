@@ -20,6 +20,7 @@ from llm_backends.serving import ModelRegistry
 from test_app import free_port
 
 GREEDY = {"temperature": 0, "max_new_tokens": 8}
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"  # a format that would run Ghostscript
 
 
 def picture(seed: int, size=(40, 50)) -> Image.Image:
@@ -156,7 +157,11 @@ def test_create_takes_openai_parts_and_pil_images(gemma3_vision):
         ([{"type": "image", "image": "/etc/passwd"}], "must be a data: URL"),
         ([{"type": "audio", "audio": "x"}], "text and image_url parts"),
         ([{"type": "text", "text": "look <start_of_image>"}, picture(0)], "remove it"),
-        ([{"type": "text", "text": "many"}] + [picture(i) for i in range(images.MAX_IMAGES + 1)], "more than"),
+        ([{"type": "text", "text": "many"}] + [picture(i) for i in range(images.MAX_IMAGES + 1)], "at most 8"),
+        (
+            [{"type": "image_url", "image_url": {"url": "data:image/x-eps;base64," + base64.b64encode(EPS).decode()}}],
+            "not an image",
+        ),
     ],
 )
 def test_bad_image_input_gets_a_clear_error_and_touches_no_session(gemma3_vision, content, needle):
@@ -244,6 +249,25 @@ def test_v1_takes_image_url_parts_and_fetches_http_urls_only_when_allowed(vision
         server.shutdown()
 
 
+def test_a_chunked_body_over_the_limit_is_a_413_before_it_is_read_whole(vision_api, monkeypatch):
+    import httpx
+
+    from llm_backends import http_api
+
+    _, bases = vision_api
+    monkeypatch.setattr(http_api, "MAX_BODY_BYTES", 4096)
+
+    def body():
+        for _ in range(64):
+            yield b" " * 1024
+
+    response = httpx.post(
+        f"{bases[False]}/chat/completions", content=body(), headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 413 and "over" in response.json()["error"]["message"]
+    assert "content-length" not in {k.lower() for k in response.request.headers}
+
+
 def test_v1_refuses_an_image_for_a_text_model_with_a_400(vision_api):
     registry, bases = vision_api
     text_model = registry.ids[1]
@@ -302,3 +326,50 @@ def test_a_session_with_an_image_resumes_from_the_disk_tier_with_the_images_toke
     image_end = max(i for i, t in enumerate(again.render(again.request(first).messages)) if t < 0)
     assert stats.cache_tier == "disk" and stats.cached_tokens > image_end
     assert resumed == reply(again, follow)[0]
+
+
+def test_a_repetition_penalty_reads_only_the_texts_tokens(gemma3_vision):
+    chunks = list(gemma3_vision.stream_chat(ask(picture(12)), temperature=0, max_new_tokens=6, repetition_penalty=1.3))
+    assert chunks[-1].finish_reason in ("stop", "length") and chunks[-1].stats.completion_tokens > 0
+
+
+def test_too_many_images_are_refused_before_any_is_read(gemma3_vision, monkeypatch):
+    reads = []
+    monkeypatch.setattr(images, "read", lambda *a, **k: reads.append(a))
+    many = [{"type": "image_url", "image_url": {"url": "data:,"}}] * (images.MAX_IMAGES + 1)
+    with pytest.raises(ValueError, match="at most 8"):
+        gemma3_vision.request([{"role": "user", "content": many}])
+    assert reads == []
+
+
+def test_a_large_image_is_kept_small_and_named_by_its_full_pixels():
+    wide = picture(13, size=(100, 3000))
+    kept = images.read(wide, "x")
+    assert kept.pixels.size == (images.MAX_SIDE, 68) and wide.size == (3000, 100)
+    assert kept.digest != images.read(wide.resize((2048, 68)), "x").digest
+
+
+def test_two_images_whose_keys_collide_are_refused():
+    first, second = images.read(picture(14), "a"), images.read(picture(15), "b")
+    twin = images.Image(second.pixels, first.digest[:12] + second.digest[12:])
+    assert twin.key == first.key
+    with pytest.raises(ValueError, match="share a key"):
+        images.by_key([first, twin])
+    assert images.by_key([first, first]) == {first.key: first}
+
+
+def test_a_cache_that_ends_inside_an_image_reads_the_image_again_whole(tmp_path):
+    from llm_backends import load_model
+    from tiny_models import build_gemma3_vision
+
+    model = load_model(str(build_gemma3_vision(tmp_path / "wide", sliding_window=512)), max_cache_bytes=2**26)
+    request = model.request(ask(picture(16)), temperature=0, max_new_tokens=6)
+    prompt = model.render(request.messages)
+    start = min(i for i, t in enumerate(prompt) if t < 0)
+    pictures = images.by_key(images.images_of(request.messages))
+    entry = model.engine.new_entry()
+    fresh = list(model.engine.generate(prompt, entry, request.sampling, images=pictures))
+    entry.trim(start + 2)  # two of the image's four tokens left in the cache
+    assert entry.ids == prompt[: start + 2]
+    run = model.engine.generate(prompt, entry, request.sampling, images=pictures)
+    assert list(run) == fresh and run.cached_tokens == start

@@ -138,7 +138,9 @@ def build_qwen3(folder: Path) -> Path:
     return folder
 
 
-def build_gemma3_vision(folder: Path, *, image_size: int = 32, tokens_per_image: int = 4) -> Path:
+def build_gemma3_vision(
+    folder: Path, *, image_size: int = 32, tokens_per_image: int = 4, sliding_window: int = 16
+) -> Path:
     """A tiny Gemma 3 vision model (image-text-to-text): the text decoder of ``build_gemma3`` with a
     1-layer SigLIP tower, and a processor whose tokenizer declares Gemma's image tokens."""
     from transformers import (
@@ -172,7 +174,7 @@ def build_gemma3_vision(folder: Path, *, image_size: int = 32, tokens_per_image:
         num_attention_heads=2,
         num_key_value_heads=1,
         head_dim=32,
-        sliding_window=16,
+        sliding_window=sliding_window,
         max_position_embeddings=4096,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
