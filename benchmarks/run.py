@@ -457,8 +457,9 @@ def main() -> None:
             sys.exit(f"{precision} failed:\n{out.stderr[-4000:]}")
         results["precisions"].append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"{precision}: done", file=sys.stderr, flush=True)
-    results["peer"] = peer(results["precisions"][0]["turns"], results["precisions"][0]["quality_ids"])
+    # The HTTP run first: llama.cpp's worker threads, once started in this process, would share its cores.
     results["users"] = users([int(n) for n in args.users.split(",")]) if args.users else []
+    results["peer"] = peer(results["precisions"][0]["turns"], results["precisions"][0]["quality_ids"])
     results["page_ready_s"] = None if args.no_page else page_ready_s()
     results["machine"] = machine()
     reference = next((r["quality"]["argmax"] for r in results["precisions"] if r["precision"] == "fp32"), None)

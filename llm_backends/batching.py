@@ -96,6 +96,30 @@ class _Step:
     error: BaseException | None = None
 
 
+class FairLock:
+    """A lock taken in the order it was asked for. ``threading.Lock`` is not: a thread that releases it and asks
+    again at once, as a long prefill does between its pieces, usually gets it back before a decode step that
+    has been waiting, so everyone else's tokens would stop until the whole prompt is read."""
+
+    def __init__(self):
+        self._turns = threading.Condition()
+        self._next = 0  # the next ticket handed out
+        self._serving = 0  # the ticket whose turn it is
+
+    def __enter__(self) -> FairLock:
+        with self._turns:
+            ticket = self._next
+            self._next += 1
+            while ticket != self._serving:
+                self._turns.wait()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._turns:
+            self._serving += 1
+            self._turns.notify_all()
+
+
 class DecodeBatcher:
     """Runs concurrent sessions' decode steps as one forward pass, without a thread of its own.
 
@@ -129,6 +153,10 @@ class DecodeBatcher:
             yield
         finally:
             self.leave()
+
+    @property
+    def sessions_decoding(self) -> int:
+        return self._decoding
 
     def join(self) -> None:
         with self._lock:

@@ -21,6 +21,10 @@ from . import images as image_tokens
 from .request import SamplingParams
 from .session_cache import CacheEntry
 
+# Prompt tokens read per piece while other replies decode: on the 2-core machine of docs/benchmarks.md a piece
+# of 64 takes ~60 ms, so their tokens keep coming at a few per second of the new prompt (benchmarks/arrivals.py).
+SHARED_CHUNK = 64
+
 
 class Runner(Protocol):
     """What the engine needs from the library that runs the model."""
@@ -41,6 +45,9 @@ class Runner(Protocol):
 
     def decoding(self) -> AbstractContextManager:
         """Held by a reply from its first to its last decode step (so a batcher knows whom to wait for)."""
+
+    def others_decoding(self) -> bool:
+        """Whether other replies are decoding now (a prefill then goes in small pieces between their steps)."""
 
 
 def sample_next(
@@ -74,10 +81,13 @@ def sample_next(
 class Engine:
     """Prefill and the decode loop over one runner's cache entries."""
 
-    def __init__(self, runner: Runner, *, stop_ids: frozenset[int], prefill_chunk: int = 512):
+    def __init__(
+        self, runner: Runner, *, stop_ids: frozenset[int], prefill_chunk: int = 512, shared_chunk: int = SHARED_CHUNK
+    ):
         self.runner = runner
         self.stop_ids = stop_ids
         self.prefill_chunk = prefill_chunk
+        self.shared_chunk = shared_chunk
 
     def new_entry(self) -> CacheEntry:
         return self.runner.new_entry()
@@ -90,10 +100,11 @@ class Engine:
         boundaries: Sequence[int] = (),
         images: Mapping | None = None,
     ) -> torch.Tensor | None:
-        """Feeds the uncached prompt tokens in pieces of at most ``prefill_chunk`` (longer where that would
-        split an image, which is read in one piece) that also end at each of ``boundaries`` (offsets into
-        ``tokens`` where a turn begins), saving a restore point at each boundary and at the prompt's end.
-        Returns the last logits, or None if ``cancel`` was set between two pieces."""
+        """Feeds the uncached prompt tokens in pieces of at most ``prefill_chunk`` (``shared_chunk`` while other
+        replies decode, whose steps go between the pieces; longer where that would split an image, which is read
+        in one piece) that also end at each of ``boundaries`` (offsets into ``tokens`` where a turn begins),
+        saving a restore point at each boundary and at the prompt's end. Returns the last logits, or None if
+        ``cancel`` was set between two pieces."""
         logits = None
         extra = {"images": images} if images else {}
         stops = sorted({b for b in boundaries if 0 < b < len(tokens)} | {len(tokens)})
@@ -102,7 +113,8 @@ class Engine:
             while start < stop:
                 if cancel is not None and cancel.is_set():
                     return None
-                end = image_tokens.cut_after(tokens, min(start + self.prefill_chunk, stop))
+                piece = self.shared_chunk if self.runner.others_decoding() else self.prefill_chunk
+                end = image_tokens.cut_after(tokens, min(start + piece, stop))
                 logits = self.runner.forward(entry, tokens[start:end], logits=end == len(tokens), **extra)
                 start = end
             if stop < len(tokens):

@@ -234,6 +234,9 @@ class MLXRunner:
     def decoding(self):
         return nullcontext()
 
+    def others_decoding(self) -> bool:
+        return False  # one reply at a time: no batching of decode steps
+
 
 def label(target: str | None) -> str:
     return f"{local_label(target)} (mlx)"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 
@@ -12,7 +11,7 @@ import torch
 from . import fp16_weights, int8_weights, kv_layers
 from . import images as image_tokens
 from .backend import ModelInfo
-from .batching import DecodeBatcher, RowCaches, attention_backends, use_row_attention
+from .batching import DecodeBatcher, FairLock, RowCaches, attention_backends, use_row_attention
 from .decode_step import DecodeStep
 from .disk_tier import DiskTier
 from .errors import ModelLoadError
@@ -43,8 +42,9 @@ class TorchRunner:
         self.processor = processor
         self.max_checkpoints = max_checkpoints
         self.device = next(model.parameters()).device
-        # One forward at a time: concurrent prefills and decode batches would only fight over the cores.
-        self.compute = threading.Lock()
+        # One forward at a time: concurrent prefills and decode batches would only fight over the cores. Taken in
+        # turn, so a decode step waits for at most one piece of a prefill.
+        self.compute = FairLock()
         batched = max_batch > 1 and use_row_attention(model)
         self.batcher = DecodeBatcher(self.forward_rows, max_batch) if batched else None
         # Decode steps skip transformers' per-call machinery where the architecture is one it knows.
@@ -140,6 +140,9 @@ class TorchRunner:
 
     def decoding(self):
         return nullcontext() if self.batcher is None else self.batcher.decoding()
+
+    def others_decoding(self) -> bool:
+        return self.batcher is not None and self.batcher.sessions_decoding > 0
 
 
 def label(target: str | None) -> str:
@@ -286,7 +289,9 @@ def _quantization_config(quantization: str, dtype, vision: bool = False):
 
     # A vision model's image encoder stays in the compute dtype (bf16 on GPUs), the known-good setting for
     # Gemma 3; the output head is left as transformers leaves it by default.
-    skip = {"llm_int8_skip_modules": [*fp16_weights.VISION_PARTS, "lm_head"]} if vision else {}
+    # Patterns match module names from their start (transformers' should_convert_module), hence the ".*".
+    skip = {"llm_int8_skip_modules": [*(f".*{part}" for part in fp16_weights.VISION_PARTS), "lm_head"]}
+    skip = skip if vision else {}
     if quantization == "nf4":
         return BitsAndBytesConfig(
             load_in_4bit=True,

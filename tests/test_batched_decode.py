@@ -131,3 +131,44 @@ def test_fused_decode_attention_is_sdpa_up_to_rounding_and_the_same_for_a_row_in
         assert torch.allclose(together[i], expected.view(6, 32), atol=1e-5)
     with pytest.raises(RuntimeError, match="one key and value tensor per row"):
         cpu_kernels.ops().decode_attention(query, keys[:2], values[:2], 0.2)
+
+
+def test_the_compute_lock_goes_to_whoever_asked_first():
+    import time
+
+    from llm_backends.batching import FairLock
+
+    lock, order = FairLock(), []
+    waiting = threading.Event()
+
+    def decode_step():
+        waiting.set()
+        with lock:
+            order.append("decode step")
+
+    with lock:  # a prefill's first piece
+        thread = threading.Thread(target=decode_step)
+        thread.start()
+        waiting.wait()
+        time.sleep(0.05)  # the step is waiting for the lock
+    with lock:  # the prefill asks again at once for its next piece
+        order.append("next piece")
+    thread.join()
+    assert order == ["decode step", "next piece"]
+
+
+def test_a_prompt_is_read_in_small_pieces_while_others_decode_and_answers_the_same(gemma3, monkeypatch):
+    messages = [{"role": "user", "content": "Tell me about the sea, the sky and the mountains. " * 12}]
+    alone = solo(gemma3, messages)
+    pieces = []
+    forward = gemma3.engine.runner.forward
+
+    def recording(entry, tokens, **options):
+        pieces.append(len(tokens))
+        return forward(entry, tokens, **options)
+
+    monkeypatch.setattr(gemma3.engine.runner, "forward", recording)
+    monkeypatch.setattr(gemma3.engine.runner, "others_decoding", lambda: True)
+    monkeypatch.setattr(gemma3.engine, "shared_chunk", 16)
+    assert solo(gemma3, messages) == alone
+    assert len(pieces) > 3 and max(pieces) <= 16

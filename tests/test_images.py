@@ -11,6 +11,7 @@ import threading
 import numpy as np
 import openai
 import pytest
+import torch
 from PIL import Image
 
 import app
@@ -373,3 +374,18 @@ def test_a_cache_that_ends_inside_an_image_reads_the_image_again_whole(tmp_path)
     assert entry.ids == prompt[: start + 2]
     run = model.engine.generate(prompt, entry, request.sampling, images=pictures)
     assert list(run) == fresh and run.cached_tokens == start
+
+
+def test_nf4_quantizes_the_language_model_and_keeps_the_vision_tower_as_it_is(gemma3_vision_dir):
+    from llm_backends import load_model
+
+    model = load_model(str(gemma3_vision_dir), quantization="nf4", device="cpu", max_cache_bytes=2**26)
+    net = model.model
+    kinds = {name: type(p).__name__ for name, p in net.named_parameters()}
+    tower = [k for name, k in kinds.items() if "vision_tower" in name or "multi_modal_projector" in name]
+    text = [k for name, k in kinds.items() if "language_model" in name and "proj" in name]
+    assert tower and "Params4bit" not in tower
+    assert text and set(text) == {"Params4bit"}
+    assert next(net.model.vision_tower.parameters()).dtype == torch.bfloat16
+    answer, stats = reply(model, ask(picture(17)))
+    assert stats.completion_tokens > 0
