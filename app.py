@@ -665,7 +665,7 @@ class Replies:
             stream.close()
 
 
-TEXT_ONLY = "Type a message… (this model reads text only: no images)"
+TEXT_ONLY = "Type a message… (text only: no images)"
 WITH_IMAGES = "Type a message… or attach images with the clip"
 
 
@@ -711,7 +711,7 @@ def info_text(registry: ModelRegistry) -> str:
     weights = {
         "fp16": "weights in fp16, sums in fp32",
         "nf4": "4-bit NF4 weights",
-        "int8": "int8 weights, sums in fp32" if info.device == "cpu" else "8-bit weights",
+        "int8": "int8 weights and activations, sums in fp32" if info.device == "cpu" else "8-bit weights",
         "none": f"{info.dtype} weights",
     }.get(info.quantization, f"{info.quantization} weights")
     reads = "reads images" if registry.get().capabilities.images else "text only"

@@ -259,7 +259,7 @@ def _resolve_device(device: str | None) -> str:
 
 
 def _auto_quantization(device: str, dtype) -> str:
-    """NF4 on CUDA. On a CPU in float32, weight-only int8 (a quarter of fp32's bytes per token, fp32 sums)
+    """NF4 on CUDA. On a CPU in float32, int8 (a quarter of fp32's bytes per token, int8 activations per block)
     where its kernel builds, else packed fp16 on x86."""
     if device.startswith("cuda"):
         return "nf4"
