@@ -77,19 +77,22 @@ def _init(model, seed: int, scale: float):
     return model
 
 
-def build_gemma3(folder: Path, *, sliding_window: int = 16, with_template: bool = False) -> Path:
-    """A 6-layer Gemma 3 (5 sliding layers, then 1 global) with a window of ``sliding_window`` tokens."""
-    special = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
-    raw = _tokenizer(special, [])
+GEMMA3_SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+
+
+def _gemma3_tokenizer(image_tokens: dict[str, str] | None = None) -> PreTrainedTokenizerFast:
+    """Gemma's special tokens (and, for a vision model, its image tokens named as Gemma's tokenizer names them)."""
+    extra = {"extra_special_tokens": image_tokens} if image_tokens else {}
+    raw = _tokenizer(GEMMA3_SPECIAL + list((image_tokens or {}).values()), [])
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=raw, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+        tokenizer_object=raw, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>", **extra
     )
     tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
-    if with_template:
-        from llm_backends.families.gemma3 import GEMMA3_TEMPLATE
+    return tokenizer
 
-        tokenizer.chat_template = GEMMA3_TEMPLATE
-    config = Gemma3TextConfig(
+
+def _gemma3_text_config(tokenizer, sliding_window: int) -> Gemma3TextConfig:
+    return Gemma3TextConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
@@ -105,6 +108,16 @@ def build_gemma3(folder: Path, *, sliding_window: int = 16, with_template: bool 
         tie_word_embeddings=False,
         layer_types=["sliding_attention"] * 5 + ["full_attention"],
     )
+
+
+def build_gemma3(folder: Path, *, sliding_window: int = 16, with_template: bool = False) -> Path:
+    """A 6-layer Gemma 3 (5 sliding layers, then 1 global) with a window of ``sliding_window`` tokens."""
+    tokenizer = _gemma3_tokenizer()
+    if with_template:
+        from llm_backends.families.gemma3 import GEMMA3_TEMPLATE
+
+        tokenizer.chat_template = GEMMA3_TEMPLATE
+    config = _gemma3_text_config(tokenizer, sliding_window)
     torch.manual_seed(0)
     model = _init(Gemma3ForCausalLM(config), seed=1, scale=0.3)
     model.save_pretrained(folder)
@@ -153,35 +166,10 @@ def build_gemma3_vision(
 
     from llm_backends.families.gemma3 import GEMMA3_TEMPLATE
 
-    special = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
     image_tokens = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
-    raw = _tokenizer(special + list(image_tokens.values()), [])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=raw,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        extra_special_tokens=image_tokens,
-    )
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    tokenizer = _gemma3_tokenizer(image_tokens)
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in image_tokens.items()}
-    text = Gemma3TextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=6,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        sliding_window=sliding_window,
-        max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-        layer_types=["sliding_attention"] * 5 + ["full_attention"],
-    )
+    text = _gemma3_text_config(tokenizer, sliding_window)
     vision = SiglipVisionConfig(
         hidden_size=32,
         intermediate_size=64,
