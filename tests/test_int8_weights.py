@@ -118,3 +118,28 @@ def test_the_kernel_refuses_weights_and_scales_that_do_not_match():
         cpu_kernels.ops().linear(torch.randn(2, 15), packed, scale, None, 16)
     with pytest.raises(RuntimeError, match="features"):
         cpu_kernels.ops().linear(x, packed, scale, None, 40)
+
+
+def test_the_kernel_built_for_avx2_without_vnni_gives_the_same_integers_and_keeps_rows_apart():
+    import platform
+
+    from torch.utils.cpp_extension import load
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the AVX2 build is an x86 build")
+    # The path CPUs without VNNI take (most AVX2 laptops and servers before 2019), built here on purpose.
+    avx2 = load(
+        name=f"llm_chat_cpu_ops_avx2_{cpu_kernels._cpu_signature()}",
+        sources=[str(cpu_kernels.SOURCE)],
+        extra_cflags=["-O3", "-march=x86-64-v3", "-ffp-contract=off", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+    )
+    native = cpu_kernels.ops()
+    torch.manual_seed(3)
+    for n, k in ((70, 13), (40, 640)):
+        weight, bias, x = torch.randn(n, k), torch.randn(n), torch.randn(9, k)
+        packed, scale = native.pack(weight)
+        ours = avx2.linear(x, packed, scale, bias, k)
+        assert torch.allclose(ours, native.linear(x, packed, scale, bias, k), atol=1e-4)
+        for rows in ([0], [2, 7], [8, 1, 4]):
+            assert torch.equal(avx2.linear(x[rows], packed, scale, bias, k), ours[rows])
