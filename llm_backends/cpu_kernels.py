@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).parent / "kernels" / "cpu_ops.cpp"
+KERNELS = Path(__file__).parent / "kernels"
+SOURCES = [KERNELS / "cpu_ops.cpp", KERNELS / "decode_step.cpp"]
 
 
 @functools.cache
@@ -42,9 +43,10 @@ def ops():
         log.info("loading the CPU kernels (built on first use on a machine: about 30 s once)")
         # Built for this CPU's instructions: the name carries them, so a cache folder shared with another
         # kind of CPU builds its own copy instead of loading one that would stop on an illegal instruction.
+        # (torch rebuilds when a source changes; the name also carries the header, which it does not watch.)
         return load(
             name=f"llm_chat_cpu_ops_{_cpu_signature()}",
-            sources=[str(SOURCE)],
+            sources=[str(path) for path in SOURCES],
             extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
@@ -59,7 +61,8 @@ def _cpu_signature() -> str:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
         flags = ""
-    text = f"{platform.machine()}|{torch.backends.cpu.get_cpu_capability()}|{flags}"
+    header = (KERNELS / "cpu_ops.h").read_bytes().hex()
+    text = f"{platform.machine()}|{torch.backends.cpu.get_cpu_capability()}|{flags}|{header}"
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

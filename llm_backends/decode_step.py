@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import cpu_kernels
+from . import cpu_kernels, kv_layers
 
 # Attention classes this step knows, and whether they normalise queries and keys before moving the head
 # dimension forward (Qwen 3) or after (Gemma 3), as their own forward does.
@@ -26,7 +26,7 @@ ATTENTIONS = {"Gemma3Attention": False, "Qwen3Attention": True}
 class DecodeStep:
     """Call with the sessions' caches, their new tokens and positions; returns logits, one row each."""
 
-    def __init__(self, model, *, fused_attention: bool = True):
+    def __init__(self, model, *, fused_attention: bool = True, native: bool = True):
         self.model = model
         self.decoder = _text_decoder(model)
         self.layers = list(self.decoder.layers)
@@ -53,6 +53,9 @@ class DecodeStep:
             and getattr(attention, "attn_logit_softcapping", None) is None
             and cpu_kernels.available()
         )
+
+        # The whole step in one C++ call (kernels/decode_step.cpp) where every piece is one it knows.
+        self.native = _native_step(self) if self.fused_attention and native else None
 
     @classmethod
     def for_model(cls, model, **options) -> DecodeStep | None:
@@ -81,6 +84,9 @@ class DecodeStep:
         position_ids = torch.tensor([[p] for p in positions], dtype=torch.long, device=self.device)
         hidden = self.decoder.embed_tokens(ids)
         rotations = self._positions(hidden, position_ids)
+        slots = kv_layers.decode_slots(caches) if self.native is not None else None
+        if slots is not None:
+            return self._native(hidden, rotations, caches, slots)
         for index, layer in enumerate(self.layers):
             kind = self.layer_types[index] if self.rotary_by_type else None
             hidden = self._layer(layer, hidden, rotations[kind], caches)
@@ -89,6 +95,20 @@ class DecodeStep:
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits[:, -1]
+
+    def _native(self, hidden: torch.Tensor, rotations: dict, caches: Sequence, slots) -> torch.Tensor:
+        step, kinds = self.native
+        rows = hidden.shape[0]
+        cos = [rotations[kind][0].reshape(rows, -1).contiguous() for kind in kinds]
+        sin = [rotations[kind][1].reshape(rows, -1).contiguous() for kind in kinds]
+        keys, values, places = slots
+        logits = step(hidden.reshape(rows, -1), cos, sin, keys, values, torch.tensor(places, dtype=torch.long))
+        for cache in caches:
+            for layer in cache.layers:
+                layer.decoded()
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
     def _layer(self, layer, hidden: torch.Tensor, rotation, caches: Sequence) -> torch.Tensor:
         residual = hidden
@@ -143,6 +163,81 @@ class DecodeStep:
             rows.append(out)
         out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
         return attention.o_proj(out.reshape(*input_shape, -1).contiguous())
+
+
+def _native_step(step: DecodeStep):
+    """(the C++ step, the rotation kinds its cos/sin lists follow) for an int8 model on a CPU whose layers are
+    all of the pieces ``decode_step.cpp`` runs; None otherwise (the step above runs instead)."""
+    from .int8_weights import Int8Linear
+
+    ops = cpu_kernels.ops()
+    head, final = step.model.get_output_embeddings(), step.decoder.norm
+    if ops is None or not isinstance(head, Int8Linear) or not isinstance(final, cpu_kernels.FusedRMSNorm):
+        return None
+    kinds = sorted(set(step.layer_types)) if step.rotary_by_type else [None]
+    empty = torch.empty(0)
+    tensors, numbers = [], []
+    activation = None
+    for index, layer in enumerate(step.layers):
+        attention, mlp = layer.self_attn, layer.mlp
+        names = ["input_layernorm", "post_attention_layernorm"]
+        if step.sandwich:
+            names += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
+        layer_norms = [getattr(layer, name) for name in names]
+        layer_norms[1:1] = [attention.q_norm, attention.k_norm]
+        linears = [getattr(attention, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        linears += [getattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]
+        if not all(isinstance(m, Int8Linear) for m in linears) or not all(
+            isinstance(n, cpu_kernels.FusedRMSNorm) for n in layer_norms
+        ):
+            return None
+        kind = _activation(mlp.act_fn)
+        if kind is None or activation not in (None, kind):
+            return None
+        activation = kind
+        padding = [None] * (6 - len(layer_norms))
+        tensors.append(
+            [empty if n is None else n.gain for n in layer_norms + padding]
+            + [t for m in linears for t in (m.packed, m.scale, empty if m.bias is None else m.bias)]
+        )
+        config = attention.config
+        numbers.append(
+            [0.0 if n is None else n.eps for n in layer_norms + padding]
+            + [float(m.in_features) for m in linears]
+            + [
+                float(config.num_attention_heads),
+                float(config.num_key_value_heads),
+                float(attention.head_dim),
+                float(kinds.index(step.layer_types[index] if step.rotary_by_type else None)),
+                float(attention.scaling),
+            ]
+        )
+    native = ops.NativeDecodeStep(
+        tensors,
+        numbers,
+        final.gain,
+        final.eps,
+        [head.packed, head.scale, empty if head.bias is None else head.bias],
+        head.in_features,
+        step.sandwich,
+        activation,
+    )
+    return native, kinds
+
+
+def _activation(module) -> str | None:
+    """The MLP activation as decode_step.cpp names it, when it is exactly the ATen call that runs there."""
+    import functools
+
+    import torch.nn.functional as F
+
+    name = type(module).__name__
+    if name == "SiLUActivation" or isinstance(module, torch.nn.SiLU):
+        return "silu"
+    act = getattr(module, "act", None)
+    if name == "GELUTanh" and isinstance(act, functools.partial) and act.func is F.gelu:
+        return "gelu_tanh" if act.keywords == {"approximate": "tanh"} else None
+    return None
 
 
 def _text_decoder(model):

@@ -50,22 +50,33 @@ class _Storage:
             return None
         return tensor[:, :, self._start : self._start + self._length, :]
 
-    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        n = key_states.shape[-2]
+    def _make_room(self, n: int, like_keys: torch.Tensor, like_values: torch.Tensor) -> int:
+        """Room for ``n`` more tokens in the layer's own buffers; returns where they go."""
         end = self._start + self._length
         if self._k is None or not self._owned or end + n > self._k.shape[-2]:
-            shape = list(key_states.shape)
+            shape = list(like_keys.shape)
             shape[-2] = _room(self._length + n)
-            keys = key_states.new_zeros(shape)
-            values = value_states.new_zeros(shape)
+            keys = like_keys.new_zeros(shape)
+            values = like_values.new_zeros(shape)
             if self._length:
                 keys[:, :, : self._length].copy_(self.keys)
                 values[:, :, : self._length].copy_(self.values)
             self._k, self._v, self._start, self._owned = keys, values, 0, True
             end = self._length
+        return end
+
+    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        n = key_states.shape[-2]
+        end = self._make_room(n, key_states, value_states)
         self._k[:, :, end : end + n].copy_(key_states)
         self._v[:, :, end : end + n].copy_(value_states)
         self._length += n
+
+    def decode_slot(self) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """For a decode step that writes its token's key and value itself (``decode_step.cpp``): the buffers,
+        with room for one more token, the first live position and where the token goes. ``decoded()`` after."""
+        write = self._make_room(1, self._k, self._v)
+        return self._k, self._v, self._start, write
 
     @property
     def storage_bytes(self) -> int:
@@ -82,6 +93,10 @@ class GrowingLayer(_Storage, DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         self._append(key_states, value_states)
         return self.keys, self.values
+
+    def decoded(self) -> None:
+        """The token of ``decode_slot()`` was written."""
+        self._length += 1
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:
@@ -101,10 +116,19 @@ class GrowingSlidingLayer(_Storage, DynamicSlidingWindowLayer):
         self.cumulative_length += key_states.shape[-2]
         self._append(key_states, value_states)
         full = self.keys, self.values
+        self._slide()
+        return full
+
+    def _slide(self) -> None:
         keep = min(self._length, self.sliding_window - 1)
         self._start += self._length - keep
         self._length = keep
-        return full
+
+    def decoded(self) -> None:
+        """The token of ``decode_slot()`` was written (and attended to the window before it)."""
+        self.cumulative_length += 1
+        self._length += 1
+        self._slide()
 
     def crop(self, tokens_to_remove: int) -> None:
         if self.cumulative_length >= self.sliding_window or tokens_to_remove > 0:
@@ -112,6 +136,23 @@ class GrowingSlidingLayer(_Storage, DynamicSlidingWindowLayer):
         if self.is_initialized:
             self._length = max(0, self._length + tokens_to_remove)
             self.cumulative_length = self._length
+
+
+def decode_slots(caches) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]] | None:
+    """Every layer's ``decode_slot()`` for each cache, layer by layer (index layer * len(caches) + row):
+    keys, values and (start, write) pairs flattened; None if a layer is not one of these (then the caller
+    runs the step that goes through ``update``)."""
+    per_row = [cache.layers for cache in caches]
+    keys, values, places = [], [], []
+    for layers in zip(*per_row, strict=True):
+        for layer in layers:
+            if not isinstance(layer, _Storage) or layer._k is None or getattr(layer, "record_past", False):
+                return None
+            k, v, start, write = layer.decode_slot()
+            keys.append(k)
+            values.append(v)
+            places += (start, write)
+    return keys, values, places
 
 
 def new_cache(config) -> DynamicCache:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from forwards import count_forwards
 from gradio_client import Client
 
 import app
@@ -81,8 +82,7 @@ def stats_title(messages) -> str:
 def test_stop_stops_the_backend(server):
     url, registry = server
     model = registry.get()
-    calls = []
-    handle = model.model.get_output_embeddings().register_forward_hook(lambda *args: calls.append(time.perf_counter()))
+    calls, handle = count_forwards(model, time.perf_counter)
     try:
         client = Client(url, verbose=False)
         job = client.submit("Write a long story about the sea.", "", 0, 1, 0, 2000, 1, 0, False, api_name="/chat")

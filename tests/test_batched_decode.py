@@ -113,6 +113,33 @@ def test_the_written_out_decode_step_gives_transformers_logits_bit_for_bit(name,
         assert torch.equal(got, expected), step
 
 
+@pytest.mark.parametrize("name", ["gemma3_dir", "qwen3_dir"])
+def test_the_native_decode_step_gives_the_python_steps_logits_and_cache_bit_for_bit(name, request):
+    model = load_model(str(request.getfixturevalue(name)), max_cache_bytes=2**26)
+    runner = model.engine.runner
+    native = runner.step
+    assert native.native is not None, "int8 on a CPU decodes in one C++ call"
+    python = DecodeStep.for_model(runner.model, native=False)
+    lengths = [40, 7, 25]  # past the tiny Gemma's 16-token window, and not
+    ours, theirs = ([runner.new_entry() for _ in lengths] for _ in range(2))
+    for entries in (ours, theirs):
+        for entry, n in zip(entries, lengths, strict=True):
+            runner.forward(entry, list(range(5, 5 + n)))
+    for step in range(70):  # past a cache buffer's spare room (kv_layers.STEP), so buffers move meanwhile
+        rows = 3 if step % 3 else 1 + step % 2
+        tokens = [10 + step + 7 * i for i in range(rows)]
+        runner.step = native
+        got = runner.forward_rows(ours[:rows], tokens)
+        runner.step = python
+        expected = runner.forward_rows(theirs[:rows], tokens)
+        assert torch.equal(got, expected), step
+    for a, b in zip(ours, theirs, strict=True):
+        assert a.ids == b.ids
+        for mine, reference in zip(a.cache.layers, b.cache.layers, strict=True):
+            assert torch.equal(mine.keys, reference.keys) and torch.equal(mine.values, reference.values)
+            assert mine.get_seq_length() == reference.get_seq_length()
+
+
 def test_fused_decode_attention_is_sdpa_up_to_rounding_and_the_same_for_a_row_in_any_batch():
     import torch.nn.functional as F
 

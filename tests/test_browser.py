@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from forwards import count_forwards
 
 import app
 from llm_backends.serving import ModelRegistry
@@ -118,8 +119,7 @@ def test_browser_chat_streams_stops_and_isolates_visitors(page_url, browser):
     stats = page.locator(".thought-group", has_text="to first token").last
     assert stats.is_visible() and is_caption(stats), "stats are a plain caption"
 
-    calls = []
-    handle = model.model.get_output_embeddings().register_forward_hook(lambda *args: calls.append(1))
+    calls, handle = count_forwards(model)
     try:
         send(page, "Write a very long story about the sea, the sky and the mountains.")
         deadline = time.time() + 60

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from forwards import count_forwards
 from gradio_client import Client
 
 import app
@@ -231,8 +232,7 @@ def test_the_remote_backend_reports_the_upstreams_own_usage_and_sends_only_what_
 
 def test_close_from_another_thread_stops_a_stream_that_is_being_read(qwen3):
     stream = qwen3.stream_chat(HELLO, session_id="close-race", temperature=0, max_new_tokens=3000)
-    forward_calls = []
-    handle = qwen3.model.get_output_embeddings().register_forward_hook(lambda *args: forward_calls.append(1))
+    forward_calls, handle = count_forwards(qwen3)
     reader_error = []
 
     def read():
@@ -300,8 +300,7 @@ def test_stop_on_the_page_closes_the_reply_stream(failing_server, monkeypatch):
     closed = []
     original = ChatStream.close
     monkeypatch.setattr(ChatStream, "close", lambda self: closed.append(self) or original(self))
-    calls = []
-    handle = model.model.get_output_embeddings().register_forward_hook(lambda *args: calls.append(1))
+    calls, handle = count_forwards(model)
     try:
         job = Client(base + "/", verbose=False).submit(
             "Write a long story about the sea.", "", 0, 1, 0, 4000, 1, -1, False, api_name="/chat"
@@ -373,8 +372,8 @@ def test_the_pages_stop_closes_a_reply_another_thread_is_reading(qwen3_dir):
     replies = app.Replies(registry)
     tab = FakeRequest("tab-1")
     settings = ("", 0, 1, 0, 2000, 1, -1, False)
-    updates, calls = [], []
-    handle = model.model.get_output_embeddings().register_forward_hook(lambda *args: calls.append(1))
+    updates = []
+    calls, handle = count_forwards(model)
     reader = threading.Thread(
         target=lambda: updates.extend(replies.respond("Tell me a long story.", [], tab, *settings))
     )

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+from forwards import count_forwards
 from gradio_client import Client
 
 import app
@@ -200,8 +201,7 @@ def test_a_client_that_disconnects_mid_stream_stops_the_generation(api):
 
     base, registry = api
     model = registry.get()
-    calls = []
-    handle = model.model.get_output_embeddings().register_forward_hook(lambda *args: calls.append(1))
+    calls, handle = count_forwards(model)
     body = {"messages": HELLO, "stream": True, "max_tokens": 3000, "temperature": 0, "user": "leaver"}
     try:
         with httpx.stream(

@@ -130,7 +130,7 @@ def test_the_kernel_built_without_vnni_gives_the_same_integers_and_keeps_rows_ap
     x86 = platform.machine() in ("x86_64", "AMD64")
     avx2 = load(
         name=f"llm_chat_cpu_ops_{'avx2' if x86 else 'portable'}_{cpu_kernels._cpu_signature()}",
-        sources=[str(cpu_kernels.SOURCE)],
+        sources=[str(path) for path in cpu_kernels.SOURCES],
         extra_cflags=["-O3", *(["-march=x86-64-v3"] if x86 else []), "-ffp-contract=off", "-fopenmp"],
         extra_ldflags=["-fopenmp"],
     )

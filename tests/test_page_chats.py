@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+from forwards import count_forwards
 
 import app
 import chat_history
@@ -60,10 +61,10 @@ def test_a_fresh_prompt_says_it_was_read_anew(page):
 def test_stop_ends_the_reply_with_its_stats_and_a_stopped_mark(page):
     registry, model = page
     replies, tab = app.Replies(registry), FakeRequest("tab-1")
-    updates, calls = [], []
+    updates = []
     long = ("", 0, 1, 0, 2000, 1, -1, False)
     history = [{"role": "user", "content": "Tell me a long story."}]
-    handle = model.model.get_output_embeddings().register_forward_hook(lambda *args: calls.append(1))
+    calls, handle = count_forwards(model)
     reader = threading.Thread(
         target=lambda: updates.extend(replies.respond_in_chat(history, chat_history.new_chat_id(), tab, *long))
     )
@@ -85,8 +86,7 @@ def test_stop_ends_the_reply_with_its_stats_and_a_stopped_mark(page):
 def test_a_stop_before_the_reply_starts_means_it_never_starts(page):
     registry, model = page
     replies, tab = app.Replies(registry), FakeRequest("tab-1")
-    calls = []
-    handle = model.model.get_output_embeddings().register_forward_hook(lambda *args: calls.append(1))
+    calls, handle = count_forwards(model)
     try:
         replies.announce(tab)  # the page sent the message; the reply waits in the queue
         replies.stop(tab)

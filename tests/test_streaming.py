@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import threading
 
+from forwards import count_forwards
+
 from llm_backends import Chunk
 
 GOOD = [{"role": "user", "content": "Tell me about the sea and the sky."}]
-
-
-def count_forwards(model):
-    calls = []
-    handle = model.model.get_output_embeddings().register_forward_hook(lambda *args: calls.append(1))
-    return calls, handle
 
 
 def test_last_chunk_carries_finish_reason_and_stats(qwen3):

@@ -24,6 +24,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cpu_ops.h"
+
 namespace {
 
 constexpr int64_t PANEL = 32;
@@ -289,38 +291,20 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor gain, double eps) {
 }
 
 // Attention of one new token per session over that session's own keys and values (a decode step), all
-// sessions in one call. query: [M, Hq, D]; keys[i], values[i]: [1, Hk, L_i, D] (rows contiguous in D).
-// Each (session, head) pair is computed alone, in a fixed order: scores by ordered_dot, the softmax sum over
-// keys in order, the output summed over keys in order.
-torch::Tensor decode_attention(torch::Tensor query, std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values,
-                               double scale) {
-  TORCH_CHECK(query.scalar_type() == torch::kFloat32 && query.dim() == 3, "query must be [M, Hq, D] float32");
-  auto q = query.contiguous();
-  const int64_t M = q.size(0), Hq = q.size(1), D = q.size(2);
-  TORCH_CHECK((int64_t)keys.size() == M && (int64_t)values.size() == M, "one key and value tensor per row");
-  for (int64_t i = 0; i < M; ++i) {
-    TORCH_CHECK(keys[i].scalar_type() == torch::kFloat32 && values[i].scalar_type() == torch::kFloat32, "float32");
-    TORCH_CHECK(keys[i].dim() == 4 && keys[i].size(0) == 1 && keys[i].size(3) == D && keys[i].stride(3) == 1 &&
-                    keys[i].stride(2) == D,
-                "keys must be [1, Hk, L, D] with contiguous rows");
-    TORCH_CHECK(values[i].sizes() == keys[i].sizes() && values[i].stride(3) == 1 && values[i].stride(2) == D,
-                "values must match keys");
-    TORCH_CHECK(Hq % keys[i].size(1) == 0, "query heads must be a multiple of key heads");
-    TORCH_CHECK(keys[i].size(2) > 0, "each row needs at least one key");
-  }
-  auto out = torch::empty({M, Hq, D}, q.options());
-  const float* qp = q.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+// sessions in one call: rows[i] says where session i's keys and values are. Each (session, head) pair is
+// computed alone, in a fixed order: scores by ordered_dot, the softmax sum over keys in order, the output summed
+// over keys in order. query: M * Hq * D floats; out: the same.
+void attend(const float* query, const std::vector<KeyValues>& rows, int64_t Hq, int64_t D, double scale, float* out) {
+  const int64_t M = (int64_t)rows.size();
   at::parallel_for(0, M * Hq, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t pair = begin; pair < end; ++pair) {
       const int64_t i = pair / Hq, h = pair % Hq;
-      const auto& k = keys[i];
-      const auto& v = values[i];
-      const int64_t L = k.size(2), group = Hq / k.size(1);
-      const float* kp = k.data_ptr<float>() + (h / group) * k.stride(1);
-      const float* vp = v.data_ptr<float>() + (h / group) * v.stride(1);
-      const float* qrow = qp + pair * D;
+      const KeyValues& row = rows[i];
+      const int64_t L = row.length, group = Hq / row.heads;
+      const float* kp = row.keys + (h / group) * row.key_stride;
+      const float* vp = row.values + (h / group) * row.value_stride;
+      const float* qrow = query + pair * D;
       scores.resize(L);
       float best = -INFINITY;
       for (int64_t j = 0; j < L; ++j) {
@@ -332,7 +316,7 @@ torch::Tensor decode_attention(torch::Tensor query, std::vector<torch::Tensor> k
         scores[j] = std::exp(scores[j] - best);
         total += scores[j];
       }
-      float* orow = op + pair * D;
+      float* orow = out + pair * D;
       for (int64_t d = 0; d < D; ++d) orow[d] = 0;
       for (int64_t j = 0; j < L; ++j) {
         const float p = scores[j];
@@ -343,6 +327,30 @@ torch::Tensor decode_attention(torch::Tensor query, std::vector<torch::Tensor> k
       for (int64_t d = 0; d < D; ++d) orow[d] *= inverse;
     }
   });
+}
+
+// decode_attention for tensors. query: [M, Hq, D]; keys[i], values[i]: [1, Hk, L_i, D] (rows contiguous in D).
+torch::Tensor decode_attention(torch::Tensor query, std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values,
+                               double scale) {
+  TORCH_CHECK(query.scalar_type() == torch::kFloat32 && query.dim() == 3, "query must be [M, Hq, D] float32");
+  auto q = query.contiguous();
+  const int64_t M = q.size(0), Hq = q.size(1), D = q.size(2);
+  TORCH_CHECK((int64_t)keys.size() == M && (int64_t)values.size() == M, "one key and value tensor per row");
+  std::vector<KeyValues> rows;
+  for (int64_t i = 0; i < M; ++i) {
+    TORCH_CHECK(keys[i].scalar_type() == torch::kFloat32 && values[i].scalar_type() == torch::kFloat32, "float32");
+    TORCH_CHECK(keys[i].dim() == 4 && keys[i].size(0) == 1 && keys[i].size(3) == D && keys[i].stride(3) == 1 &&
+                    keys[i].stride(2) == D,
+                "keys must be [1, Hk, L, D] with contiguous rows");
+    TORCH_CHECK(values[i].sizes() == keys[i].sizes() && values[i].stride(3) == 1 && values[i].stride(2) == D,
+                "values must match keys");
+    TORCH_CHECK(Hq % keys[i].size(1) == 0, "query heads must be a multiple of key heads");
+    TORCH_CHECK(keys[i].size(2) > 0, "each row needs at least one key");
+    rows.push_back({keys[i].data_ptr<float>(), values[i].data_ptr<float>(), keys[i].size(1), keys[i].stride(1),
+                    values[i].stride(1), keys[i].size(2)});
+  }
+  auto out = torch::empty({M, Hq, D}, q.options());
+  attend(q.data_ptr<float>(), rows, Hq, D, scale, out.data_ptr<float>());
   return out;
 }
 
@@ -354,4 +362,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "x @ W^T + bias with packed int8 W and int8 activations per block of 32", release());
   m.def("decode_attention", &decode_attention, "one query token per row over its own keys and values", release());
   m.def("rms_norm", &rms_norm, "RMS norm over the last dimension with a fixed summation order", release());
+  register_decode_step(m);
 }

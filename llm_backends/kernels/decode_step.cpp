@@ -1,0 +1,198 @@
+// A whole decode step of a Gemma 3 or Qwen 3 text decoder with int8 weights, in one call that holds no Python
+// lock: the layers, the final norm and the output head, for one new token of each of M sessions.
+//
+// It runs the operations of decode_step.DecodeStep (fused attention) in the same order on the same values, with
+// the same kernels (linear, rms_norm, attend) and the same ATen calls for the activations and the residual
+// sums; the rotary products and sums are written out, one rounding each as in ATen (built with
+// -ffp-contract=off). So its logits are bitwise those of the Python step (a test holds it to that).
+//
+// Why: run from Python, a step of Gemma 3 270M makes ~1,000 calls, each letting go of the interpreter lock and
+// taking it back. With a server's other threads (HTTP, streams) wanting that lock, every call could wait for
+// one of them, and an 8-session step took twice as long in the server as alone.
+//
+// Each session's cache layer is a buffer [1, Hk, capacity, D] with room for the new token (kv_layers.py makes
+// it): the step writes the token's key and value at `write` and attends over positions start..write.
+#include "cpu_ops.h"
+
+#include <ATen/Parallel.h>
+
+namespace {
+
+struct Linear8 {
+  torch::Tensor packed, scale;
+  c10::optional<torch::Tensor> bias;
+  int64_t in_features = 0;
+  torch::Tensor operator()(const torch::Tensor& x) const { return linear(x, packed, scale, bias, in_features); }
+};
+
+struct Norm {
+  torch::Tensor gain;
+  double eps = 0;
+  torch::Tensor operator()(const torch::Tensor& x) const { return rms_norm(x, gain, eps); }
+};
+
+struct Layer {
+  Norm input, q_norm, k_norm, post_attention, pre_feedforward, post_feedforward;  // the last two: Gemma's only
+  Linear8 q, k, v, o, gate, up, down;
+  int64_t heads = 0, kv_heads = 0, head_dim = 0, rotation = 0;
+  double scaling = 1;
+};
+
+constexpr int64_t NORMS = 6, LINEARS = 7;  // per layer: gains, then (packed, scale, bias) for each linear
+
+Linear8 linear_at(const std::vector<torch::Tensor>& tensors, int64_t index, double in_features) {
+  const auto& bias = tensors[NORMS + 3 * index + 2];
+  return {tensors[NORMS + 3 * index], tensors[NORMS + 3 * index + 1],
+          bias.numel() ? c10::optional<torch::Tensor>(bias) : c10::nullopt, (int64_t)in_features};
+}
+
+// x * cos + rotate_half(x) * sin for n vectors of D values, each product and the sum rounded once.
+void rotate(const float* x, const float* cos, const float* sin, int64_t D, float* out) {
+  const int64_t half = D / 2;
+  for (int64_t d = 0; d < half; ++d) {
+    const float a = x[d] * cos[d], b = -x[d + half] * sin[d];
+    out[d] = a + b;
+  }
+  for (int64_t d = half; d < D; ++d) {
+    const float a = x[d] * cos[d], b = x[d - half] * sin[d];
+    out[d] = a + b;
+  }
+}
+
+}  // namespace
+
+class NativeDecodeStep {
+ public:
+  // tensors[l]: 6 norm gains (input, q, k, post-attention, pre- and post-feedforward; the last two empty without
+  // them), then packed, scale and bias (empty: none) of q, k, v, o, gate, up, down. numbers[l]: the 6 norms'
+  // eps, the 7 linears' in_features, heads, kv_heads, head_dim, rotation (index into the cos/sin lists), scaling.
+  NativeDecodeStep(std::vector<std::vector<torch::Tensor>> tensors, std::vector<std::vector<double>> numbers,
+                   torch::Tensor final_gain, double final_eps, std::vector<torch::Tensor> head, int64_t head_in,
+                   bool sandwich, std::string activation)
+      : final_norm_{final_gain, final_eps}, sandwich_(sandwich), gelu_(activation == "gelu_tanh") {
+    TORCH_CHECK(activation == "gelu_tanh" || activation == "silu", "unknown activation ", activation);
+    TORCH_CHECK(tensors.size() == numbers.size() && !tensors.empty(), "one entry of tensors and numbers per layer");
+    TORCH_CHECK(head.size() == 3, "the head is packed, scale, bias");
+    head_ = {head[0], head[1], head[2].numel() ? c10::optional<torch::Tensor>(head[2]) : c10::nullopt, head_in};
+    for (size_t l = 0; l < tensors.size(); ++l) {
+      const auto& t = tensors[l];
+      const auto& n = numbers[l];
+      TORCH_CHECK((int64_t)t.size() == NORMS + 3 * LINEARS && n.size() == NORMS + LINEARS + 5, "layer ", l,
+                  ": wrong number of tensors or numbers");
+      Layer layer;
+      Norm* norms[NORMS] = {&layer.input,          &layer.q_norm,          &layer.k_norm,
+                            &layer.post_attention, &layer.pre_feedforward, &layer.post_feedforward};
+      for (int64_t i = 0; i < NORMS; ++i) *norms[i] = {t[i], n[i]};
+      Linear8* linears[LINEARS] = {&layer.q, &layer.k, &layer.v, &layer.o, &layer.gate, &layer.up, &layer.down};
+      for (int64_t i = 0; i < LINEARS; ++i) *linears[i] = linear_at(t, i, n[NORMS + i]);
+      const double* rest = n.data() + NORMS + LINEARS;
+      layer.heads = (int64_t)rest[0];
+      layer.kv_heads = (int64_t)rest[1];
+      layer.head_dim = (int64_t)rest[2];
+      layer.rotation = (int64_t)rest[3];
+      layer.scaling = rest[4];
+      TORCH_CHECK(layer.head_dim % 2 == 0 && layer.heads % layer.kv_heads == 0, "layer ", l, ": bad head shapes");
+      TORCH_CHECK(!sandwich || (layer.pre_feedforward.gain.numel() && layer.post_feedforward.gain.numel()),
+                  "layer ", l, ": sandwich norms missing");
+      layers_.push_back(std::move(layer));
+    }
+  }
+
+  // hidden: [M, H] embeddings; cos[r], sin[r]: [M, D] for rotation r; keys, values: the layers' buffers, layer
+  // by layer, M each (index l * M + i); places: [L * M, 2] int64 (start, write). Returns logits [M, V].
+  torch::Tensor operator()(torch::Tensor hidden, std::vector<torch::Tensor> cos, std::vector<torch::Tensor> sin,
+                           std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values, torch::Tensor places) {
+    const int64_t L = (int64_t)layers_.size();
+    TORCH_CHECK(hidden.dim() == 2 && hidden.scalar_type() == torch::kFloat32, "hidden must be [M, H] float32");
+    const int64_t M = hidden.size(0);
+    TORCH_CHECK((int64_t)keys.size() == L * M && (int64_t)values.size() == L * M, "a key and value buffer per layer "
+                "and row");
+    TORCH_CHECK(places.scalar_type() == torch::kLong && places.is_contiguous() && places.numel() == 2 * L * M,
+                "places must be [L * M, 2] int64");
+    TORCH_CHECK(cos.size() == sin.size(), "as many cos as sin tensors");
+    for (size_t r = 0; r < cos.size(); ++r) {
+      TORCH_CHECK(cos[r].scalar_type() == torch::kFloat32 && sin[r].scalar_type() == torch::kFloat32 &&
+                      cos[r].is_contiguous() && sin[r].is_contiguous() && cos[r].numel() == sin[r].numel(),
+                  "cos and sin must be contiguous float32");
+    }
+    const int64_t* place = places.data_ptr<int64_t>();
+    auto h = hidden.contiguous();
+    for (int64_t l = 0; l < L; ++l) {
+      const Layer& layer = layers_[l];
+      const int64_t Hq = layer.heads, Hk = layer.kv_heads, D = layer.head_dim;
+      TORCH_CHECK(layer.rotation < (int64_t)cos.size() && cos[layer.rotation].numel() == M * D, "layer ", l,
+                  ": no rotation for it");
+      const float* c = cos[layer.rotation].data_ptr<float>();
+      const float* s = sin[layer.rotation].data_ptr<float>();
+
+      auto x = layer.input(h);
+      auto q = layer.q_norm(layer.q(x).view({M * Hq, D}));
+      auto k = layer.k_norm(layer.k(x).view({M * Hk, D}));
+      auto v = layer.v(x).contiguous();
+      const float* qp = q.data_ptr<float>();
+      const float* kp = k.data_ptr<float>();
+      const float* vp = v.data_ptr<float>();
+
+      auto rotated = torch::empty({M, Hq, D}, h.options());
+      float* rp = rotated.data_ptr<float>();
+      std::vector<KeyValues> rows;
+      rows.reserve(M);
+      for (int64_t i = 0; i < M; ++i) {
+        const auto& kb = keys[l * M + i];
+        const auto& vb = values[l * M + i];
+        const int64_t start = place[2 * (l * M + i)], write = place[2 * (l * M + i) + 1];
+        TORCH_CHECK(kb.scalar_type() == torch::kFloat32 && vb.scalar_type() == torch::kFloat32 && kb.is_contiguous() &&
+                        vb.is_contiguous() && kb.dim() == 4 && kb.size(0) == 1 && kb.size(1) == Hk &&
+                        kb.size(3) == D && vb.sizes() == kb.sizes(),
+                    "layer ", l, " row ", i, ": the cache buffers must be contiguous [1, ", Hk, ", capacity, ", D,
+                    "] float32");
+        TORCH_CHECK(0 <= start && start <= write && write < kb.size(2), "layer ", l, " row ", i, ": no room at ",
+                    write);
+        const int64_t capacity = kb.size(2);
+        float* key_out = kb.data_ptr<float>();
+        float* value_out = vb.data_ptr<float>();
+        for (int64_t j = 0; j < Hq; ++j) rotate(qp + (i * Hq + j) * D, c + i * D, s + i * D, D, rp + (i * Hq + j) * D);
+        for (int64_t j = 0; j < Hk; ++j) {
+          float* at = key_out + (j * capacity + write) * D;
+          rotate(kp + (i * Hk + j) * D, c + i * D, s + i * D, D, at);
+          std::memcpy(value_out + (j * capacity + write) * D, vp + (i * Hk + j) * D, D * sizeof(float));
+        }
+        rows.push_back({key_out + start * D, value_out + start * D, Hk, capacity * D, capacity * D,
+                        write - start + 1});
+      }
+      auto attended = torch::empty({M, Hq * D}, h.options());
+      attend(rp, rows, Hq, D, layer.scaling, attended.data_ptr<float>());
+      auto out = layer.o(attended);
+
+      if (sandwich_) {
+        h = h + layer.post_attention(out);
+        h = h + layer.post_feedforward(mlp(layer, layer.pre_feedforward(h)));
+      } else {
+        h = h + out;
+        h = h + mlp(layer, layer.post_attention(h));
+      }
+    }
+    return head_(final_norm_(h));
+  }
+
+ private:
+  torch::Tensor mlp(const Layer& layer, const torch::Tensor& x) const {
+    auto gate = layer.gate(x);
+    auto active = gelu_ ? at::gelu(gate, "tanh") : at::silu(gate);
+    return layer.down(active * layer.up(x));
+  }
+
+  std::vector<Layer> layers_;
+  Norm final_norm_;
+  Linear8 head_;
+  bool sandwich_, gelu_;
+};
+
+void register_decode_step(pybind11::module& m) {
+  // module_local: the AVX2 build a test loads next to the native one registers the same class.
+  pybind11::class_<NativeDecodeStep>(m, "NativeDecodeStep", pybind11::module_local())
+      .def(pybind11::init<std::vector<std::vector<torch::Tensor>>, std::vector<std::vector<double>>, torch::Tensor,
+                          double, std::vector<torch::Tensor>, int64_t, bool, std::string>())
+      .def("__call__", &NativeDecodeStep::operator(), "one decode step for M sessions: logits [M, V]",
+           pybind11::call_guard<pybind11::gil_scoped_release>());
+}
