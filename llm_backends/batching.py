@@ -89,9 +89,12 @@ def attention_backends(device: torch.device):
 @dataclass(eq=False)
 class _Step:
     entry: CacheEntry
-    token: int
+    tokens: list[int]
+    wants_logits: bool = True
+    decode: bool = True  # a decoding session's next token (the lead waits for those), not a piece of a prompt
     done: threading.Event = field(default_factory=threading.Event)
     lead: bool = False
+    finished: bool = False
     logits: torch.Tensor | None = None
     error: BaseException | None = None
 
@@ -127,17 +130,22 @@ class DecodeBatcher:
     (at most ``gather_s``) for the other decoding sessions to ask too, takes up to ``max_batch`` pending
     steps, runs them, hands each its logits, and passes the lead to the oldest step still pending. So the
     work happens in the callers' threads and one session alone never waits.
+
+    A step may also carry a short piece of a prompt (several tokens, logits wanted or not): arriving prompts are
+    then read in the same forward pass as the others' next tokens, up to ``max_tokens`` tokens per pass.
     """
 
     def __init__(
         self,
-        forward_rows: Callable[[Sequence[CacheEntry], Sequence[int]], torch.Tensor],
+        feed_rows: Callable[[Sequence[CacheEntry], Sequence[Sequence[int]], Sequence[int]], torch.Tensor],
         max_batch: int,
         gather_s: float = 0.01,
+        max_tokens: int = 256,
     ):
-        self.forward_rows = forward_rows
+        self.feed_rows = feed_rows
         self.max_batch = max_batch
         self.gather_s = gather_s
+        self.max_tokens = max_tokens
         self._lock = threading.Condition()
         self._pending: list[_Step] = []
         self._running = False
@@ -167,8 +175,12 @@ class DecodeBatcher:
             self._decoding -= 1
             self._lock.notify_all()
 
-    def step(self, entry: CacheEntry, token: int) -> torch.Tensor:
-        step = _Step(entry, token)
+    def step(
+        self, entry: CacheEntry, tokens: Sequence[int], *, logits: bool = True, decode: bool = True
+    ) -> torch.Tensor | None:
+        """Feeds ``tokens`` into ``entry`` in a shared pass; the last token's logits (None without ``logits``).
+        ``decode``: the session's next token while it decodes (rather than a piece of its prompt)."""
+        step = _Step(entry, list(tokens), logits, decode)
         with self._lock:
             self._pending.append(step)
             self._lock.notify_all()
@@ -181,7 +193,7 @@ class DecodeBatcher:
             if not step.lead:
                 return self._result(step)
         try:
-            while step.logits is None and step.error is None:
+            while not step.finished:
                 self._run(self._take())
         finally:  # whatever happens, the lead passes on: a lost lead would stall every session
             with self._lock:
@@ -196,27 +208,35 @@ class DecodeBatcher:
     def _take(self) -> list[_Step]:
         deadline = time.monotonic() + self.gather_s
         with self._lock:
-            while len(self._pending) < min(self._decoding, self.max_batch):
+            while sum(s.decode for s in self._pending) < min(self._decoding, self.max_batch):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self._lock.wait(left)
-            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+            taken = tokens = 0
+            for s in self._pending:  # in the order asked, as many as fit (the first one always)
+                if taken == self.max_batch or (taken and tokens + len(s.tokens) > self.max_tokens):
+                    break
+                taken += 1
+                tokens += len(s.tokens)
+            batch, self._pending = self._pending[:taken], self._pending[taken:]
             return batch
 
     def _run(self, batch: list[_Step]) -> None:
+        wanted = [i for i, s in enumerate(batch) if s.wants_logits]
         try:
-            logits = self.forward_rows([s.entry for s in batch], [s.token for s in batch])
+            logits = self.feed_rows([s.entry for s in batch], [s.tokens for s in batch], wanted)
         except BaseException as e:
             for s in batch:
                 s.error = e
         else:
-            for i, s in enumerate(batch):
-                s.logits = logits[i]
+            for row, i in enumerate(wanted):
+                batch[i].logits = logits[row]
         self.batches += 1
         self.rows += len(batch)
         for s in batch:
             s.lead = False
+            s.finished = True
             s.done.set()
 
     @staticmethod

@@ -70,6 +70,18 @@ def available() -> bool:
     return ops() is not None
 
 
+def argmax(values: torch.Tensor) -> int:
+    """torch.argmax of a 1-D tensor; on a CPU in fp32 by the kernel where a model already built it (one pass, no
+    threads of its own), since every decoding session picks its greedy token in its own thread right after a
+    shared step."""
+    built = ops.cache_info().currsize > 0  # never starts a build (an MLX model on a Mac has no use for one)
+    usable = built and values.device.type == "cpu" and values.dtype == torch.float32 and values.dim() == 1
+    ops_ = ops() if usable else None
+    if ops_ is None or values.numel() == 0:
+        return int(values.argmax())
+    return ops_.argmax(values.contiguous())
+
+
 class FusedRMSNorm(nn.Module):
     """Stands in for a model's RMSNorm: x / sqrt(mean(x^2) + eps) * (offset + weight), in fp32."""
 

@@ -6,6 +6,10 @@ row-aware attention of ``batching.py``, so with ``fused_attention=False`` its lo
 test holds it to that); what it leaves out is the per-call machinery around them (mask construction, keyword
 plumbing, output classes, hooks), which cost about as much as the arithmetic of a decode step on a 2-core
 CPU. By default, on a CPU in fp32, the attention of all rows is one call of the C++ kernel instead.
+
+With int8 weights on a CPU the whole step is one C++ call (``kernels/decode_step.cpp``, bitwise the same
+logits), which also reads several tokens per session (``feed``): a short piece of an arriving prompt then
+shares the pass with the other sessions' next tokens.
 """
 
 from __future__ import annotations
@@ -80,13 +84,12 @@ class DecodeStep:
 
     @torch.inference_mode()
     def __call__(self, caches: Sequence, tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
+        if self.native is not None:
+            return self.feed(caches, [[t] for t in tokens], positions, range(len(tokens)))
         ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=self.device)
         position_ids = torch.tensor([[p] for p in positions], dtype=torch.long, device=self.device)
         hidden = self.decoder.embed_tokens(ids)
         rotations = self._positions(hidden, position_ids)
-        slots = kv_layers.decode_slots(caches) if self.native is not None else None
-        if slots is not None:
-            return self._native(hidden, rotations, caches, slots)
         for index, layer in enumerate(self.layers):
             kind = self.layer_types[index] if self.rotary_by_type else None
             hidden = self._layer(layer, hidden, rotations[kind], caches)
@@ -96,16 +99,30 @@ class DecodeStep:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits[:, -1]
 
-    def _native(self, hidden: torch.Tensor, rotations: dict, caches: Sequence, slots) -> torch.Tensor:
-        step, kinds = self.native
-        rows = hidden.shape[0]
-        cos = [rotations[kind][0].reshape(rows, -1).contiguous() for kind in kinds]
-        sin = [rotations[kind][1].reshape(rows, -1).contiguous() for kind in kinds]
-        keys, values, places = slots
-        logits = step(hidden.reshape(rows, -1), cos, sin, keys, values, torch.tensor(places, dtype=torch.long))
-        for cache in caches:
+    @torch.inference_mode()
+    def feed(
+        self, caches: Sequence, pieces: Sequence[Sequence[int]], positions: Sequence[int], wanted: Sequence[int]
+    ) -> torch.Tensor:
+        """The C++ step (``native`` only) for several tokens per session: ``pieces[i]`` go into ``caches[i]``
+        from position ``positions[i]`` on. Returns the logits of the last token of the sessions in ``wanted``
+        (indices), in that order."""
+        step, kinds, templates = self.native
+        counts = [len(piece) for piece in pieces]
+        ids = torch.tensor([[t for piece in pieces for t in piece]], dtype=torch.long)
+        places = [p + j for p, n in zip(positions, counts, strict=True) for j in range(n)]
+        hidden = self.decoder.embed_tokens(ids)
+        rotations = self._positions(hidden, torch.tensor([places], dtype=torch.long))
+        slots = kv_layers.decode_slots(caches, counts, templates)
+        if slots is None:
+            raise RuntimeError("a cache layer of a kind the C++ step cannot write into")
+        tokens = len(places)
+        cos = [rotations[kind][0].reshape(tokens, -1).contiguous() for kind in kinds]
+        sin = [rotations[kind][1].reshape(tokens, -1).contiguous() for kind in kinds]
+        keys, values, spots = slots
+        logits = step(hidden.reshape(tokens, -1), cos, sin, keys, values, torch.tensor(spots), counts, list(wanted))
+        for cache, n in zip(caches, counts, strict=True):
             for layer in cache.layers:
-                layer.decoded()
+                layer.decoded(n)
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
@@ -166,8 +183,9 @@ class DecodeStep:
 
 
 def _native_step(step: DecodeStep):
-    """(the C++ step, the rotation kinds its cos/sin lists follow) for an int8 model on a CPU whose layers are
-    all of the pieces ``decode_step.cpp`` runs; None otherwise (the step above runs instead)."""
+    """(the C++ step, the rotation kinds its cos/sin lists follow, empty keys shaped as each layer's) for an int8
+    model on a CPU whose layers are all of the pieces ``decode_step.cpp`` runs; None otherwise (the step above
+    runs instead)."""
     from .int8_weights import Int8Linear
 
     ops = cpu_kernels.ops()
@@ -210,6 +228,7 @@ def _native_step(step: DecodeStep):
                 float(attention.head_dim),
                 float(kinds.index(step.layer_types[index] if step.rotary_by_type else None)),
                 float(attention.scaling),
+                float(attention.sliding_window or 0),
             ]
         )
     native = ops.NativeDecodeStep(
@@ -222,7 +241,11 @@ def _native_step(step: DecodeStep):
         step.sandwich,
         activation,
     )
-    return native, kinds
+    # What a layer that holds nothing yet is shaped like (its first keys and values come from the C++ step).
+    templates = [
+        torch.empty(1, layer.self_attn.config.num_key_value_heads, 0, layer.self_attn.head_dim) for layer in step.layers
+    ]
+    return native, kinds, templates
 
 
 def _activation(module) -> str | None:

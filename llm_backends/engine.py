@@ -17,12 +17,14 @@ from typing import Protocol
 
 import torch
 
+from . import cpu_kernels
 from . import images as image_tokens
 from .request import SamplingParams
 from .session_cache import CacheEntry
 
 # Prompt tokens read per piece while other replies decode: on the 2-core machine of docs/benchmarks.md a piece
 # of 64 takes ~60 ms, so their tokens keep coming at a few per second of the new prompt (benchmarks/arrivals.py).
+# Where the runner can (the C++ decode step), such a piece shares the others' next step instead of alternating.
 SHARED_CHUNK = 64
 
 
@@ -63,7 +65,7 @@ def sample_next(
         penalty = params.repetition_penalty
         logits = logits.scatter(0, seen_ids, torch.where(scores < 0, scores * penalty, scores / penalty))
     if params.temperature == 0:
-        return int(logits.argmax())
+        return cpu_kernels.argmax(logits)
     logits = logits / params.temperature
     if params.top_k:
         candidates, candidate_ids = torch.topk(logits, min(params.top_k, logits.numel()))

@@ -9,6 +9,8 @@ written into: the next append moves the states to room of the layer's own first.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
@@ -72,10 +74,13 @@ class _Storage:
         self._v[:, :, end : end + n].copy_(value_states)
         self._length += n
 
-    def decode_slot(self) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-        """For a decode step that writes its token's key and value itself (``decode_step.cpp``): the buffers,
-        with room for one more token, the first live position and where the token goes. ``decoded()`` after."""
-        write = self._make_room(1, self._k, self._v)
+    def decode_slot(self, n: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """For a step that writes its tokens' keys and values itself (``decode_step.cpp``): the buffers, with
+        room for ``n`` more tokens, the first live position and where the tokens go; ``decoded(n)`` after.
+        ``like`` ([1, heads, 0, head_dim]) gives a layer that holds nothing yet its shape and type."""
+        if not self.is_initialized:
+            self.lazy_initialization(like, like)
+        write = self._make_room(n, like, like)
         return self._k, self._v, self._start, write
 
     @property
@@ -94,9 +99,9 @@ class GrowingLayer(_Storage, DynamicLayer):
         self._append(key_states, value_states)
         return self.keys, self.values
 
-    def decoded(self) -> None:
-        """The token of ``decode_slot()`` was written."""
-        self._length += 1
+    def decoded(self, n: int) -> None:
+        """The tokens of ``decode_slot(n)`` were written."""
+        self._length += n
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:
@@ -124,10 +129,10 @@ class GrowingSlidingLayer(_Storage, DynamicSlidingWindowLayer):
         self._start += self._length - keep
         self._length = keep
 
-    def decoded(self) -> None:
-        """The token of ``decode_slot()`` was written (and attended to the window before it)."""
-        self.cumulative_length += 1
-        self._length += 1
+    def decoded(self, n: int) -> None:
+        """The tokens of ``decode_slot(n)`` were written (each attended to the window before it)."""
+        self.cumulative_length += n
+        self._length += n
         self._slide()
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -138,17 +143,20 @@ class GrowingSlidingLayer(_Storage, DynamicSlidingWindowLayer):
             self.cumulative_length = self._length
 
 
-def decode_slots(caches) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]] | None:
-    """Every layer's ``decode_slot()`` for each cache, layer by layer (index layer * len(caches) + row):
-    keys, values and (start, write) pairs flattened; None if a layer is not one of these (then the caller
-    runs the step that goes through ``update``)."""
+def decode_slots(
+    caches, counts: Sequence[int], templates: Sequence[torch.Tensor]
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]] | None:
+    """Every layer's ``decode_slot(n)`` for each cache (``counts[i]`` tokens for cache i), layer by layer (index
+    layer * len(caches) + row): keys, values and (start, write) pairs flattened; ``templates[layer]`` is that
+    layer's ``like``. None if a layer is not one of these (then the caller runs a step that goes through
+    ``update``)."""
     per_row = [cache.layers for cache in caches]
     keys, values, places = [], [], []
-    for layers in zip(*per_row, strict=True):
-        for layer in layers:
-            if not isinstance(layer, _Storage) or layer._k is None or getattr(layer, "record_past", False):
+    for layers, like in zip(zip(*per_row, strict=True), templates, strict=True):
+        for layer, n in zip(layers, counts, strict=True):
+            if not isinstance(layer, _Storage) or getattr(layer, "record_past", False):
                 return None
-            k, v, start, write = layer.decode_slot()
+            k, v, start, write = layer.decode_slot(n, like)
             keys.append(k)
             values.append(v)
             places += (start, write)

@@ -14,6 +14,7 @@ from .backend import ModelInfo
 from .batching import DecodeBatcher, FairLock, RowCaches, attention_backends, use_row_attention
 from .decode_step import DecodeStep
 from .disk_tier import DiskTier
+from .engine import SHARED_CHUNK
 from .errors import ModelLoadError
 from .loading import LoadOptions, default_cache_bytes, local_label, locate
 from .local import FALLBACK_CONTEXT, LocalModel, restore_points
@@ -33,6 +34,12 @@ DTYPES = {
 }
 
 
+# The longest piece of a prompt that is read in a shared pass with other sessions' decode steps (through the C++
+# step; longer pieces run transformers' forward under the compute lock, whose attention is faster over many
+# tokens). While others decode, prompts are read in pieces of SHARED_CHUNK, so all of them ride along.
+RIDE_ALONG = SHARED_CHUNK
+
+
 class TorchRunner:
     """Feeds tokens into a transformers causal LM (or image-text-to-text model: ``processor`` prepares its
     images); concurrent sessions' decode steps share one forward pass."""
@@ -46,7 +53,7 @@ class TorchRunner:
         # turn, so a decode step waits for at most one piece of a prefill.
         self.compute = FairLock()
         batched = max_batch > 1 and use_row_attention(model)
-        self.batcher = DecodeBatcher(self.forward_rows, max_batch) if batched else None
+        self.batcher = DecodeBatcher(self.feed_rows, max_batch) if batched else None
         # Decode steps skip transformers' per-call machinery where the architecture is one it knows.
         self.step = DecodeStep.for_model(model) if batched else None
 
@@ -65,6 +72,8 @@ class TorchRunner:
         The ledger grows only once the model has run; a failure mid-forward leaves the cache in an unknown
         state, so the entry is reset rather than trusted.
         """
+        if self._rides_along(tokens):
+            return self.batcher.step(entry, tokens, logits=logits, decode=False)
         model = self.model if logits else self.model.base_model
         extra = {"logits_to_keep": 1} if logits else {}
         if any(t < 0 for t in tokens):
@@ -96,25 +105,47 @@ class TorchRunner:
         dtype = next(self.model.model.vision_tower.parameters()).dtype
         return {"pixel_values": pixels.to(self.device, dtype), "token_type_ids": types}
 
-    @torch.inference_mode()
+    def _rides_along(self, tokens: Sequence[int]) -> bool:
+        """Whether a piece of a prompt goes through the decode batcher (the C++ step reads several tokens per
+        session): short pieces without images, which then share a pass with other sessions' next tokens
+        instead of waiting for the lock, and skip transformers' per-call work (~30 ms on 2 cores)."""
+        native = self.batcher is not None and self.step is not None and self.step.native is not None
+        return native and 0 < len(tokens) <= RIDE_ALONG and min(tokens) >= 0
+
     def forward_rows(self, entries: Sequence[CacheEntry], tokens: Sequence[int]) -> torch.Tensor:
-        """One token for each of several sessions in one forward pass; returns their logits, one row each.
+        """One token for each of several sessions in one forward pass; returns their logits, one row each."""
+        return self.feed_rows(entries, [[t] for t in tokens], range(len(tokens)))
+
+    @torch.inference_mode()
+    def feed_rows(
+        self, entries: Sequence[CacheEntry], pieces: Sequence[Sequence[int]], wanted: Sequence[int]
+    ) -> torch.Tensor:
+        """``pieces[i]`` into ``entries[i]``, all in one forward pass; returns the logits of the last token of the
+        entries in ``wanted`` (indices), one row each. Pieces of more than one token need the C++ step.
 
         Every row keeps its own cache and position: the linear layers see a batch, attention runs per row
         over that row's cache. If the pass fails, every entry in it is reset (its cache state is unknown).
         """
+        caches, positions = [e.cache for e in entries], [len(e.ids) for e in entries]
         try:
             with self.compute, attention_backends(self.device):
-                if self.step is not None:
-                    logits = self.step([e.cache for e in entries], tokens, [len(e.ids) for e in entries])
+                if self.step is not None and self.step.native is not None:
+                    logits = self.step.feed(caches, pieces, positions, wanted)
                 else:
-                    logits = self._forward_rows(entries, tokens)
+                    if any(len(piece) != 1 for piece in pieces):
+                        raise ValueError("pieces of several tokens need the C++ step")
+                    tokens = [piece[0] for piece in pieces]
+                    if self.step is not None:
+                        logits = self.step(caches, tokens, positions)
+                    else:
+                        logits = self._forward_rows(entries, tokens)
+                    logits = logits[list(wanted)]
         except BaseException:
             for entry in entries:
                 entry.reset()
             raise
-        for entry, token in zip(entries, tokens, strict=True):
-            entry.ids.append(token)
+        for entry, piece in zip(entries, pieces, strict=True):
+            entry.ids.extend(piece)
         return logits
 
     def _forward_rows(self, entries: Sequence[CacheEntry], tokens: Sequence[int]) -> torch.Tensor:
@@ -136,7 +167,7 @@ class TorchRunner:
     def decode(self, entry: CacheEntry, token: int) -> torch.Tensor:
         if self.batcher is None:
             return self.forward(entry, [token])
-        return self.batcher.step(entry, token)
+        return self.batcher.step(entry, [token])
 
     def decoding(self):
         return nullcontext() if self.batcher is None else self.batcher.decoding()

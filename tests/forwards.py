@@ -16,13 +16,13 @@ class Counting:
         self._step = model.engine.runner.step
         self._native = getattr(self._step, "native", None)
         if self._native is not None:
-            native, kinds = self._native
+            native, *rest = self._native
 
             def counted(*args):
                 self.calls.append(stamp())
                 return native(*args)
 
-            self._step.native = (counted, kinds)
+            self._step.native = (counted, *rest)
 
     def remove(self) -> None:
         self._hook.remove()

@@ -75,16 +75,18 @@ def test_a_failed_batched_step_fails_each_stream_and_resets_its_cache(qwen3_dir,
     model = load_model(str(qwen3_dir), max_cache_bytes=2**26)
     conversations = prompts(3)
     alone = [solo(model, messages) for messages in conversations]
-    runner = model.engine.runner
-    step = runner.step
+    step = model.engine.runner.step
+    feed = step.feed
 
-    def failing(*args, **kwargs):
-        raise RuntimeError("simulated device failure")
+    def failing(caches, pieces, positions, wanted):
+        if all(len(piece) == 1 for piece in pieces):  # decode steps only; the prompts (pieces) are still read
+            raise RuntimeError("simulated device failure")
+        return feed(caches, pieces, positions, wanted)
 
-    monkeypatch.setattr(runner, "step", failing)  # decode steps only; prefill still runs
+    monkeypatch.setattr(step, "feed", failing)
     results = together(model, conversations)
     assert all(isinstance(r, RuntimeError) and "simulated" in str(r) for r in results)
-    monkeypatch.setattr(runner, "step", step)
+    monkeypatch.setattr(step, "feed", feed)
     assert model.engine.runner.batcher._decoding == 0 and not model.engine.runner.batcher._running
     again = together(model, conversations)
     assert again == alone, "after the failure the sessions answer exactly, from a fresh cache"
@@ -138,6 +140,52 @@ def test_the_native_decode_step_gives_the_python_steps_logits_and_cache_bit_for_
         for mine, reference in zip(a.cache.layers, b.cache.layers, strict=True):
             assert torch.equal(mine.keys, reference.keys) and torch.equal(mine.values, reference.values)
             assert mine.get_seq_length() == reference.get_seq_length()
+
+
+@pytest.mark.parametrize("name", ["gemma3_dir", "qwen3_dir"])
+def test_prompt_pieces_read_together_in_the_native_step_equal_their_tokens_decoded_one_at_a_time(name, request):
+    model = load_model(str(request.getfixturevalue(name)), max_cache_bytes=2**26)
+    step = model.engine.runner.step
+    prompts = [list(range(5, 45)), list(range(7, 14)), list(range(9, 34))]  # past the tiny Gemma's window, and not
+    together, alone = ([model.engine.new_entry() for _ in prompts] for _ in range(2))
+    read, sizes, last, call = [0] * len(prompts), [5, 3, 17, 1, 9, 30], {}, 0
+    while any(n < len(p) for n, p in zip(read, prompts, strict=True)):  # pieces of several sizes, from empty caches
+        rows = [i for i, p in enumerate(prompts) if read[i] < len(p)]
+        pieces = [prompts[i][read[i] : read[i] + sizes[(call + i) % len(sizes)]] for i in rows]
+        wanted = [j for j, i in enumerate(rows) if read[i] + len(pieces[j]) == len(prompts[i])]
+        logits = step.feed([together[i].cache for i in rows], pieces, [read[i] for i in rows], wanted)
+        for j, i in enumerate(rows):
+            read[i] += len(pieces[j])
+        last.update({rows[j]: row for j, row in zip(wanted, logits, strict=True)})
+        call += 1
+    for i, prompt in enumerate(prompts):
+        for position, token in enumerate(prompt):
+            expected = step([alone[i].cache], [token], [position])[0]
+        assert torch.equal(last[i], expected), i
+        for mine, reference in zip(together[i].cache.layers, alone[i].cache.layers, strict=True):
+            assert torch.equal(mine.keys, reference.keys) and torch.equal(mine.values, reference.values)
+            assert mine.get_seq_length() == reference.get_seq_length()
+
+
+def test_short_prompts_arriving_together_are_read_in_shared_passes_and_answer_as_alone(gemma3):
+    batcher = gemma3.engine.runner.batcher
+    # Each under RIDE_ALONG tokens, and new to the model's caches (words no other test sends).
+    conversations = [[{"role": "user", "content": f"{word} arrives " * (2 + i)}] for i, word in enumerate("abcdef")]
+    alone = [solo(gemma3, messages) for messages in conversations]
+    calls = []
+    feed = gemma3.engine.runner.step.feed
+
+    def recording(caches, pieces, positions, wanted):
+        calls.append([len(piece) for piece in pieces])
+        return feed(caches, pieces, positions, wanted)
+
+    gemma3.engine.runner.step.feed = recording
+    try:
+        assert together(gemma3, conversations) == alone
+    finally:
+        del gemma3.engine.runner.step.feed
+    assert any(sum(n > 1 for n in call) > 1 for call in calls), calls  # several prompts read in one pass
+    assert batcher._decoding == 0 and not batcher._running and not batcher._pending
 
 
 def test_fused_decode_attention_is_sdpa_up_to_rounding_and_the_same_for_a_row_in_any_batch():

@@ -1,5 +1,6 @@
 // A whole decode step of a Gemma 3 or Qwen 3 text decoder with int8 weights, in one call that holds no Python
-// lock: the layers, the final norm and the output head, for one new token of each of M sessions.
+// lock: the layers, the final norm and the output head, for the new tokens of each of M sessions (one each while
+// they decode; a short piece of a prompt for a session that is reading one, so arriving prompts share the step).
 //
 // It runs the operations of decode_step.DecodeStep (fused attention) in the same order on the same values, with
 // the same kernels (linear, rms_norm, attend) and the same ATen calls for the activations and the residual
@@ -10,8 +11,11 @@
 // taking it back. With a server's other threads (HTTP, streams) wanting that lock, every call could wait for
 // one of them, and an 8-session step took twice as long in the server as alone.
 //
-// Each session's cache layer is a buffer [1, Hk, capacity, D] with room for the new token (kv_layers.py makes
-// it): the step writes the token's key and value at `write` and attends over positions start..write.
+// Each session's cache layer is a buffer [1, Hk, capacity, D] with room for the new tokens (kv_layers.py makes
+// it): the step writes the keys and values of a row's n tokens at write..write+n-1, and token t attends over
+// positions start..write+t (on a sliding layer, the last `window` of them). A token's attention is computed
+// alone over keys in order, so a piece of a prompt read here gets bitwise the values of its tokens decoded one
+// at a time.
 #include "cpu_ops.h"
 
 #include <ATen/Parallel.h>
@@ -34,7 +38,7 @@ struct Norm {
 struct Layer {
   Norm input, q_norm, k_norm, post_attention, pre_feedforward, post_feedforward;  // the last two: Gemma's only
   Linear8 q, k, v, o, gate, up, down;
-  int64_t heads = 0, kv_heads = 0, head_dim = 0, rotation = 0;
+  int64_t heads = 0, kv_heads = 0, head_dim = 0, rotation = 0, window = 0;  // window 0: full attention
   double scaling = 1;
 };
 
@@ -65,7 +69,8 @@ class NativeDecodeStep {
  public:
   // tensors[l]: 6 norm gains (input, q, k, post-attention, pre- and post-feedforward; the last two empty without
   // them), then packed, scale and bias (empty: none) of q, k, v, o, gate, up, down. numbers[l]: the 6 norms'
-  // eps, the 7 linears' in_features, heads, kv_heads, head_dim, rotation (index into the cos/sin lists), scaling.
+  // eps, the 7 linears' in_features, heads, kv_heads, head_dim, rotation (index into the cos/sin lists), scaling,
+  // sliding window (0: none).
   NativeDecodeStep(std::vector<std::vector<torch::Tensor>> tensors, std::vector<std::vector<double>> numbers,
                    torch::Tensor final_gain, double final_eps, std::vector<torch::Tensor> head, int64_t head_in,
                    bool sandwich, std::string activation)
@@ -77,7 +82,7 @@ class NativeDecodeStep {
     for (size_t l = 0; l < tensors.size(); ++l) {
       const auto& t = tensors[l];
       const auto& n = numbers[l];
-      TORCH_CHECK((int64_t)t.size() == NORMS + 3 * LINEARS && n.size() == NORMS + LINEARS + 5, "layer ", l,
+      TORCH_CHECK((int64_t)t.size() == NORMS + 3 * LINEARS && n.size() == NORMS + LINEARS + 6, "layer ", l,
                   ": wrong number of tensors or numbers");
       Layer layer;
       Norm* norms[NORMS] = {&layer.input,          &layer.q_norm,          &layer.k_norm,
@@ -91,6 +96,7 @@ class NativeDecodeStep {
       layer.head_dim = (int64_t)rest[2];
       layer.rotation = (int64_t)rest[3];
       layer.scaling = rest[4];
+      layer.window = (int64_t)rest[5];
       TORCH_CHECK(layer.head_dim % 2 == 0 && layer.heads % layer.kv_heads == 0, "layer ", l, ": bad head shapes");
       TORCH_CHECK(!sandwich || (layer.pre_feedforward.gain.numel() && layer.post_feedforward.gain.numel()),
                   "layer ", l, ": sandwich norms missing");
@@ -98,13 +104,22 @@ class NativeDecodeStep {
     }
   }
 
-  // hidden: [M, H] embeddings; cos[r], sin[r]: [M, D] for rotation r; keys, values: the layers' buffers, layer
-  // by layer, M each (index l * M + i); places: [L * M, 2] int64 (start, write). Returns logits [M, V].
+  // hidden: [T, H] embeddings of all rows' tokens, row after row; cos[r], sin[r]: [T, D] for rotation r; keys,
+  // values: the layers' buffers, layer by layer, M each (index l * M + i); places: [L * M, 2] int64 (start,
+  // write); counts: tokens per row (M of them, summing to T); wanted: the rows whose last token's logits are
+  // returned, in that order. Returns logits [wanted, V].
   torch::Tensor operator()(torch::Tensor hidden, std::vector<torch::Tensor> cos, std::vector<torch::Tensor> sin,
-                           std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values, torch::Tensor places) {
-    const int64_t L = (int64_t)layers_.size();
-    TORCH_CHECK(hidden.dim() == 2 && hidden.scalar_type() == torch::kFloat32, "hidden must be [M, H] float32");
-    const int64_t M = hidden.size(0);
+                           std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values, torch::Tensor places,
+                           std::vector<int64_t> counts, std::vector<int64_t> wanted) {
+    const int64_t L = (int64_t)layers_.size(), M = (int64_t)counts.size();
+    TORCH_CHECK(hidden.dim() == 2 && hidden.scalar_type() == torch::kFloat32, "hidden must be [T, H] float32");
+    const int64_t T = hidden.size(0);
+    std::vector<int64_t> first(M + 1, 0);  // row i's tokens are first[i]..first[i+1]-1
+    for (int64_t i = 0; i < M; ++i) {
+      TORCH_CHECK(counts[i] > 0, "row ", i, " has no tokens");
+      first[i + 1] = first[i] + counts[i];
+    }
+    TORCH_CHECK(first[M] == T, "counts sum to ", first[M], ", hidden has ", T, " tokens");
     TORCH_CHECK((int64_t)keys.size() == L * M && (int64_t)values.size() == L * M, "a key and value buffer per layer "
                 "and row");
     TORCH_CHECK(places.scalar_type() == torch::kLong && places.is_contiguous() && places.numel() == 2 * L * M,
@@ -115,28 +130,33 @@ class NativeDecodeStep {
                       cos[r].is_contiguous() && sin[r].is_contiguous() && cos[r].numel() == sin[r].numel(),
                   "cos and sin must be contiguous float32");
     }
+    std::vector<int64_t> last;
+    for (int64_t i : wanted) {
+      TORCH_CHECK(0 <= i && i < M, "wanted row ", i, " is not a row");
+      last.push_back(first[i + 1] - 1);
+    }
     const int64_t* place = places.data_ptr<int64_t>();
     auto h = hidden.contiguous();
     for (int64_t l = 0; l < L; ++l) {
       const Layer& layer = layers_[l];
       const int64_t Hq = layer.heads, Hk = layer.kv_heads, D = layer.head_dim;
-      TORCH_CHECK(layer.rotation < (int64_t)cos.size() && cos[layer.rotation].numel() == M * D, "layer ", l,
+      TORCH_CHECK(layer.rotation < (int64_t)cos.size() && cos[layer.rotation].numel() == T * D, "layer ", l,
                   ": no rotation for it");
       const float* c = cos[layer.rotation].data_ptr<float>();
       const float* s = sin[layer.rotation].data_ptr<float>();
 
       auto x = layer.input(h);
-      auto q = layer.q_norm(layer.q(x).view({M * Hq, D}));
-      auto k = layer.k_norm(layer.k(x).view({M * Hk, D}));
+      auto q = layer.q_norm(layer.q(x).view({T * Hq, D}));
+      auto k = layer.k_norm(layer.k(x).view({T * Hk, D}));
       auto v = layer.v(x).contiguous();
       const float* qp = q.data_ptr<float>();
       const float* kp = k.data_ptr<float>();
       const float* vp = v.data_ptr<float>();
 
-      auto rotated = torch::empty({M, Hq, D}, h.options());
+      auto rotated = torch::empty({T, Hq, D}, h.options());
       float* rp = rotated.data_ptr<float>();
-      std::vector<KeyValues> rows;
-      rows.reserve(M);
+      std::vector<KeyValues> rows;  // one per token: the keys and values it attends to
+      rows.reserve(T);
       for (int64_t i = 0; i < M; ++i) {
         const auto& kb = keys[l * M + i];
         const auto& vb = values[l * M + i];
@@ -146,21 +166,23 @@ class NativeDecodeStep {
                         kb.size(3) == D && vb.sizes() == kb.sizes(),
                     "layer ", l, " row ", i, ": the cache buffers must be contiguous [1, ", Hk, ", capacity, ", D,
                     "] float32");
-        TORCH_CHECK(0 <= start && start <= write && write < kb.size(2), "layer ", l, " row ", i, ": no room at ",
-                    write);
+        TORCH_CHECK(0 <= start && start <= write && write + counts[i] <= kb.size(2), "layer ", l, " row ", i,
+                    ": no room for ", counts[i], " at ", write);
         const int64_t capacity = kb.size(2);
         float* key_out = kb.data_ptr<float>();
         float* value_out = vb.data_ptr<float>();
-        for (int64_t j = 0; j < Hq; ++j) rotate(qp + (i * Hq + j) * D, c + i * D, s + i * D, D, rp + (i * Hq + j) * D);
-        for (int64_t j = 0; j < Hk; ++j) {
-          float* at = key_out + (j * capacity + write) * D;
-          rotate(kp + (i * Hk + j) * D, c + i * D, s + i * D, D, at);
-          std::memcpy(value_out + (j * capacity + write) * D, vp + (i * Hk + j) * D, D * sizeof(float));
+        for (int64_t t = 0; t < counts[i]; ++t) {
+          const int64_t g = first[i] + t, at = write + t;
+          for (int64_t j = 0; j < Hq; ++j) rotate(qp + (g * Hq + j) * D, c + g * D, s + g * D, D, rp + (g * Hq + j) * D);
+          for (int64_t j = 0; j < Hk; ++j) {
+            rotate(kp + (g * Hk + j) * D, c + g * D, s + g * D, D, key_out + (j * capacity + at) * D);
+            std::memcpy(value_out + (j * capacity + at) * D, vp + (g * Hk + j) * D, D * sizeof(float));
+          }
+          const int64_t from = layer.window ? std::max(start, at - (layer.window - 1)) : start;
+          rows.push_back({key_out + from * D, value_out + from * D, Hk, capacity * D, capacity * D, at - from + 1});
         }
-        rows.push_back({key_out + start * D, value_out + start * D, Hk, capacity * D, capacity * D,
-                        write - start + 1});
       }
-      auto attended = torch::empty({M, Hq * D}, h.options());
+      auto attended = torch::empty({T, Hq * D}, h.options());
       attend(rp, rows, Hq, D, layer.scaling, attended.data_ptr<float>());
       auto out = layer.o(attended);
 
@@ -172,6 +194,10 @@ class NativeDecodeStep {
         h = h + mlp(layer, layer.post_attention(h));
       }
     }
+    if (last.empty()) return torch::empty({0, head_.scale.size(0)}, h.options());
+    bool every = (int64_t)last.size() == T;  // each token's logits, in order: no selection needed
+    for (int64_t j = 0; every && j < T; ++j) every = last[j] == j;
+    if (!every) h = h.index_select(0, torch::tensor(last, torch::kLong));
     return head_(final_norm_(h));
   }
 
@@ -193,6 +219,6 @@ void register_decode_step(pybind11::module& m) {
   pybind11::class_<NativeDecodeStep>(m, "NativeDecodeStep", pybind11::module_local())
       .def(pybind11::init<std::vector<std::vector<torch::Tensor>>, std::vector<std::vector<double>>, torch::Tensor,
                           double, std::vector<torch::Tensor>, int64_t, bool, std::string>())
-      .def("__call__", &NativeDecodeStep::operator(), "one decode step for M sessions: logits [M, V]",
+      .def("__call__", &NativeDecodeStep::operator(), "one step for M sessions' new tokens: logits [wanted, V]",
            pybind11::call_guard<pybind11::gil_scoped_release>());
 }
