@@ -256,9 +256,13 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scale,
     for (int64_t p = begin; p < end; ++p) {
       const int64_t n0 = p * PANEL, width = std::min(PANEL, N - n0);
       const uint8_t* panel = wp + p * Kp * PANEL;
-      for (int64_t m = 0; m < M; m += ROWS) {
-        const int64_t r = std::min(ROWS, M - m);
+      // Rows in as few blocks as ROWS allows, of even sizes (8 rows: 4 + 4, not 6 + 2, whose second block
+      // would load each weight for two rows only). A row's result does not depend on its block.
+      const int64_t blocks = (M + ROWS - 1) / ROWS;
+      for (int64_t b = 0, m = 0; b < blocks; ++b) {
+        const int64_t r = M / blocks + (b < M % blocks ? 1 : 0);
         BLOCKS[r](q, m, Kp, panel, sp + n0, bp ? bp + n0 : nullptr, yp + m * N + n0, N, width);
+        m += r;
       }
     }
   });
@@ -296,35 +300,53 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor gain, double eps) {
 // over keys in order. query: M * Hq * D floats; out: the same.
 void attend(const float* query, const std::vector<KeyValues>& rows, int64_t Hq, int64_t D, double scale, float* out) {
   const int64_t M = (int64_t)rows.size();
-  at::parallel_for(0, M * Hq, 1, [&](int64_t begin, int64_t end) {
+  if (M == 0) return;
+  // Work items: (token, key head) with the query heads that share that key head, so each key and value row is
+  // read once for all of them (Gemma 3 270M: 4 query heads per key head); or (token, query head) where there
+  // are too few of the former to keep the threads busy. The arithmetic of each head is the same either way.
+  const int64_t Hk = rows[0].heads;
+  for (const auto& row : rows) TORCH_CHECK(row.heads == Hk, "every row has the same key heads");
+  const int64_t per_item = M * Hk >= at::get_num_threads() ? Hq / Hk : 1;
+  const int64_t items = M * Hq / per_item;
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
-    for (int64_t pair = begin; pair < end; ++pair) {
-      const int64_t i = pair / Hq, h = pair % Hq;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t i = item * per_item / Hq, h0 = item * per_item % Hq;  // the item's token and first head
       const KeyValues& row = rows[i];
-      const int64_t L = row.length, group = Hq / row.heads;
-      const float* kp = row.keys + (h / group) * row.key_stride;
-      const float* vp = row.values + (h / group) * row.value_stride;
-      const float* qrow = query + pair * D;
-      scores.resize(L);
-      float best = -INFINITY;
+      const int64_t L = row.length, group = Hq / Hk;
+      const float* kp = row.keys + (h0 / group) * row.key_stride;
+      const float* vp = row.values + (h0 / group) * row.value_stride;
+      scores.resize(per_item * L);
       for (int64_t j = 0; j < L; ++j) {
-        scores[j] = ordered_dot(qrow, kp + j * D, D) * (float)scale;
-        best = std::max(best, scores[j]);
+        for (int64_t g = 0; g < per_item; ++g) {
+          scores[g * L + j] = ordered_dot(query + (i * Hq + h0 + g) * D, kp + j * D, D) * (float)scale;
+        }
       }
-      float total = 0;
-      for (int64_t j = 0; j < L; ++j) {
-        scores[j] = std::exp(scores[j] - best);
-        total += scores[j];
+      std::vector<float> totals(per_item, 0.0f);
+      for (int64_t g = 0; g < per_item; ++g) {
+        float* score = scores.data() + g * L;
+        float best = -INFINITY;
+        for (int64_t j = 0; j < L; ++j) best = std::max(best, score[j]);
+        for (int64_t j = 0; j < L; ++j) {
+          score[j] = std::exp(score[j] - best);
+          totals[g] += score[j];
+        }
+        float* orow = out + (i * Hq + h0 + g) * D;
+        for (int64_t d = 0; d < D; ++d) orow[d] = 0;
       }
-      float* orow = out + pair * D;
-      for (int64_t d = 0; d < D; ++d) orow[d] = 0;
       for (int64_t j = 0; j < L; ++j) {
-        const float p = scores[j];
         const float* vrow = vp + j * D;
-        for (int64_t d = 0; d < D; ++d) orow[d] += p * vrow[d];
+        for (int64_t g = 0; g < per_item; ++g) {
+          const float p = scores[g * L + j];
+          float* orow = out + (i * Hq + h0 + g) * D;
+          for (int64_t d = 0; d < D; ++d) orow[d] += p * vrow[d];
+        }
       }
-      const float inverse = 1.0f / total;
-      for (int64_t d = 0; d < D; ++d) orow[d] *= inverse;
+      for (int64_t g = 0; g < per_item; ++g) {
+        const float inverse = 1.0f / totals[g];
+        float* orow = out + (i * Hq + h0 + g) * D;
+        for (int64_t d = 0; d < D; ++d) orow[d] *= inverse;
+      }
     }
   });
 }
