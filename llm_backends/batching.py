@@ -99,6 +99,11 @@ class _Step:
     error: BaseException | None = None
 
 
+class RowsIntact(Exception):
+    """A pass failed without changing any of its sessions' caches (the C++ step writes only into spare room
+    until it has finished): the batcher runs its steps again one by one. ``__cause__`` is the failure."""
+
+
 class FairLock:
     """A lock taken in the order it was asked for. ``threading.Lock`` is not: a thread that releases it and asks
     again at once, as a long prefill does between its pieces, usually gets it back before a decode step that
@@ -208,36 +213,50 @@ class DecodeBatcher:
     def _take(self) -> list[_Step]:
         deadline = time.monotonic() + self.gather_s
         with self._lock:
-            while sum(s.decode for s in self._pending) < min(self._decoding, self.max_batch):
+            while sum(s.decode for s in self._pending) < min(self._decoding, self.max_batch) and not self._full():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self._lock.wait(left)
-            taken = tokens = 0
-            for s in self._pending:  # in the order asked, as many as fit (the first one always)
-                if taken == self.max_batch or (taken and tokens + len(s.tokens) > self.max_tokens):
-                    break
-                taken += 1
-                tokens += len(s.tokens)
-            batch, self._pending = self._pending[:taken], self._pending[taken:]
+            batch, rest, tokens = [], [], 0
+            for s in self._pending:  # in the order asked, every one that fits (the first one always)
+                if not batch or (len(batch) < self.max_batch and tokens + len(s.tokens) <= self.max_tokens):
+                    batch.append(s)
+                    tokens += len(s.tokens)
+                else:
+                    rest.append(s)
+            self._pending = rest
             return batch
+
+    def _full(self) -> bool:
+        """Whether the pending steps already fill a pass (waiting for more would only delay it)."""
+        return len(self._pending) >= self.max_batch or sum(len(s.tokens) for s in self._pending) >= self.max_tokens
 
     def _run(self, batch: list[_Step]) -> None:
         wanted = [i for i, s in enumerate(batch) if s.wants_logits]
         try:
-            logits = self.feed_rows([s.entry for s in batch], [s.tokens for s in batch], wanted)
-        except BaseException as e:
-            for s in batch:
-                s.error = e
-        else:
+            try:
+                logits = self.feed_rows([s.entry for s in batch], [s.tokens for s in batch], wanted)
+            except Exception as e:
+                if len(batch) > 1 and isinstance(e, RowsIntact):
+                    # The caches are as they were: each step again alone, so only the steps that fail fail
+                    # (a prompt too long for memory must not end everyone else's reply).
+                    for s in batch:
+                        self._run([s])
+                    return
+                raise
             for row, i in enumerate(wanted):
                 batch[i].logits = logits[row]
-        self.batches += 1
-        self.rows += len(batch)
-        for s in batch:
-            s.lead = False
-            s.finished = True
-            s.done.set()
+        except BaseException as e:
+            for s in batch:
+                s.error = e.__cause__ if isinstance(e, RowsIntact) and e.__cause__ is not None else e
+        finally:
+            self.batches += 1
+            self.rows += len(batch)
+            for s in batch:
+                s.lead = False
+                s.finished = True
+                s.done.set()
 
     @staticmethod
     def _result(step: _Step) -> torch.Tensor:

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 # A request body's limit: room for a few images as data: URLs (each at most images.MAX_IMAGE_BYTES).
 MAX_BODY_BYTES = 64 * 2**20
+# Events of a streamed reply computed ahead of the client reading them.
+SSE_AHEAD = 16
 
 
 class APIError(Exception):
@@ -292,13 +294,15 @@ class ClosingStreamingResponse(StreamingResponse):
 
 
 async def _sse(events, request: Request):
-    """Server-sent events from a blocking iterator, read to its end in a thread of its own: the reply's next token
-    is computed while the event loop sends this one, instead of waiting for the loop to ask for it (with several
-    sessions decoding in one batch, each round trip through the loop delayed everyone's next step). A client
-    that leaves cancels this at once; closing the stream (ClosingStreamingResponse) ends the thread at the next
-    token."""
+    """Server-sent events from a blocking iterator, read in a thread of its own: the reply's next token is
+    computed while the event loop sends this one, instead of waiting for the loop to ask for it (with several
+    sessions decoding in one batch, each round trip through the loop delayed everyone's next step). At most
+    ``SSE_AHEAD`` events wait here unsent: once a client that stops reading has filled the connection's buffers,
+    the model waits for it. A client that leaves cancels this at once, and the thread closes the stream, which
+    stops the model before its next token (so does ClosingStreamingResponse)."""
     loop = asyncio.get_running_loop()
     lines: asyncio.Queue = asyncio.Queue()
+    room, gone = threading.Semaphore(SSE_AHEAD), threading.Event()
     end = object()
 
     def hand(item) -> bool:
@@ -309,21 +313,25 @@ async def _sse(events, request: Request):
             return False
 
     def produce() -> None:
+        last = end
         try:
             for event in events:
-                if not hand(f"data: {json.dumps(event, ensure_ascii=False)}\n\n"):
+                room.acquire()
+                if gone.is_set() or not hand(f"data: {json.dumps(event, ensure_ascii=False)}\n\n"):
                     return
-        except Exception as e:  # handed to the response, which reports it in-band
-            hand(e)
-        else:
-            hand(end)
+        except BaseException as e:  # handed to the response, which reports it in-band
+            last = e
+        finally:
+            events.close()  # however the thread ends, the reply's stream is closed
+            hand(last)
 
     threading.Thread(target=produce, name="sse", daemon=True).start()
     try:
         while (line := await lines.get()) is not end:
-            if isinstance(line, Exception):
+            if isinstance(line, BaseException):
                 raise line
             yield line
+            room.release()
             if await request.is_disconnected():
                 return
         yield "data: [DONE]\n\n"
@@ -331,3 +339,6 @@ async def _sse(events, request: Request):
         error = server_error(e)
         body = {"error": {"message": error.message, "type": error.type, "param": None, "code": error.code}}
         yield f"data: {json.dumps(body)}\n\n"
+    finally:
+        gone.set()
+        room.release()  # a producer waiting for room sees that nobody reads on

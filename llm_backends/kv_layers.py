@@ -148,8 +148,8 @@ def decode_slots(
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]] | None:
     """Every layer's ``decode_slot(n)`` for each cache (``counts[i]`` tokens for cache i), layer by layer (index
     layer * len(caches) + row): keys, values and (start, write) pairs flattened; ``templates[layer]`` is that
-    layer's ``like``. None if a layer is not one of these (then the caller runs a step that goes through
-    ``update``)."""
+    layer's ``like``. None if a layer is not one of these (``new_cache`` makes only these; the C++ step then
+    refuses the pass, having changed nothing)."""
     per_row = [cache.layers for cache in caches]
     keys, values, places = [], [], []
     for layers, like in zip(zip(*per_row, strict=True), templates, strict=True):

@@ -11,7 +11,7 @@ import torch
 from . import fp16_weights, int8_weights, kv_layers
 from . import images as image_tokens
 from .backend import ModelInfo
-from .batching import DecodeBatcher, FairLock, RowCaches, attention_backends, use_row_attention
+from .batching import DecodeBatcher, FairLock, RowCaches, RowsIntact, attention_backends, use_row_attention
 from .decode_step import DecodeStep
 from .disk_tier import DiskTier
 from .engine import SHARED_CHUNK
@@ -124,22 +124,28 @@ class TorchRunner:
         entries in ``wanted`` (indices), one row each. Pieces of more than one token need the C++ step.
 
         Every row keeps its own cache and position: the linear layers see a batch, attention runs per row
-        over that row's cache. If the pass fails, every entry in it is reset (its cache state is unknown).
+        over that row's cache. If the C++ step fails, no cache has changed (RowsIntact: the batcher retries the
+        rows one by one); if another step fails, every entry in it is reset (its cache state is unknown).
         """
         caches, positions = [e.cache for e in entries], [len(e.ids) for e in entries]
+        if self.step is not None and self.step.native is not None:
+            try:
+                with self.compute:
+                    logits = self.step.feed(caches, pieces, positions, wanted)
+            except Exception as e:  # the C++ step changed no cache (see RowsIntact)
+                raise RowsIntact(str(e)) from e
+            for entry, piece in zip(entries, pieces, strict=True):
+                entry.ids.extend(piece)
+            return logits
+        if any(len(piece) != 1 for piece in pieces):
+            raise ValueError("pieces of several tokens need the C++ step")
+        tokens = [piece[0] for piece in pieces]
         try:
             with self.compute, attention_backends(self.device):
-                if self.step is not None and self.step.native is not None:
-                    logits = self.step.feed(caches, pieces, positions, wanted)
+                if self.step is not None:
+                    logits = self.step(caches, tokens, positions)[list(wanted)]
                 else:
-                    if any(len(piece) != 1 for piece in pieces):
-                        raise ValueError("pieces of several tokens need the C++ step")
-                    tokens = [piece[0] for piece in pieces]
-                    if self.step is not None:
-                        logits = self.step(caches, tokens, positions)
-                    else:
-                        logits = self._forward_rows(entries, tokens)
-                    logits = logits[list(wanted)]
+                    logits = self._forward_rows(entries, tokens)[list(wanted)]
         except BaseException:
             for entry in entries:
                 entry.reset()

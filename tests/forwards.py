@@ -1,6 +1,6 @@
-"""Counting a local model's forward passes: prompt pieces run through transformers' forward (its output head's
-hook sees them), decode steps through the C++ step of ``decode_step.py`` where int8 runs on a CPU (which no
-module hook sees), so both are counted."""
+"""Counting a local model's forward passes: long prompt pieces run through transformers' forward (a hook on its
+decoder sees them, with or without the output head), decode steps and short pieces through the C++ step of
+``decode_step.py`` where int8 runs on a CPU (which no module hook sees), so both are counted."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ class Counting:
 
     def __init__(self, model, stamp: Callable = lambda: 1):
         self.calls: list = []
-        self._hook = model.model.get_output_embeddings().register_forward_hook(lambda *args: self.calls.append(stamp()))
+        self._hook = model.model.base_model.register_forward_hook(lambda *args: self.calls.append(stamp()))
         self._step = model.engine.runner.step
         self._native = getattr(self._step, "native", None)
         if self._native is not None:

@@ -71,7 +71,7 @@ def test_a_stream_closed_mid_batch_stops_alone(gemma3):
     assert gemma3.engine.runner.batcher._decoding == 0 and not gemma3.engine.runner.batcher._running
 
 
-def test_a_failed_batched_step_fails_each_stream_and_resets_its_cache(qwen3_dir, monkeypatch):
+def test_a_failed_batched_step_fails_each_stream_and_leaves_its_cache_sound(qwen3_dir, monkeypatch):
     model = load_model(str(qwen3_dir), max_cache_bytes=2**26)
     conversations = prompts(3)
     alone = [solo(model, messages) for messages in conversations]
@@ -89,7 +89,28 @@ def test_a_failed_batched_step_fails_each_stream_and_resets_its_cache(qwen3_dir,
     monkeypatch.setattr(step, "feed", feed)
     assert model.engine.runner.batcher._decoding == 0 and not model.engine.runner.batcher._running
     again = together(model, conversations)
-    assert again == alone, "after the failure the sessions answer exactly, from a fresh cache"
+    assert again == alone, "after the failure the sessions answer exactly"
+
+
+def test_a_prompt_that_fails_in_a_shared_pass_fails_alone(gemma3, monkeypatch):
+    conversations = [[{"role": "user", "content": f"{word} fails " * (3 + i)}] for i, word in enumerate("pqrstu")]
+    alone = [solo(gemma3, messages) for messages in conversations]
+    others = {t for i, c in enumerate(conversations) if i != 2 for t in gemma3.render(c)}
+    poison = next(t for t in gemma3.render(conversations[2]) if t not in others)  # in the third prompt only
+    feed = gemma3.engine.runner.step.feed
+    passes = []
+
+    def failing(caches, pieces, positions, wanted):
+        passes.append(len(pieces))
+        if any(poison in piece for piece in pieces):
+            raise MemoryError("simulated: no room for this prompt")
+        return feed(caches, pieces, positions, wanted)
+
+    monkeypatch.setattr(gemma3.engine.runner.step, "feed", failing)
+    results = together(gemma3, conversations)
+    assert isinstance(results[2], Exception) and "out of memory" in str(results[2])  # that session, and it alone
+    assert [results[i] for i in (0, 1, 3, 4, 5)] == [alone[i] for i in (0, 1, 3, 4, 5)]
+    assert max(passes) > 1, "the failing prompt shared a pass with others"
 
 
 @pytest.mark.parametrize("name", ["gemma3_dir", "qwen3_dir"])

@@ -242,3 +242,58 @@ def test_v1_on_an_exposed_server_without_a_key_is_refused(qwen3_dir):
     add_openai_routes(fastapi_app, ModelRegistry([str(qwen3_dir)]), api_key=None, exposed=True)
     r = TestClient(fastapi_app).get("/v1/models")
     assert r.status_code == 401 and "--api-key" in r.json()["error"]["message"]
+
+
+def test_events_are_computed_ahead_of_a_slow_reader_only_so_far_and_the_stream_closes_when_it_leaves():
+    import asyncio
+    import threading
+
+    from llm_backends import http_api
+
+    pulled, closed = [], threading.Event()
+
+    def events():
+        try:
+            for i in range(10_000):
+                pulled.append(i)
+                yield {"n": i}
+        finally:
+            closed.set()
+
+    class Request:
+        async def is_disconnected(self) -> bool:
+            return False
+
+    async def read_two_then_leave() -> list[str]:
+        stream = http_api._sse(events(), Request())
+        lines = [await stream.__anext__(), await stream.__anext__()]
+        await asyncio.sleep(0.5)  # the reader stops reading; the producer may run ahead, but only so far
+        assert len(pulled) <= http_api.SSE_AHEAD + 3
+        await stream.aclose()  # the client leaves
+        return lines
+
+    lines = asyncio.run(read_two_then_leave())
+    assert lines == ['data: {"n": 0}\n\n', 'data: {"n": 1}\n\n']
+    assert closed.wait(5), "the events (the reply's stream) were closed"
+    assert len(pulled) <= http_api.SSE_AHEAD + 3
+
+
+def test_an_error_mid_stream_is_reported_in_band():
+    import asyncio
+
+    from llm_backends import http_api
+
+    def events():
+        yield {"n": 0}
+        raise RuntimeError("the device fell over")
+
+    class Request:
+        async def is_disconnected(self) -> bool:
+            return False
+
+    async def read_all() -> list[str]:
+        return [line async for line in http_api._sse(events(), Request())]
+
+    lines = asyncio.run(read_all())
+    assert lines[0] == 'data: {"n": 0}\n\n'
+    assert '"type": "server_error"' in lines[1] and "RuntimeError" in lines[1] and len(lines) == 2

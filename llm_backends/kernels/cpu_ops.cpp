@@ -377,8 +377,8 @@ torch::Tensor decode_attention(torch::Tensor query, std::vector<torch::Tensor> k
 }
 
 // The index of the largest of n floats, the first one where several are equal, a NaN counting as the largest
-// (torch.argmax's answer), in one pass without threads: a sampler's greedy pick, ~10x faster than argmax's
-// reduction, which also starts a team of threads per call in every session's own thread.
+// (torch.argmax's answer), in two vector passes without threads: a sampler's greedy pick (262k values: 90 us
+// against 220 us for torch's reduction, which also starts a team of threads in every session's own thread).
 int64_t argmax(torch::Tensor values) {
   TORCH_CHECK(values.scalar_type() == torch::kFloat32 && values.dim() == 1 && values.is_contiguous() &&
                   values.numel() > 0 && values.device().is_cpu(),

@@ -42,7 +42,8 @@ struct Layer {
   double scaling = 1;
 };
 
-constexpr int64_t NORMS = 6, LINEARS = 7;  // per layer: gains, then (packed, scale, bias) for each linear
+constexpr int64_t NORMS = 6, LINEARS = 7;
+constexpr int64_t ACTIVATION = 4096;  // values per activation call (see mlp)  // per layer: gains, then (packed, scale, bias) for each linear
 
 Linear8 linear_at(const std::vector<torch::Tensor>& tensors, int64_t index, double in_features) {
   const auto& bias = tensors[NORMS + 3 * index + 2];
@@ -112,7 +113,8 @@ class NativeDecodeStep {
                            std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values, torch::Tensor places,
                            std::vector<int64_t> counts, std::vector<int64_t> wanted) {
     const int64_t L = (int64_t)layers_.size(), M = (int64_t)counts.size();
-    TORCH_CHECK(hidden.dim() == 2 && hidden.scalar_type() == torch::kFloat32, "hidden must be [T, H] float32");
+    TORCH_CHECK(hidden.dim() == 2 && hidden.scalar_type() == torch::kFloat32 && hidden.device().is_cpu(),
+                "hidden must be [T, H] float32 on the CPU");
     const int64_t T = hidden.size(0);
     std::vector<int64_t> first(M + 1, 0);  // row i's tokens are first[i]..first[i+1]-1
     for (int64_t i = 0; i < M; ++i) {
@@ -126,7 +128,8 @@ class NativeDecodeStep {
                 "places must be [L * M, 2] int64");
     TORCH_CHECK(cos.size() == sin.size(), "as many cos as sin tensors");
     for (size_t r = 0; r < cos.size(); ++r) {
-      TORCH_CHECK(cos[r].scalar_type() == torch::kFloat32 && sin[r].scalar_type() == torch::kFloat32 &&
+      TORCH_CHECK(cos[r].device().is_cpu() && sin[r].device().is_cpu() && cos[r].scalar_type() == torch::kFloat32 &&
+                      sin[r].scalar_type() == torch::kFloat32 &&
                       cos[r].is_contiguous() && sin[r].is_contiguous() && cos[r].numel() == sin[r].numel(),
                   "cos and sin must be contiguous float32");
     }
@@ -149,6 +152,8 @@ class NativeDecodeStep {
       auto q = layer.q_norm(layer.q(x).view({T * Hq, D}));
       auto k = layer.k_norm(layer.k(x).view({T * Hk, D}));
       auto v = layer.v(x).contiguous();
+      TORCH_CHECK(q.numel() == T * Hq * D && k.numel() == T * Hk * D && v.numel() == T * Hk * D, "layer ", l,
+                  ": projections do not match the head shapes");
       const float* qp = q.data_ptr<float>();
       const float* kp = k.data_ptr<float>();
       const float* vp = v.data_ptr<float>();
@@ -161,7 +166,8 @@ class NativeDecodeStep {
         const auto& kb = keys[l * M + i];
         const auto& vb = values[l * M + i];
         const int64_t start = place[2 * (l * M + i)], write = place[2 * (l * M + i) + 1];
-        TORCH_CHECK(kb.scalar_type() == torch::kFloat32 && vb.scalar_type() == torch::kFloat32 && kb.is_contiguous() &&
+        TORCH_CHECK(kb.device().is_cpu() && vb.device().is_cpu() && kb.scalar_type() == torch::kFloat32 &&
+                        vb.scalar_type() == torch::kFloat32 && kb.is_contiguous() &&
                         vb.is_contiguous() && kb.dim() == 4 && kb.size(0) == 1 && kb.size(1) == Hk &&
                         kb.size(3) == D && vb.sizes() == kb.sizes(),
                     "layer ", l, " row ", i, ": the cache buffers must be contiguous [1, ", Hk, ", capacity, ", D,
@@ -204,7 +210,21 @@ class NativeDecodeStep {
  private:
   torch::Tensor mlp(const Layer& layer, const torch::Tensor& x) const {
     auto gate = layer.gate(x);
-    auto active = gelu_ ? at::gelu(gate, "tanh") : at::silu(gate);
+    // The activation a few rows at a time: ATen splits a larger call between threads, and where a split falls
+    // inside a vector its last values take the scalar formula, whose last bit may differ. Calls of at most
+    // ACTIVATION values (one thread) keep every row's values the same in any batch and any piece.
+    const int64_t width = gate.size(-1), rows = gate.numel() / width;
+    const int64_t step = width % 16 ? 1 : std::max<int64_t>(1, ACTIVATION / width);
+    auto active = torch::empty_like(gate);
+    for (int64_t r = 0; r < rows; r += step) {
+      auto part = gate.narrow(0, r, std::min(step, rows - r));
+      auto out = active.narrow(0, r, std::min(step, rows - r));
+      if (gelu_) {
+        at::gelu_out(out, part, "tanh");
+      } else {
+        at::silu_out(out, part);
+      }
+    }
     return layer.down(active * layer.up(x));
   }
 
