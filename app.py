@@ -46,6 +46,7 @@ ENV = {
     "page_secret": "LLM_PAGE_SECRET",
     "models_dir": "LLM_MODELS_DIR",
     "image_urls": "LLM_IMAGE_URLS",
+    "exact": "LLM_EXACT",
 }
 TRUE = {"1", "true", "yes", "on"}
 MODEL_WAIT_S = 600  # how long a reply or a page waits for a model that is loading
@@ -69,6 +70,7 @@ class AppConfig:
     admins: list[str] = field(default_factory=list)
     models_dir: str | None = None
     image_urls: bool = False  # /v1 fetches http(s) image URLs (off: a server fetching any address is a risk)
+    exact: bool = False  # CUDA: logits bitwise independent of batch neighbours and prompt splits (slower)
 
 
 def _auth_pairs(values: Sequence[str]) -> list[tuple[str, str]]:
@@ -168,6 +170,14 @@ def parse_args(argv: Sequence[str] | None = None, env: dict | None = None) -> Ap
         "only; a server that fetches any address it is sent can be made to reach places its callers cannot) "
         "[LLM_IMAGE_URLS]",
     )
+    parser.add_argument(
+        "--exact",
+        action="store_true",
+        default=None,
+        help="on CUDA, the exact mode: a session's logits are bitwise the same whichever other sessions share "
+        "its decode step and whether its prompt came from the cache (slower; the default mode's last bits "
+        "drift) [LLM_EXACT]",
+    )
     args = parser.parse_args(argv)
 
     def pick(name, cast=str):
@@ -196,6 +206,7 @@ def parse_args(argv: Sequence[str] | None = None, env: dict | None = None) -> Ap
     config.admins = [a.strip() for a in admins if a.strip()]
     config.models_dir = pick("models_dir")
     config.image_urls = bool(pick("image_urls", bool))
+    config.exact = bool(pick("exact", bool))
     if config.admins and not config.auth:
         raise SystemExit("--admin names logins: add them with --auth user:password")
     unknown = set(config.admins) - {user for user, _ in config.auth}
@@ -1235,7 +1246,11 @@ def serve(config: AppConfig, registry: ModelRegistry | None = None, **launch_kwa
     if registry is None:
         cache = int(config.max_cache_gb * 2**30) if config.max_cache_gb else None
         registry = ModelRegistry(
-            config.models, quantization=config.quantization, max_cache_bytes=cache, cache_dir=config.cache_dir
+            config.models,
+            quantization=config.quantization,
+            max_cache_bytes=cache,
+            cache_dir=config.cache_dir,
+            **({"exact": True} if config.exact else {}),
         )
     if registry.model is None and registry.loading is None:
         registry.load_in_background(registry.ids[0])  # the page opens while the model loads

@@ -448,8 +448,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT, help="folder for results.json, results.md and the plots")
     parser.add_argument("--no-page", action="store_true", help="skip the page-ready measurement")
     parser.add_argument("--replot", action="store_true", help="redraw results.md and the plots from results.json")
+    parser.add_argument("--gpu", action="store_true", help="the GPU decode figures instead (benchmarks/gpu.py)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args, rest = parser.parse_known_args()
+    if args.gpu:  # real-shaped models against transformers' generate -> docs/benchmarks/gpu/decode.{json,md}
+        out = ["--out", str(args.out)] if args.out != OUT else []
+        sys.exit(subprocess.run([sys.executable, str(Path(__file__).with_name("gpu.py")), *rest, *out]).returncode)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.one:
         print(json.dumps(script(args.one, args.device)))
         return

@@ -72,20 +72,6 @@ def use_row_attention(model) -> bool:
     return True
 
 
-def attention_backends(device: torch.device):
-    """On CUDA, sdpa's math kernel only. The flash / memory-efficient kernels sum in an order that depends on
-    the query and key lengths, so a prompt read in two parts (reuse) and in one (fresh) drifted apart and
-    changed greedy answers of the tiny test models on an H100; the math kernel kept them equal there (fp32
-    and bf16). cuDNN's kernel also plans anew for every key length, which halved decode speed."""
-    from contextlib import nullcontext
-
-    if device.type != "cuda":
-        return nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.MATH])
-
-
 @dataclass(eq=False)
 class _Step:
     entry: CacheEntry

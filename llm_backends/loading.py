@@ -46,7 +46,8 @@ class LoadOptions:
     caches (None: a share of free memory), ``progress(fraction, message)`` for long first-time work,
     ``restore_turns``: how many of a session's last exchanges stay editable without re-reading older ones;
     ``cache_dir``: a folder where sessions' caches go when they leave memory and survive a restart, at most
-    ``disk_cache_bytes`` of them (transformers backend)."""
+    ``disk_cache_bytes`` of them (transformers backend); ``exact``: on CUDA, the exact mode of ``cuda_step.py``
+    (logits bitwise independent of batch neighbours and of how a prompt was cut; slower)."""
 
     quantization: str = "auto"
     device: str | None = None
@@ -56,6 +57,7 @@ class LoadOptions:
     restore_turns: int = 8
     cache_dir: str | None = None
     disk_cache_bytes: int = DISK_CACHE_BYTES
+    exact: bool = False
 
 
 def parse_source(source, backend: str = "transformers") -> Source:
@@ -84,6 +86,7 @@ def load_model(
     progress=None,
     restore_turns=8,
     cache_dir=None,
+    exact=False,
 ) -> ChatModel:
     """Loads a Gemma 3 or Qwen 3 chat model, or connects to a remote one.
 
@@ -94,7 +97,10 @@ def load_model(
     an edit, undo or retry of any of a session's last N exchanges re-reads only from there (restore points;
     they cost memory, counted against ``max_cache_bytes``, only for models with sliding-window layers).
     ``cache_dir``: sessions' caches are written there when they leave memory (and when the process exits) and
-    read back when the session returns, also after a restart.
+    read back when the session returns, also after a restart. ``exact=True``: on CUDA, a session's logits are
+    bitwise the same whichever other sessions share its decode step and however its prompt was split (cache
+    reuse), at a measured cost in speed (docs/benchmarks/gpu/); the default mode runs the fastest kernels, whose
+    last bits drift. A CPU's kernels are row-invariant already; there it changes nothing.
     Raises ValueError for bad arguments and ModelLoadError when the model cannot be loaded.
     """
     if backend == "auto":
@@ -110,6 +116,8 @@ def load_model(
         raise ValueError(f"restore_turns must be an integer from 0 to 256, not {restore_turns!r}")
     if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
         raise ValueError(f"cache_dir must be a folder path, not {cache_dir!r}")
+    if not isinstance(exact, bool):
+        raise ValueError(f"exact must be True or False, not {exact!r}")
     options = LoadOptions(
         quantization,
         device,
@@ -118,6 +126,7 @@ def load_model(
         progress,
         restore_turns,
         None if cache_dir is None else str(cache_dir),
+        exact=exact,
     )
     return _backend(parsed.backend).load(parsed.target, options)
 

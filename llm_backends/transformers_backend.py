@@ -11,7 +11,8 @@ import torch
 from . import fp16_weights, int8_weights, kv_layers
 from . import images as image_tokens
 from .backend import ModelInfo
-from .batching import DecodeBatcher, FairLock, RowCaches, RowsIntact, attention_backends, use_row_attention
+from .batching import DecodeBatcher, FairLock, RowCaches, RowsIntact, use_row_attention
+from .cuda_step import CudaStep
 from .decode_step import DecodeStep
 from .disk_tier import DiskTier
 from .engine import SHARED_CHUNK
@@ -44,7 +45,7 @@ class TorchRunner:
     """Feeds tokens into a transformers causal LM (or image-text-to-text model: ``processor`` prepares its
     images); concurrent sessions' decode steps share one forward pass."""
 
-    def __init__(self, model, *, max_checkpoints: int, max_batch: int = 16, processor=None):
+    def __init__(self, model, *, max_checkpoints: int, max_batch: int = 16, processor=None, exact: bool = False):
         self.model = model
         self.processor = processor
         self.max_checkpoints = max_checkpoints
@@ -54,8 +55,15 @@ class TorchRunner:
         self.compute = FairLock()
         batched = max_batch > 1 and use_row_attention(model)
         self.batcher = DecodeBatcher(self.feed_rows, max_batch) if batched else None
-        # Decode steps skip transformers' per-call machinery where the architecture is one it knows.
-        self.step = DecodeStep.for_model(model) if batched else None
+        # Decode steps skip transformers' per-call machinery where the architecture is one it knows; on CUDA
+        # they are captured as graphs (cuda_step.py), which in the exact mode also read the prompts.
+        if self.device.type == "cuda":
+            self.step = CudaStep.for_model(model, exact=exact) if batched else None
+        else:
+            self.step = DecodeStep.for_model(model) if batched else None
+        self.exact = exact and self.device.type == "cuda"
+        if self.exact and self.step is None:
+            raise ValueError("exact=True on CUDA needs a Gemma 3 or Qwen 3 text decoder and Triton")
 
     def new_entry(self) -> CacheEntry:
         config = self.model.config
@@ -74,6 +82,8 @@ class TorchRunner:
         """
         if self._rides_along(tokens):
             return self.batcher.step(entry, tokens, logits=logits, decode=False)
+        if self.exact:
+            return self._exact_forward(entry, tokens, logits)
         model = self.model if logits else self.model.base_model
         extra = {"logits_to_keep": 1} if logits else {}
         if any(t < 0 for t in tokens):
@@ -83,13 +93,23 @@ class TorchRunner:
             tokens_in = tokens
         input_ids = torch.tensor([list(tokens_in)], dtype=torch.long, device=self.device)
         try:
-            with self.compute, attention_backends(self.device):
+            with self.compute:
                 out = model(input_ids=input_ids, past_key_values=entry.cache, use_cache=True, **extra)
         except BaseException:
             entry.reset()
             raise
         entry.ids.extend(tokens)
         return out.logits[0, -1] if logits else None
+
+    def _exact_forward(self, entry: CacheEntry, tokens: Sequence[int], logits: bool) -> torch.Tensor | None:
+        """A prompt piece read by the exact mode's step (tile by tile), so its keys and values are bitwise those a
+        decode step would write; the step changes no cache when it fails."""
+        if any(t < 0 for t in tokens):
+            raise ValueError("exact mode reads text only: send images with exact=False")
+        with self.compute:
+            out = self.step.feed([entry.cache], [list(tokens)], [len(entry.ids)], [0] if logits else [])
+        entry.ids.extend(tokens)
+        return out[0] if logits else None
 
     def _image_inputs(self, offset: int, tokens: Sequence[int], images: Mapping) -> dict:
         """``pixel_values`` for the images that begin in ``tokens`` and ``token_type_ids`` marking image tokens.
@@ -141,7 +161,7 @@ class TorchRunner:
             raise ValueError("pieces of several tokens need the C++ step")
         tokens = [piece[0] for piece in pieces]
         try:
-            with self.compute, attention_backends(self.device):
+            with self.compute:
                 if self.step is not None:
                     logits = self.step(caches, tokens, positions)[list(wanted)]
                 else:
@@ -275,7 +295,9 @@ def load(target: str | None, options: LoadOptions) -> LocalModel:
         tokenizer,
         family,
         info,
-        TorchRunner(model, max_checkpoints=restore_points(options.restore_turns), processor=processor),
+        TorchRunner(
+            model, max_checkpoints=restore_points(options.restore_turns), processor=processor, exact=options.exact
+        ),
         max_cache_bytes=options.max_cache_bytes or default_cache_bytes(device),
         vocab_size=int(text_config.vocab_size),
         eos_ids=eos if isinstance(eos, list) else [eos],

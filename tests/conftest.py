@@ -11,6 +11,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+import torch  # noqa: E402
+
+# Without a GPU, the CUDA step's Triton kernels run in Triton's interpreter (tests/test_cuda_step.py); it is
+# chosen when Triton is imported, so before any test imports it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -24,6 +31,9 @@ TINY_LOAD = {
     for key in ("device", "quantization", "dtype")
     if os.environ.get(f"LLM_TEST_{key.upper()}")
 }
+# LLM_TEST_EXACT=1: the exact mode of the CUDA step, which the reuse, batch and stream tests hold to bitwise.
+if os.environ.get("LLM_TEST_EXACT", "").lower() in ("1", "true", "yes"):
+    TINY_LOAD["exact"] = True
 
 
 @pytest.fixture(scope="session")

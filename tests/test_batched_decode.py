@@ -7,6 +7,7 @@ import threading
 import pytest
 import torch
 
+from conftest import TINY_LOAD
 from llm_backends import cpu_kernels, load_model
 from llm_backends.decode_step import DecodeStep
 
@@ -72,7 +73,7 @@ def test_a_stream_closed_mid_batch_stops_alone(gemma3):
 
 
 def test_a_failed_batched_step_fails_each_stream_and_leaves_its_cache_sound(qwen3_dir, monkeypatch):
-    model = load_model(str(qwen3_dir), max_cache_bytes=2**26)
+    model = load_model(str(qwen3_dir), max_cache_bytes=2**26, **TINY_LOAD)
     conversations = prompts(3)
     alone = [solo(model, messages) for messages in conversations]
     step = model.engine.runner.step
@@ -116,7 +117,9 @@ def test_a_prompt_that_fails_in_a_shared_pass_fails_alone(gemma3, monkeypatch):
 @pytest.mark.parametrize("name", ["gemma3_dir", "qwen3_dir"])
 @pytest.mark.parametrize("quantization", ["int8", "none"])
 def test_the_written_out_decode_step_gives_transformers_logits_bit_for_bit(name, quantization, request):
-    model = load_model(str(request.getfixturevalue(name)), quantization=quantization, max_cache_bytes=2**26)
+    model = load_model(  # the CPU's steps (on a GPU machine too)
+        str(request.getfixturevalue(name)), quantization=quantization, max_cache_bytes=2**26, device="cpu"
+    )
     runner = model.engine.runner
     assert runner.step is not None and runner.step.fused_attention
     runner.step = DecodeStep.for_model(runner.model, fused_attention=False)  # the same ops as transformers
@@ -138,7 +141,7 @@ def test_the_written_out_decode_step_gives_transformers_logits_bit_for_bit(name,
 
 @pytest.mark.parametrize("name", ["gemma3_dir", "qwen3_dir"])
 def test_the_native_decode_step_gives_the_python_steps_logits_and_cache_bit_for_bit(name, request):
-    model = load_model(str(request.getfixturevalue(name)), max_cache_bytes=2**26)
+    model = load_model(str(request.getfixturevalue(name)), max_cache_bytes=2**26, device="cpu")
     runner = model.engine.runner
     native = runner.step
     assert native.native is not None, "int8 on a CPU decodes in one C++ call"
@@ -165,7 +168,7 @@ def test_the_native_decode_step_gives_the_python_steps_logits_and_cache_bit_for_
 
 @pytest.mark.parametrize("name", ["gemma3_dir", "qwen3_dir"])
 def test_prompt_pieces_read_together_in_the_native_step_equal_their_tokens_decoded_one_at_a_time(name, request):
-    model = load_model(str(request.getfixturevalue(name)), max_cache_bytes=2**26)
+    model = load_model(str(request.getfixturevalue(name)), max_cache_bytes=2**26, device="cpu")
     step = model.engine.runner.step
     prompts = [list(range(5, 45)), list(range(7, 14)), list(range(9, 34))]  # past the tiny Gemma's window, and not
     together, alone = ([model.engine.new_entry() for _ in prompts] for _ in range(2))

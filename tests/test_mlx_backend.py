@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from conftest import CI
 
+from conftest import CI
 from llm_backends import SessionKey, load_model
 from llm_backends.mlx_backend import available
 
