@@ -90,10 +90,19 @@ class CudaStep(DecodeStep):
         keys, values, places = slots
         rows = len(caches)
         meta = []
-        for layer in range(len(self.layers)):
+        for layer, template in enumerate(self.templates):
             table = []
             for row in range(rows):
                 at = layer * rows + row
+                buffer = keys[at]
+                # The kernels address [1, kv_heads, room, head_dim] in the model's dtype: anything else would
+                # be written past its end.
+                if (
+                    buffer.dtype != template.dtype
+                    or not buffer.is_contiguous()
+                    or buffer.shape[:2] != template.shape[:2]
+                ):
+                    raise RuntimeError(f"a cache buffer shaped {tuple(buffer.shape)} ({buffer.dtype}) in layer {layer}")
                 start, write = places[2 * at], places[2 * at + 1]
                 position = positions[row]
                 table.append(
@@ -109,8 +118,9 @@ class CudaStep(DecodeStep):
         wanted = list(wanted)
         if self.use_graphs and all(n == 1 for n in counts) and wanted == list(range(rows)) and rows <= BUCKETS[-1]:
             graph = self._replay([p[0] for p in pieces], positions, meta)
+            logits = graph.logits[:rows].clone()  # before the ledger moves: a failure here changes no cache
             self._decoded(caches, counts)  # while the GPU runs the step
-            return graph.logits[:rows].clone()
+            return logits
         ids = [t for piece in pieces for t in piece]
         places_t = [p + j for p, n in zip(positions, counts, strict=True) for j in range(n)]
         token_rows = [row for row, n in enumerate(counts) for _ in range(n)]
@@ -140,6 +150,9 @@ class CudaStep(DecodeStep):
             hidden = self._layers(ids, positions, rows, meta)
             return self._head(hidden if ends is None else hidden[:, self._index(ends)])
         scratch = meta.shape[1] - 1
+        wanted_order = ends
+        if ends is not None:  # tiles are walked in token order; the rows go back to the order asked for below
+            ends = sorted(ends)
         picked = []
         for first in range(0, len(ids), TILE):
             n = min(TILE, len(ids) - first)
@@ -166,7 +179,10 @@ class CudaStep(DecodeStep):
             pad = TILE - part.shape[0]
             tile = torch.cat([part, part.new_zeros(pad, part.shape[1])]) if pad else part
             logits.append(self._head(tile[None])[: part.shape[0]])
-        return torch.cat(logits)
+        logits = torch.cat(logits)
+        if wanted_order is not None and list(wanted_order) != ends:
+            logits = logits[self._index([ends.index(e) for e in wanted_order])]
+        return logits
 
     def _index(self, indices: Sequence[int]) -> torch.Tensor:
         return torch.tensor(indices, dtype=torch.long).to(self.device)
@@ -238,6 +254,14 @@ class CudaStep(DecodeStep):
         graph.meta.copy_(torch.tensor(table, dtype=torch.long))
         graph.graph.replay()
         return graph
+
+    def capture_all(self) -> None:
+        """Captures every bucket's graph now (at load), so no capture happens while sessions are served: during a
+        capture, another thread's GPU work (sampling, a cache copy) would break it."""
+        if self.use_graphs:
+            for size in (TILE,) if self.exact else BUCKETS:
+                if size not in self.graphs:
+                    self._capture(size)
 
     def _capture(self, size: int) -> SimpleNamespace:
         """Captures the step for ``size`` rows (every row reading and writing the scratch buffers meanwhile)."""

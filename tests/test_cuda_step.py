@@ -125,3 +125,14 @@ def test_a_failed_step_changes_no_cache(tiny, monkeypatch):
         step([cache], [5], [12])
     for layer, (keys, values) in zip(cache.layers, before, strict=True):
         assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
+
+
+def test_the_exact_mode_returns_rows_in_the_order_asked_for(tiny):
+    """Wanted rows whose last tokens fall in different tiles come back in the order asked for."""
+    step = CudaStep(tiny, exact=True, graphs=False)
+    prompts = _prompts([10, TILE + 6], seed=2)
+    first, second = _caches(tiny, 2), _caches(tiny, 2)
+    with torch.inference_mode():
+        ascending = step.feed(first, prompts, [0, 0], [0, 1])
+        descending = step.feed(second, prompts, [0, 0], [1, 0])
+    assert torch.equal(descending, ascending.flip(0))
