@@ -107,7 +107,8 @@ def parse_args(argv: Sequence[str] | None = None, env: dict | None = None) -> Ap
     parser.add_argument(
         "--quantization",
         choices=QUANTIZATIONS,
-        help="auto: NF4 on CUDA, packed fp16 weights on x86 CPU; fp16, nf4, int8, none [LLM_QUANTIZATION]",
+        help="auto: NF4 on CUDA; on a CPU int8 (packed fp16 where no C++ compiler is found); fp16, nf4, int8, none "
+        "[LLM_QUANTIZATION]",
     )
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1) [LLM_HOST]")
     parser.add_argument("--port", type=int, help="port (default 7860) [LLM_PORT]")

@@ -152,6 +152,16 @@ def test_flags_have_environment_variables(tmp_path):
     assert app.parse_args([], env={"SPACE_ID": "me/space"}).host == "0.0.0.0"
 
 
+def test_the_exact_mode_is_a_flag_and_an_environment_variable():
+    assert app.parse_args(["--exact"], env={}).exact
+    assert app.parse_args([], env={"LLM_EXACT": "1"}).exact
+    assert not app.parse_args([], env={}).exact
+    from llm_backends import load_model
+
+    with pytest.raises(ValueError, match="exact must be True or False"):
+        load_model(exact="yes")
+
+
 def test_history_sent_to_the_model_leaves_out_thinking_stats_and_notices():
     history = [
         {"role": "user", "content": [{"type": "text", "text": "hi"}]},
