@@ -20,6 +20,7 @@ Two modes:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from types import SimpleNamespace
 
@@ -67,13 +68,13 @@ class CudaStep(DecodeStep):
 
     @classmethod
     def for_model(cls, model, **options) -> CudaStep | None:
-        step = DecodeStep.for_model(model, fused_attention=False, native=False)
-        if step is None or not cuda_kernels.available():
+        """The step for ``model``, or None where it is not a text decoder this step knows or Triton is missing."""
+        if not cuda_kernels.available():
             return None
-        attention = step.layers[0].self_attn
-        if getattr(attention, "attn_logit_softcapping", None) is not None:
+        step = super().for_model(model, **options)
+        if step is None or getattr(step.layers[0].self_attn, "attn_logit_softcapping", None) is not None:
             return None
-        return cls(model, **options)
+        return step
 
     @torch.inference_mode()
     def __call__(self, caches: Sequence, tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
@@ -107,9 +108,9 @@ class CudaStep(DecodeStep):
                 position = positions[row]
                 table.append(
                     [
-                        keys[at].data_ptr(),
+                        buffer.data_ptr(),
                         values[at].data_ptr(),
-                        keys[at].shape[-2],
+                        buffer.shape[-2],
                         position - write,
                         position - (write - start),
                     ]
@@ -124,7 +125,8 @@ class CudaStep(DecodeStep):
         ids = [t for piece in pieces for t in piece]
         places_t = [p + j for p, n in zip(positions, counts, strict=True) for j in range(n)]
         token_rows = [row for row, n in enumerate(counts) for _ in range(n)]
-        ends = [sum(counts[: i + 1]) - 1 for i in wanted]
+        last = list(itertools.accumulate(counts))
+        ends = [last[i] - 1 for i in wanted]
         for layer in range(len(self.layers)):
             meta[layer].append(self.scratch_row[layer])
         logits = self._run(
