@@ -57,14 +57,14 @@ class TorchRunner:
         self.batcher = DecodeBatcher(self.feed_rows, max_batch) if batched else None
         # Decode steps skip transformers' per-call machinery where the architecture is one it knows; on CUDA
         # they are captured as graphs (cuda_step.py), which in the exact mode also read the prompts.
+        self.exact = exact and self.device.type == "cuda"  # a CPU's kernels are row-invariant already
         self.step = None
         if batched and self.device.type == "cuda":
             self.step = CudaStep.for_model(model, exact=exact)
             if self.step is not None:
                 self.step.capture_all()  # before serving: a capture must not meet other threads' first steps
-        if batched and self.step is None and not exact:
+        if batched and self.step is None and not self.exact:
             self.step = DecodeStep.for_model(model)
-        self.exact = exact and self.device.type == "cuda"
         if self.exact and self.step is None:
             raise ValueError("exact=True on CUDA needs a Gemma 3 or Qwen 3 text decoder and Triton")
 

@@ -138,3 +138,12 @@ def test_the_exact_mode_returns_rows_in_the_order_asked_for(tiny):
         ascending = step.feed(first, prompts, [0, 0], [0, 1])
         descending = step.feed(second, prompts, [0, 0], [1, 0])
     assert torch.equal(descending, ascending.flip(0))
+
+
+def test_the_exact_mode_changes_nothing_on_a_cpu(gemma3_dir):
+    from llm_backends import load_model
+
+    plain, exact = (load_model(str(gemma3_dir), device="cpu", exact=e, max_cache_bytes=2**26) for e in (False, True))
+    assert type(exact.engine.runner.step) is type(plain.engine.runner.step) is DecodeStep
+    assert not exact.engine.runner.exact
+    assert (exact.engine.runner.step.native is None) == (plain.engine.runner.step.native is None)
