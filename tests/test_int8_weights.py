@@ -143,3 +143,48 @@ def test_the_kernel_built_without_vnni_gives_the_same_integers_and_keeps_rows_ap
         assert torch.allclose(ours, native.linear(x, packed, scale, bias, k), atol=1e-4)
         for rows in ([0], [2, 7], [8, 1, 4]):
             assert torch.equal(avx2.linear(x[rows], packed, scale, bias, k), ours[rows])
+
+
+def test_kernels_called_from_several_threads_at_once_give_the_values_of_a_call_alone():
+    """The kernels' loops run on a pool of threads of their own, the caller included; a call that finds the
+    pool busy (another model's thread) runs its loop itself. Either way a row's values are those of a call
+    alone, with any thread count."""
+    import threading
+
+    ops = cpu_kernels.ops()
+    torch.manual_seed(11)
+    n, k, heads, dim = 2048, 640, 4, 64  # enough panels and heads to be split among threads
+    packed, scale = ops.pack(torch.randn(n, k))
+    bias, gain = torch.randn(n), torch.rand(k) + 0.5
+    xs = [torch.randn(8, k) for _ in range(4)]
+    keys = [[torch.randn(1, 1, 20 + 7 * i, dim) for i in range(8)] for _ in xs]
+    values = [[torch.randn_like(key) for key in row] for row in keys]
+    queries = [torch.randn(8, heads, dim) for _ in xs]
+
+    def compute(i: int) -> list[torch.Tensor]:
+        return [
+            ops.linear(xs[i], packed, scale, bias, k),
+            ops.rms_norm(xs[i], gain, 1e-6),
+            ops.decode_attention(queries[i], keys[i], values[i], 0.125),
+        ]
+
+    alone = [compute(i) for i in range(len(xs))]
+    threads_before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert all(torch.equal(a, b) for i in range(len(xs)) for a, b in zip(compute(i), alone[i], strict=True))
+    finally:
+        torch.set_num_threads(threads_before)
+    differ = []
+
+    def repeat(i: int) -> None:
+        for _ in range(30):
+            if not all(torch.equal(a, b) for a, b in zip(compute(i), alone[i], strict=True)):
+                differ.append(i)
+
+    workers = [threading.Thread(target=repeat, args=(i,)) for i in range(len(xs))]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert differ == []
