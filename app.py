@@ -39,6 +39,7 @@ ENV = {
     "auth": "LLM_AUTH",
     "max_cache_gb": "LLM_MAX_CACHE_GB",
     "cache_dir": "LLM_CACHE_DIR",
+    "host_cache_gb": "LLM_HOST_CACHE_GB",
     "concurrency": "LLM_CONCURRENCY",
     "api_key": "LLM_API_KEY",
     "insecure_no_auth": "LLM_INSECURE_NO_AUTH",
@@ -62,6 +63,7 @@ class AppConfig:
     auth: list[tuple[str, str]] = field(default_factory=list)
     max_cache_gb: float | None = None
     cache_dir: str | None = None
+    host_cache_gb: float | None = None
     concurrency: int = 8
     api_keys: list[str] = field(default_factory=list)
     insecure_no_auth: bool = False
@@ -133,6 +135,12 @@ def parse_args(argv: Sequence[str] | None = None, env: dict | None = None) -> Ap
         "returning session (also after a restart) is not read again from the start [LLM_CACHE_DIR]",
     )
     parser.add_argument(
+        "--host-cache-gb",
+        type=float,
+        help="on a GPU, host RAM where sessions evicted from GPU memory wait, copied back when they return "
+        "instead of being read again (default: a quarter of free RAM; 0: none) [LLM_HOST_CACHE_GB]",
+    )
+    parser.add_argument(
         "--concurrency",
         type=int,
         help="replies generated at once (their decode steps share one batch); later requests wait in the queue "
@@ -198,6 +206,7 @@ def parse_args(argv: Sequence[str] | None = None, env: dict | None = None) -> Ap
     config.auth = _auth_pairs(args.auth or [v for v in env.get(ENV["auth"], "").split(",") if v.strip()])
     config.max_cache_gb = pick("max_cache_gb", float)
     config.cache_dir = pick("cache_dir")
+    config.host_cache_gb = pick("host_cache_gb", float)
     config.concurrency = pick("concurrency", int) or config.concurrency
     keys = args.api_key or env.get(ENV["api_key"], "").split(",")
     config.api_keys = [k.strip() for k in keys if k.strip()]
@@ -463,7 +472,9 @@ def stats_line(stats, stopped: bool = False) -> str:
     if stats.prompt_tokens is None:
         prompt = "prompt size not reported by the server"
     elif stats.cached_tokens:
-        where = {"disk": " (read from disk)", "shared": " (a shared prefix)"}.get(stats.cache_tier, "")
+        where = {"host": " (from host RAM)", "disk": " (read from disk)", "shared": " (a shared prefix)"}.get(
+            stats.cache_tier, ""
+        )
         prompt = f"{stats.prompt_tokens} prompt tokens, {stats.cached_tokens} from cache{where}"
     else:
         prompt = f"{stats.prompt_tokens} prompt tokens, all read anew (nothing cached)"
@@ -1240,19 +1251,22 @@ def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
     return demo
 
 
+def registry_for(config: AppConfig) -> ModelRegistry:
+    """The models the flags name, each loaded with the flags' precision, cache budgets and mode."""
+    options = {"max_cache_bytes": int(config.max_cache_gb * 2**30) if config.max_cache_gb else None}
+    if config.host_cache_gb is not None:
+        options["host_cache_bytes"] = int(config.host_cache_gb * 2**30)
+    if config.exact:
+        options["exact"] = True
+    return ModelRegistry(config.models, quantization=config.quantization, cache_dir=config.cache_dir, **options)
+
+
 def serve(config: AppConfig, registry: ModelRegistry | None = None, **launch_kwargs):
     """Builds and launches the app, loading the first model in the background if none is loaded yet;
     returns the Blocks (launched with ``prevent_thread_lock`` by tests)."""
     check_exposure(config)
     if registry is None:
-        cache = int(config.max_cache_gb * 2**30) if config.max_cache_gb else None
-        registry = ModelRegistry(
-            config.models,
-            quantization=config.quantization,
-            max_cache_bytes=cache,
-            cache_dir=config.cache_dir,
-            **({"exact": True} if config.exact else {}),
-        )
+        registry = registry_for(config)
     if registry.model is None and registry.loading is None:
         registry.load_in_background(registry.ids[0])  # the page opens while the model loads
     demo = build_app(registry, config)

@@ -345,13 +345,13 @@ def markdown(results: dict) -> str:
         f"Short follow-up ({FOLLOW_UP!r}) after the 8 turns:",
         "",
         "| precision | prompt tokens | cached | warm TTFT s | cold TTFT s | cold / warm | same answer "
-        "| cache hits: memory / disk / shared / none |",
+        "| cache hits: memory / host / disk / shared / none |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for run in results["precisions"]:
         f = run["follow_up"]
         hits = run.get("cache_hits") or {}
-        tiers = " / ".join(str(hits.get(tier, "–")) for tier in ("memory", "disk", "shared", "none"))
+        tiers = " / ".join(str(hits.get(tier, "–")) for tier in ("memory", "host", "disk", "shared", "none"))
         lines.append(
             f"| {run['precision']} | {f['prompt_tokens']} | {f['cached_tokens']} | {f['ttft_warm_s']:.3f} | "
             f"{f['ttft_cold_s']:.3f} | {f['ttft_cold_s'] / f['ttft_warm_s']:.1f}× | {f['same_answer_as_cold']} "

@@ -29,13 +29,14 @@ DIGEST = 32  # bytes of SHA-256 ahead of the payload
 class DiskTier:
     """A folder of session caches for one model, LRU by bytes."""
 
-    def __init__(self, folder: str | os.PathLike, identity: str, max_bytes: int):
+    def __init__(self, folder: str | os.PathLike, identity: str, max_bytes: int, device: str | None = None):
         self.folder = Path(folder).expanduser()
         self.folder.mkdir(parents=True, exist_ok=True)
         for _, _, stale in self._files("*.tmp"):  # left by a process killed while writing
             stale.unlink(missing_ok=True)
         self.identity = identity
         self.max_bytes = max_bytes
+        self.device = device  # where read states go (None: where they were written from)
         self.writes = self.reads = self.rejected = 0
         self._lock = threading.Lock()
 
@@ -97,7 +98,7 @@ class DiskTier:
             digest, data = raw[:DIGEST], raw[DIGEST:]
             if hashlib.sha256(data).digest() != digest:
                 raise ValueError("its checksum does not match its contents")
-            payload = torch.load(io.BytesIO(data), weights_only=True)
+            payload = torch.load(io.BytesIO(data), weights_only=True, map_location=self.device)
             if payload.get("identity") != self.identity:
                 raise ValueError("it was computed by another model, precision or version of this code")
             entry = new_entry()

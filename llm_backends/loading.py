@@ -46,7 +46,9 @@ class LoadOptions:
     caches (None: a share of free memory), ``progress(fraction, message)`` for long first-time work,
     ``restore_turns``: how many of a session's last exchanges stay editable without re-reading older ones;
     ``cache_dir``: a folder where sessions' caches go when they leave memory and survive a restart, at most
-    ``disk_cache_bytes`` of them (transformers backend); ``exact``: on CUDA, the exact mode of ``cuda_step.py``
+    ``disk_cache_bytes`` of them (transformers backend); ``host_cache_bytes``: host RAM for sessions evicted from a
+    GPU's memory (None: a quarter of free RAM on CUDA, none on a CPU, whose memory already is host RAM; 0: none);
+    ``exact``: on CUDA, the exact mode of ``cuda_step.py``
     (logits bitwise independent of batch neighbours and of how a prompt was cut; slower)."""
 
     quantization: str = "auto"
@@ -58,6 +60,7 @@ class LoadOptions:
     cache_dir: str | None = None
     disk_cache_bytes: int = DISK_CACHE_BYTES
     exact: bool = False
+    host_cache_bytes: int | None = None
 
 
 def parse_source(source, backend: str = "transformers") -> Source:
@@ -87,6 +90,7 @@ def load_model(
     restore_turns=8,
     cache_dir=None,
     exact=False,
+    host_cache_bytes=None,
 ) -> ChatModel:
     """Loads a Gemma 3 or Qwen 3 chat model, or connects to a remote one.
 
@@ -97,7 +101,9 @@ def load_model(
     an edit, undo or retry of any of a session's last N exchanges re-reads only from there (restore points;
     they cost memory, counted against ``max_cache_bytes``, only for models with sliding-window layers).
     ``cache_dir``: sessions' caches are written there when they leave memory (and when the process exits) and
-    read back when the session returns, also after a restart. ``exact=True``: on CUDA, a session's logits are
+    read back when the session returns, also after a restart. ``host_cache_bytes``: on a GPU, sessions evicted
+    from its memory wait in this much host RAM and are copied back when they return (default: a quarter of free
+    RAM on CUDA; 0 for none; on a CPU none unless asked for). ``exact=True``: on CUDA, a session's logits are
     bitwise the same whichever other sessions share its decode step and however its prompt was split (cache
     reuse), at a measured cost in speed (docs/benchmarks/gpu/); the default mode runs the fastest kernels, whose
     last bits drift. A CPU's kernels are row-invariant already; there it changes nothing.
@@ -118,6 +124,10 @@ def load_model(
         raise ValueError(f"cache_dir must be a folder path, not {cache_dir!r}")
     if not isinstance(exact, bool):
         raise ValueError(f"exact must be True or False, not {exact!r}")
+    if host_cache_bytes is not None and (
+        isinstance(host_cache_bytes, bool) or not isinstance(host_cache_bytes, int) or host_cache_bytes < 0
+    ):
+        raise ValueError(f"host_cache_bytes must be a non-negative integer, not {host_cache_bytes!r}")
     options = LoadOptions(
         quantization,
         device,
@@ -127,6 +137,7 @@ def load_model(
         restore_turns,
         None if cache_dir is None else str(cache_dir),
         exact=exact,
+        host_cache_bytes=host_cache_bytes,
     )
     return _backend(parsed.backend).load(parsed.target, options)
 
@@ -190,6 +201,14 @@ def local_label(target: str | None) -> str:
         return f"{default_model.NAME} (embedded)"
     text = target.rstrip("/")
     return text if is_repo_id(text) else Path(text).name or text
+
+
+def default_host_cache_bytes(device: str) -> int:
+    """Host RAM for sessions evicted from GPU memory: a quarter of free RAM on CUDA; none elsewhere (a CPU's
+    session caches are in host RAM already; MPS shares it)."""
+    import psutil
+
+    return psutil.virtual_memory().available // 4 if device.startswith("cuda") else 0
 
 
 def default_cache_bytes(device: str) -> int:

@@ -58,6 +58,7 @@ class LocalModel(ChatModel):
         eos_ids: Iterable[int | None] = (),
         model=None,
         disk_tier=None,
+        host_tier=None,
         image_format: image_parts.ImageFormat | None = None,
     ):
         self.model = model  # the library's own model object, for inspection (hooks, memory)
@@ -86,7 +87,7 @@ class LocalModel(ChatModel):
         user_turn = BASE_MODEL_TURN if base else family.user_turn
         self.user_turn_ids = tuple(tokenizer(user_turn, add_special_tokens=False)["input_ids"]) if user_turn else ()
         self.engine = Engine(runner, stop_ids=self.stop_ids)
-        self.sessions = SessionStore(max_cache_bytes, max_sessions, disk_tier)
+        self.sessions = SessionStore(max_cache_bytes, max_sessions, disk_tier, host_tier)
         if disk_tier is not None:  # what is still in memory when the process ends goes to disk too
             atexit.register(self.sessions.persist)
         self.grammars = Grammars(tokenizer, vocab_size, self.stop_ids)

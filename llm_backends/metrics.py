@@ -14,8 +14,9 @@ from prometheus_client.core import GaugeMetricFamily
 from .backend import ChatModel, ChatStream
 from .chunks import Chunk
 
-# Until caches have more tiers (host RAM, disk), every reuse is from memory.
-TIER = "memory"
+# Where a reply's reused tokens came from (Stats.cache_tier): memory, host (RAM, for a GPU), disk or shared (another
+# session's prefix). A backend that does not say (a remote server's) counts as memory.
+MEMORY = "memory"
 
 
 class Metrics:
@@ -91,8 +92,9 @@ class Metrics:
         if stats.prompt_tokens is not None:
             self.prompt_tokens.inc(stats.prompt_tokens)
         if stats.cached_tokens:
-            self.cached_tokens.labels(TIER).inc(stats.cached_tokens)
-            self.cache_hits.labels(TIER).inc()
+            tier = stats.cache_tier or MEMORY
+            self.cached_tokens.labels(tier).inc(stats.cached_tokens)
+            self.cache_hits.labels(tier).inc()
         self.completion_tokens.inc(stats.completion_tokens)
         if stats.completion_tokens:
             self.ttft.observe(stats.ttft_s)
@@ -113,10 +115,13 @@ class _CacheCollector:
         model = self._model()
         info = model.cache_info() if model is not None else {}
         held = GaugeMetricFamily("llm_cache_bytes", "Bytes held by session caches, by tier", labels=["tier"])
-        held.add_metric([TIER], info.get("bytes", 0))
-        yield held
         sessions = GaugeMetricFamily("llm_cache_sessions", "Sessions holding a cache, by tier", labels=["tier"])
-        sessions.add_metric([TIER], info.get("sessions", 0))
+        tiers = {MEMORY: info, "host": info.get("host"), "disk": info.get("disk")}
+        for tier, figures in tiers.items():
+            if figures is not None:  # a tier this model has
+                held.add_metric([tier], figures.get("bytes", 0))
+                sessions.add_metric([tier], figures.get("sessions", 0))
+        yield held
         yield sessions
         yield GaugeMetricFamily(
             "llm_cache_budget_bytes", "Byte budget of the session caches", value=info.get("budget_bytes", 0)

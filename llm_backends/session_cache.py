@@ -74,7 +74,7 @@ class CacheEntry:
     cache: object = None
     ids: list[int] = field(default_factory=list)
     checkpoints: list[Checkpoint] = field(default_factory=list)
-    found: str = "none"  # where the last checkout found it: memory, disk, shared or none (SessionStore.hits)
+    found: str = "none"  # where the last checkout found it: memory, host, disk, shared or none (SessionStore.hits)
 
     def __post_init__(self):
         if self.cache is None:
@@ -166,16 +166,19 @@ class CacheEntry:
         self.reset()
         return 0
 
-    def payload(self, restore_points: int = 2) -> dict:
+    def payload(self, restore_points: int = 2, clone: bool = True) -> dict:
         """The token ids, each layer's states and the last ``restore_points`` restore points (where the last
-        exchange began and its prompt ended: what a returning session needs to go on), for the disk tier."""
+        exchange began and its prompt ended: what a returning session needs to go on), for the disk and host
+        tiers. ``clone=False`` hands over the layers' own tensors (an evicted entry, which nothing uses any more:
+        no second copy on the device)."""
         layers = []
         for layer in self.cache.layers:
             if not getattr(layer, "is_initialized", False) or layer.keys is None:
                 layers.append(None)
                 continue
             seen = getattr(layer, "cumulative_length", None)
-            layers.append({"keys": layer.keys.clone(), "values": layer.values.clone(), "seen": seen})
+            keys, values = (layer.keys.clone(), layer.values.clone()) if clone else (layer.keys, layer.values)
+            layers.append({"keys": keys, "values": values, "seen": seen})
         kept = self.checkpoints[-restore_points:] if restore_points else []
         points = [{"length": c.length, "states": list(c.states), "logits": c.logits} for c in kept]
         return {"ids": list(self.ids), "layers": layers, "restore_points": points}
@@ -222,18 +225,21 @@ class SessionStore:
 
     A stream checks its entry out for its whole run and back in at the end, so one cache is never used by
     two streams at once; a second concurrent stream of the same session simply starts from an empty cache.
+    An evicted entry goes to ``host`` (host RAM, for a model on a GPU: ``host_tier.HostTier``) where there is
+    one, and what falls out of that, or without it the evicted entry itself, to ``tier`` (``disk_tier.DiskTier``).
     """
 
-    def __init__(self, max_bytes: int, max_sessions: int = 256, tier=None):
+    def __init__(self, max_bytes: int, max_sessions: int = 256, tier=None, host=None):
         if max_bytes <= 0 or max_sessions <= 0:
             raise ValueError("the session cache needs a positive byte budget and session count")
         self.max_bytes = max_bytes
         self.max_sessions = max_sessions
         self.tier = tier
-        self._forgotten: set = set()  # sessions cleared while an evicted copy may still be on its way to disk
+        self.host = host
+        self._forgotten: set = set()  # sessions cleared while an evicted copy may still be on its way out
         self._clearings = 0  # clear-alls so far: a copy on its way to disk from before one is not written
         self.evictions = 0
-        self.hits = {"memory": 0, "disk": 0, "shared": 0, "none": 0}
+        self.hits = {"memory": 0, "host": 0, "disk": 0, "shared": 0, "none": 0}
         self._entries: OrderedDict[Hashable, CacheEntry] = OrderedDict()
         self._leases: dict[int, Hashable] = {}
         self._lease_ids = itertools.count()
@@ -258,6 +264,9 @@ class SessionStore:
             lease = next(self._lease_ids)
             self._leases[lease] = session_id
         found = "memory" if entry is not None else None
+        if entry is None and self.host is not None:
+            entry = self.host.take(session_id, new_entry)
+            found = "host" if entry is not None else None
         if entry is None and self.tier is not None:
             entry = self.tier.load(session_id, new_entry)
             found = "disk" if entry is not None else None
@@ -294,8 +303,8 @@ class SessionStore:
         return (best, length) if length >= MIN_SHARED else (None, 0)
 
     def checkin(self, lease: int, entry: CacheEntry) -> None:
-        """Puts an entry back unless its session was cleared meanwhile; then evicts to the budget (to the disk
-        tier, if there is one)."""
+        """Puts an entry back unless its session was cleared meanwhile; then evicts to the budget (to the host
+        and disk tiers, where there are)."""
         with self._lock:
             session_id = self._leases.pop(lease, None)
             if session_id is None:
@@ -305,7 +314,7 @@ class SessionStore:
             self._forgotten.discard(session_id)
             victims = self._evict()
             clearings = self._clearings
-        self._save([(key, victim.payload) for key, victim in victims], clearings)
+        self._spill(victims, clearings)
 
     def _evict(self) -> list:
         victims = []
@@ -316,6 +325,24 @@ class SessionStore:
             self.evictions += 1
             victims.append((key, victim))
         return victims
+
+    def _spill(self, victims: list, clearings: int) -> None:
+        """Evicted (key, entry) pairs go to host RAM, and what falls out of it to disk; without a host tier they
+        go to disk. Sessions cleared since (``clearings``, as in ``_save``) go nowhere."""
+        if self.host is None:
+            self._save([(key, victim.payload) for key, victim in victims], clearings)
+            return
+        fallen = []
+        for key, victim in victims:
+            try:
+                payload = self.host.to_host(victim)  # the copy, outside the lock
+            except NotImplementedError:  # a cache kind the tiers do not hold (MLX)
+                continue
+            with self._lock:
+                if key in self._forgotten or self._clearings != clearings:
+                    continue
+                fallen += self.host.put(key, payload)
+        self._save(fallen, clearings)
 
     def _save(self, pending: list, clearings: int) -> None:
         """Writes (key, payload or a function giving it) pairs to the disk tier, except sessions cleared since
@@ -336,10 +363,10 @@ class SessionStore:
                 self.tier.write(key, data)
 
     def persist(self) -> None:
-        """Writes every session held in memory to the disk tier (when the server stops); they stay held.
-        Their states are copied under the lock, so no reply can change one halfway through the copy."""
+        """Writes every session held in memory and in host RAM to the disk tier (when the server stops); they
+        stay held. Their states are copied under the lock, so no reply can change one halfway through the copy."""
         with self._lock:
-            held = []
+            held = [] if self.host is None else self.host.held()
             for key, entry in self._entries.items():
                 try:
                     held.append((key, entry.payload()))
@@ -356,6 +383,8 @@ class SessionStore:
         with self._lock:
             self._entries.clear()
             self._leases.clear()
+            if self.host is not None:
+                self.host.drop()
 
     def clear(self, session_id: Hashable | None = None) -> None:
         """Drops one session's cache (or all), on disk too, including any that a running stream would put
@@ -365,12 +394,17 @@ class SessionStore:
                 self._entries.clear()
                 self._leases.clear()
                 self._clearings += 1
+                if self.host is not None:
+                    self.host.drop()
                 if self.tier is not None:
                     self.tier.clear()
                 return
             self._entries.pop(session_id, None)
-            if self.tier is not None:
+            if self.host is not None or self.tier is not None:
                 self._forgotten.add(session_id)
+            if self.host is not None:
+                self.host.drop(session_id)
+            if self.tier is not None:
                 self.tier.path(session_id).unlink(missing_ok=True)
             for lease in [k for k, v in self._leases.items() if v == session_id]:
                 del self._leases[lease]
@@ -385,5 +419,6 @@ class SessionStore:
                 "evictions": self.evictions,
                 "in_use": len(self._leases),
                 "hits": dict(self.hits),
+                "host": None if self.host is None else self.host.info(),
                 "disk": None if self.tier is None else self.tier.info(),
             }

@@ -17,7 +17,8 @@ from .decode_step import DecodeStep
 from .disk_tier import DiskTier
 from .engine import SHARED_CHUNK
 from .errors import ModelLoadError
-from .loading import LoadOptions, default_cache_bytes, local_label, locate
+from .host_tier import HostTier
+from .loading import LoadOptions, default_cache_bytes, default_host_cache_bytes, local_label, locate
 from .local import FALLBACK_CONTEXT, LocalModel, restore_points
 from .registry import family_for
 from .session_cache import CacheEntry
@@ -293,7 +294,10 @@ def load(target: str | None, options: LoadOptions) -> LocalModel:
     tier = None
     if options.cache_dir is not None:
         identity = f"{int8_weights.checkpoint_key(where.folder, where.gguf_file)}|{quantization}|{dtype}|{device}"
-        tier = DiskTier(options.cache_dir, identity, options.disk_cache_bytes)
+        tier = DiskTier(options.cache_dir, identity, options.disk_cache_bytes, device=device)
+    host_bytes = options.host_cache_bytes
+    if host_bytes is None:
+        host_bytes = default_host_cache_bytes(device)
     return LocalModel(
         tokenizer,
         family,
@@ -306,6 +310,7 @@ def load(target: str | None, options: LoadOptions) -> LocalModel:
         eos_ids=eos if isinstance(eos, list) else [eos],
         model=model,
         disk_tier=tier,
+        host_tier=HostTier(host_bytes, device) if host_bytes else None,
         image_format=image_tokens.ImageFormat.of(processor) if processor is not None else None,
     )
 
