@@ -171,8 +171,9 @@ def test_kernels_called_from_several_threads_at_once_give_the_values_of_a_call_a
     alone = [compute(i) for i in range(len(xs))]
     threads_before = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        assert all(torch.equal(a, b) for i in range(len(xs)) for a, b in zip(compute(i), alone[i], strict=True))
+        for threads in (1, 4, 2):  # none of the pool's workers, then more of them, then fewer than it has
+            torch.set_num_threads(threads)
+            assert all(torch.equal(a, b) for i in range(len(xs)) for a, b in zip(compute(i), alone[i], strict=True))
     finally:
         torch.set_num_threads(threads_before)
     differ = []

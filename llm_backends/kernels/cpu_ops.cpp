@@ -59,6 +59,8 @@ class Pool {
       return;
     }
     start_workers(threads - 1);
+    // After torch.set_num_threads lowered the count, the workers beyond it sit this loop out.
+    active_.store(threads - 1, std::memory_order_relaxed);
     body_ = body;
     context_ = context;
     items_ = items;
@@ -107,14 +109,14 @@ class Pool {
   }
 
   void start_workers(int64_t count) {
-    while ((int64_t)started_ < count) {
-      ++started_;
+    while (started_ < count) {
       // Never joined: a worker waits for work or sleeps, and ends with the process.
-      std::thread([this] { serve(); }).detach();
+      std::thread([this, index = started_] { serve(index); }).detach();
+      ++started_;  // only once it exists (a thread that could not be made throws, and is asked for again)
     }
   }
 
-  void serve() {
+  void serve(int64_t index) {
     uint64_t seen = state_.load(std::memory_order_acquire) >> 32;
     for (;;) {
       uint64_t generation = seen;
@@ -131,7 +133,7 @@ class Pool {
         sleeping_.fetch_sub(1, std::memory_order_seq_cst);
       }
       seen = generation;
-      work(generation);
+      if (index < active_.load(std::memory_order_relaxed)) work(generation);
     }
   }
 
@@ -139,7 +141,8 @@ class Pool {
   std::condition_variable wake_;
   std::atomic<uint64_t> state_{0};  // generation (32 bits) | chunks (16) | next chunk (16)
   std::atomic<int64_t> finished_{0}, sleeping_{0};
-  size_t started_ = 0;
+  int64_t started_ = 0;  // workers made
+  std::atomic<int64_t> active_{0};  // how many of them the current loop may use (a stale value only idles one)
   Body body_ = nullptr;
   const void* context_ = nullptr;
   int64_t items_ = 0, chunk_ = 1;
