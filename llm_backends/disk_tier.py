@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from . import host_tier
+
 log = logging.getLogger(__name__)
 DIGEST = 32  # bytes of SHA-256 ahead of the payload
 
@@ -29,14 +31,13 @@ DIGEST = 32  # bytes of SHA-256 ahead of the payload
 class DiskTier:
     """A folder of session caches for one model, LRU by bytes."""
 
-    def __init__(self, folder: str | os.PathLike, identity: str, max_bytes: int, device: str | None = None):
+    def __init__(self, folder: str | os.PathLike, identity: str, max_bytes: int):
         self.folder = Path(folder).expanduser()
         self.folder.mkdir(parents=True, exist_ok=True)
         for _, _, stale in self._files("*.tmp"):  # left by a process killed while writing
             stale.unlink(missing_ok=True)
         self.identity = identity
         self.max_bytes = max_bytes
-        self.device = device  # where read states go (None: where they were written from)
         self.writes = self.reads = self.rejected = 0
         self._lock = threading.Lock()
 
@@ -98,9 +99,11 @@ class DiskTier:
             digest, data = raw[:DIGEST], raw[DIGEST:]
             if hashlib.sha256(data).digest() != digest:
                 raise ValueError("its checksum does not match its contents")
-            payload = torch.load(io.BytesIO(data), weights_only=True, map_location=self.device)
+            payload = torch.load(io.BytesIO(data), weights_only=True)
             if payload.get("identity") != self.identity:
                 raise ValueError("it was computed by another model, precision or version of this code")
+            if "devices" in payload:  # written from host RAM: each tensor goes back where it came from
+                payload = host_tier.placed(payload)
             entry = new_entry()
             entry.load_payload(payload)
         except Exception as e:  # damaged, foreign or unreadable: never loaded

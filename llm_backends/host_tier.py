@@ -8,11 +8,14 @@ asked for (the tests ask, to run the same path without a GPU).
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def payload_bytes(value) -> int:
@@ -26,37 +29,65 @@ def payload_bytes(value) -> int:
     return 0
 
 
-def moved(value, device: torch.device, pin: bool = False):
-    """The payload with every tensor copied to ``device`` (into pinned memory with ``pin``, which a GPU copies
-    from at full speed); other values as they are."""
+def on_host(payload: dict) -> dict:
+    """The payload with every tensor copied to host RAM, and under "devices" where each one was (a model spread
+    over several GPUs has its layers on different ones), which ``placed`` reads. Pageable memory, not pinned:
+    torch keeps freed pinned blocks, rounded up to a power of two, for good."""
+    return {**_copied(payload), "devices": _devices(payload)}
+
+
+def placed(payload: dict) -> dict:
+    """A payload from ``on_host`` with every tensor copied back to the device it came from."""
+    devices = payload["devices"]  # what was added after on_host (the disk tier's "identity") has no tensors
+    return {k: _placed(v, devices.get(k)) for k, v in payload.items() if k != "devices"}
+
+
+def _copied(value):
     if isinstance(value, torch.Tensor):
-        if pin:
-            return torch.empty_like(value, device="cpu", pin_memory=True).copy_(value)
-        return value.to(device, copy=True)
+        return value.to("cpu", copy=True)
     if isinstance(value, dict):
-        return {k: moved(v, device, pin) for k, v in value.items()}
+        return {k: _copied(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(moved(v, device, pin) for v in value)
+        return type(value)(_copied(v) for v in value)
+    return value
+
+
+def _devices(value):
+    if isinstance(value, torch.Tensor):
+        return str(value.device)
+    if isinstance(value, dict):
+        return {k: _devices(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_devices(v) for v in value]
+    return None
+
+
+def _placed(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _placed(v, device[k]) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_placed(v, d) for v, d in zip(value, device, strict=True))
     return value
 
 
 class HostTier:
     """Session key -> a payload held in host RAM, least recently used first out when over ``max_bytes``."""
 
-    def __init__(self, max_bytes: int, device: str | torch.device):
+    def __init__(self, max_bytes: int):
         if max_bytes <= 0:
             raise ValueError("the host tier needs a positive byte budget")
         self.max_bytes = max_bytes
-        self.device = torch.device(device)
-        self.puts = self.takes = 0
+        self.puts = self.takes = self.failed = 0
         self._held: OrderedDict[Hashable, tuple[dict, int]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def to_host(self, entry) -> dict:
-        """An evicted entry's payload (its states and every restore point) copied to host RAM, pinned where the
-        model is on a GPU. Raises NotImplementedError for a cache kind without a payload (MLX)."""
-        payload = entry.payload(restore_points=len(entry.checkpoints), clone=False)
-        return moved(payload, torch.device("cpu"), pin=self.device.type == "cuda")
+    @staticmethod
+    def to_host(entry) -> dict:
+        """An evicted entry's payload (its states and every restore point) copied to host RAM (``on_host``).
+        The entry's own tensors are copied from, not cloned first: nothing else uses an evicted entry."""
+        return on_host(entry.payload(restore_points=len(entry.checkpoints), clone=False))
 
     def put(self, key: Hashable, payload: dict) -> list[tuple[Hashable, dict]]:
         """Holds a payload made by ``to_host``; returns the (key, payload) pairs that fell out to make room,
@@ -75,13 +106,20 @@ class HostTier:
             return fallen
 
     def take(self, key: Hashable, new_entry: Callable[[], object]):
-        """The session's entry, copied back to the model's device and no longer held here; None if not held."""
+        """The session's entry, copied back to its devices and no longer held here; None if not held, or if the
+        copy back failed (say the GPU is out of memory), with a log line: the session is then read again."""
         with self._lock:
             held = self._held.pop(key, None)
         if held is None:
             return None
-        entry = new_entry()
-        entry.load_payload(moved(held[0], self.device))
+        try:
+            entry = new_entry()
+            entry.load_payload(placed(held[0]))
+        except Exception as e:  # noqa: BLE001 (any failure of the copy back costs a recomputation, nothing else)
+            log.warning("could not bring a session cache back from host RAM (%s); it is read again", e)
+            with self._lock:
+                self.failed += 1
+            return None
         with self._lock:
             self.takes += 1
         return entry
@@ -107,4 +145,5 @@ class HostTier:
                 "budget_bytes": self.max_bytes,
                 "puts": self.puts,
                 "takes": self.takes,
+                "failed": self.failed,
             }

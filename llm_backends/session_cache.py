@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
@@ -20,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .request import SessionKey
+
+log = logging.getLogger(__name__)
 
 # A new session copies another's cache only for at least this many tokens: a copy costs a pass over the
 # donor's whole cache, and re-reading a template's few head tokens costs less.
@@ -311,7 +314,6 @@ class SessionStore:
                 return
             self._entries[session_id] = entry
             self._entries.move_to_end(session_id)
-            self._forgotten.discard(session_id)
             victims = self._evict()
             clearings = self._clearings
         self._spill(victims, clearings)
@@ -321,6 +323,7 @@ class SessionStore:
         total = sum(e.nbytes for e in self._entries.values())
         while self._entries and (total > self.max_bytes or len(self._entries) > self.max_sessions):
             key, victim = self._entries.popitem(last=False)
+            self._forgotten.discard(key)  # held since any clear of its session: this copy may go out
             total -= victim.nbytes
             self.evictions += 1
             victims.append((key, victim))
@@ -336,7 +339,10 @@ class SessionStore:
         for key, victim in victims:
             try:
                 payload = self.host.to_host(victim)  # the copy, outside the lock
-            except NotImplementedError:  # a cache kind the tiers do not hold (MLX)
+            except NotImplementedError:  # a cache kind the tiers do not hold
+                continue
+            except Exception as e:  # noqa: BLE001 (no room in RAM, say: the session is read again when it returns)
+                log.warning("could not copy a session cache to host RAM (%s)", e)
                 continue
             with self._lock:
                 if key in self._forgotten or self._clearings != clearings:

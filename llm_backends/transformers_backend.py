@@ -294,7 +294,7 @@ def load(target: str | None, options: LoadOptions) -> LocalModel:
     tier = None
     if options.cache_dir is not None:
         identity = f"{int8_weights.checkpoint_key(where.folder, where.gguf_file)}|{quantization}|{dtype}|{device}"
-        tier = DiskTier(options.cache_dir, identity, options.disk_cache_bytes, device=device)
+        tier = DiskTier(options.cache_dir, identity, options.disk_cache_bytes)
     host_bytes = options.host_cache_bytes
     if host_bytes is None:
         host_bytes = default_host_cache_bytes(device)
@@ -310,7 +310,7 @@ def load(target: str | None, options: LoadOptions) -> LocalModel:
         eos_ids=eos if isinstance(eos, list) else [eos],
         model=model,
         disk_tier=tier,
-        host_tier=HostTier(host_bytes, device) if host_bytes else None,
+        host_tier=HostTier(host_bytes) if host_bytes else None,
         image_format=image_tokens.ImageFormat.of(processor) if processor is not None else None,
     )
 

@@ -95,7 +95,7 @@ def test_one_persons_session_in_host_ram_is_never_found_under_another_persons_ke
 
 
 def test_host_ram_keeps_the_most_recent_sessions_within_its_bytes():
-    tier = HostTier(max_bytes=3 * 4096, device="cpu")
+    tier = HostTier(max_bytes=3 * 4096)
     payload = {"ids": [1, 2], "layers": [{"keys": torch.zeros(512), "values": torch.zeros(512), "seen": 2}]}
     assert payload_bytes(payload) == 4096
     assert tier.put("a", payload) == [] and tier.put("b", payload) == [] and tier.put("c", payload) == []
@@ -139,3 +139,34 @@ def test_the_page_and_the_metrics_say_a_reply_came_from_host_ram(qwen3_dir):
     text = metrics.exposition().decode()
     assert 'llm_cache_hits_total{tier="host"} 1.0' in text
     assert 'llm_cache_sessions{tier="host"} 1.0' in text and 'llm_cache_sessions{tier="memory"} 1.0' in text
+
+
+def test_a_cleared_session_is_not_brought_back_by_an_eviction_already_under_way(qwen3_dir):
+    model = one_at_a_time(qwen3_dir, host_cache_bytes=2**28)
+    key = SessionKey("python", "", "a")
+    lease, entry = model.sessions.checkout(key, model.engine.new_entry)
+    model.engine.runner.forward(entry, list(range(5, 40)))
+    model.sessions.checkin(lease, entry)
+    with model.sessions._lock:  # an eviction takes a out of memory and starts copying it...
+        victims = [(key, model.sessions._entries.pop(key))]
+        clearings = model.sessions._clearings
+    model.clear_cache("a")  # ...New chat, meanwhile, and the new chat's first reply ends...
+    lease, fresh = model.sessions.checkout(key, model.engine.new_entry)
+    model.sessions.checkin(lease, fresh)
+    model.sessions._spill(victims, clearings)  # ...before the old copy arrives: it goes nowhere
+    assert model.cache_info()["host"]["sessions"] == 0
+
+
+def test_a_session_that_cannot_come_back_from_host_ram_is_read_again_with_a_log_line(caplog):
+    import logging
+
+    tier = HostTier(max_bytes=2**20)
+    tier.put("a", {"ids": [1], "layers": [], "restore_points": [], "devices": {"ids": [None], "layers": []}})
+
+    class Refusing:
+        def load_payload(self, payload):
+            raise RuntimeError("CUDA out of memory")
+
+    with caplog.at_level(logging.WARNING):
+        assert tier.take("a", Refusing) is None
+    assert "read again" in caplog.text and tier.info()["failed"] == 1 and tier.info()["sessions"] == 0
