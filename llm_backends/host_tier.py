@@ -33,7 +33,8 @@ def on_host(payload: dict) -> dict:
     """The payload with every tensor copied to host RAM, and under "devices" where each one was (a model spread
     over several GPUs has its layers on different ones), which ``placed`` reads. Pageable memory, not pinned:
     torch keeps freed pinned blocks, rounded up to a power of two, for good."""
-    return {**_copied(payload), "devices": _devices(payload)}
+    copies = _map(payload, lambda t: t.to("cpu", copy=True))
+    return {**copies, "devices": _map(payload, lambda t: str(t.device), lambda _: None)}
 
 
 def placed(payload: dict) -> dict:
@@ -42,24 +43,16 @@ def placed(payload: dict) -> dict:
     return {k: _placed(v, devices.get(k)) for k, v in payload.items() if k != "devices"}
 
 
-def _copied(value):
+def _map(value, tensor: Callable, other: Callable = lambda v: v):
+    """``value``'s dicts, lists and tuples, with ``tensor(t)`` for each tensor in them and ``other(v)`` for the
+    rest."""
     if isinstance(value, torch.Tensor):
-        return value.to("cpu", copy=True)
+        return tensor(value)
     if isinstance(value, dict):
-        return {k: _copied(v) for k, v in value.items()}
+        return {k: _map(v, tensor, other) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_copied(v) for v in value)
-    return value
-
-
-def _devices(value):
-    if isinstance(value, torch.Tensor):
-        return str(value.device)
-    if isinstance(value, dict):
-        return {k: _devices(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_devices(v) for v in value]
-    return None
+        return type(value)(_map(v, tensor, other) for v in value)
+    return other(value)
 
 
 def _placed(value, device):

@@ -240,7 +240,7 @@ class SessionStore:
         self.tier = tier
         self.host = host
         self._forgotten: set = set()  # sessions cleared while an evicted copy may still be on its way out
-        self._clearings = 0  # clear-alls so far: a copy on its way to disk from before one is not written
+        self._clearings = 0  # clear-alls so far: a copy on its way out from before one goes nowhere
         self.evictions = 0
         self.hits = {"memory": 0, "host": 0, "disk": 0, "shared": 0, "none": 0}
         self._entries: OrderedDict[Hashable, CacheEntry] = OrderedDict()
