@@ -58,8 +58,9 @@ class _Storage:
         if self._k is None or not self._owned or end + n > self._k.shape[-2]:
             shape = list(like_keys.shape)
             shape[-2] = _room(self._length + n)
-            keys = like_keys.new_zeros(shape)
-            values = like_values.new_zeros(shape)
+            # Uninitialised: only live positions are ever read (a zero fill also started OpenMP's threads).
+            keys = like_keys.new_empty(shape)
+            values = like_values.new_empty(shape)
             if self._length:
                 keys[:, :, : self._length].copy_(self.keys)
                 values[:, :, : self._length].copy_(self.values)

@@ -140,6 +140,8 @@ def test_the_kernel_built_without_vnni_gives_the_same_integers_and_keeps_rows_ap
         weight, bias, x = torch.randn(n, k), torch.randn(n), torch.randn(9, k)
         packed, scale = native.pack(weight)
         ours = avx2.linear(x, packed, scale, bias, k)
+        for mine, theirs in zip(avx2.quantize(x), native.quantize(x), strict=True):
+            assert torch.equal(mine, theirs)  # the activations' bytes and scales: the same on every path
         assert torch.allclose(ours, native.linear(x, packed, scale, bias, k), atol=1e-4)
         for rows in ([0], [2, 7], [8, 1, 4]):
             assert torch.equal(avx2.linear(x[rows], packed, scale, bias, k), ours[rows])
@@ -189,3 +191,20 @@ def test_kernels_called_from_several_threads_at_once_give_the_values_of_a_call_a
     for worker in workers:
         worker.join()
     assert differ == []
+
+
+def test_activations_are_rounded_as_the_formula_says_in_every_path():
+    """The vector paths of the activation rounding give the bytes of the formula (ties to even, a block of zeros
+    rounds to zeros, a last block shorter than 32 features goes through the scalar loop)."""
+    torch.manual_seed(5)
+    for k in (640, 45, 32, 7):
+        x = torch.randn(6, k) * torch.logspace(-4, 3, 6).unsqueeze(1)
+        x[1, : min(k, 32)] = 0.0
+        x[2, :3] = torch.tensor([127.0, 2.5, -3.5])[: min(k, 3)]  # exact halves: 2.5 -> 2, -3.5 -> -4
+        values, scales = cpu_kernels.ops().quantize(x)
+        padded = torch.nn.functional.pad(x, (0, -k % 32)).unflatten(-1, (-1, 32))
+        largest = padded.abs().amax(-1, keepdim=True)
+        inverse = torch.where(largest > 0, 127.0 / largest, torch.zeros_like(largest))
+        expected = torch.round(padded * inverse).clamp(-127, 127).to(torch.int8).flatten(-2)
+        assert torch.equal(values, expected)
+        assert torch.equal(scales, (largest / 127.0).squeeze(-1))

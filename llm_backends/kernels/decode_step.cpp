@@ -3,8 +3,8 @@
 // they decode; a short piece of a prompt for a session that is reading one, so arriving prompts share the step).
 //
 // It runs the operations of decode_step.DecodeStep (fused attention) in the same order on the same values, with
-// the same kernels (linear, rms_norm, attend) and the same ATen calls for the activations and the residual
-// sums; the rotary products and sums are written out, one rounding each as in ATen (built with
+// the same kernels (linear, rms_norm, attend) and the same ATen calls for the activations; the rotary products,
+// the MLP's product and the residual sums are written out, one rounding each as in ATen (built with
 // -ffp-contract=off). So its logits are bitwise those of the Python step (a test holds it to that).
 //
 // Why: run from Python, a step of Gemma 3 270M makes ~1,000 calls, each letting go of the interpreter lock and
@@ -193,11 +193,11 @@ class NativeDecodeStep {
       auto out = layer.o(attended);
 
       if (sandwich_) {
-        h = h + layer.post_attention(out);
-        h = h + layer.post_feedforward(mlp(layer, layer.pre_feedforward(h)));
+        h = add(h, layer.post_attention(out));
+        h = add(h, layer.post_feedforward(mlp(layer, layer.pre_feedforward(h))));
       } else {
-        h = h + out;
-        h = h + mlp(layer, layer.post_attention(h));
+        h = add(h, out);
+        h = add(h, mlp(layer, layer.post_attention(h)));
       }
     }
     if (last.empty()) return torch::empty({0, head_.scale.size(0)}, h.options());
@@ -210,22 +210,45 @@ class NativeDecodeStep {
  private:
   torch::Tensor mlp(const Layer& layer, const torch::Tensor& x) const {
     auto gate = layer.gate(x);
+    auto up = layer.up(x);
     // The activation a few rows at a time: ATen splits a larger call between threads, and where a split falls
     // inside a vector its last values take the scalar formula, whose last bit may differ. Calls of at most
-    // ACTIVATION values (one thread) keep every row's values the same in any batch and any piece.
+    // ACTIVATION values (one thread) keep every row's values the same in any batch and any piece. The product
+    // with `up` is ATen's elementwise one, written out (one rounding): an ATen call over a long piece of a
+    // prompt would start OpenMP's threads, which then spin on the cores this step's own threads use.
     const int64_t width = gate.size(-1), rows = gate.numel() / width;
     const int64_t step = width % 16 ? 1 : std::max<int64_t>(1, ACTIVATION / width);
     auto active = torch::empty_like(gate);
-    for (int64_t r = 0; r < rows; r += step) {
-      auto part = gate.narrow(0, r, std::min(step, rows - r));
-      auto out = active.narrow(0, r, std::min(step, rows - r));
-      if (gelu_) {
-        at::gelu_out(out, part, "tanh");
-      } else {
-        at::silu_out(out, part);
+    const bool inference = c10::InferenceMode::is_enabled();  // a thread-local mode, which ATen's calls check
+    parallel_for((rows + step - 1) / step, 1, [&](int64_t begin, int64_t end) {
+      c10::InferenceMode mode(inference);
+      for (int64_t r = begin * step; r < std::min(rows, end * step); r += step) {
+        const int64_t n = std::min(step, rows - r);
+        auto out = active.narrow(0, r, n);
+        if (gelu_) {
+          at::gelu_out(out, gate.narrow(0, r, n), "tanh");
+        } else {
+          at::silu_out(out, gate.narrow(0, r, n));
+        }
+        float* a = out.data_ptr<float>();
+        const float* u = up.data_ptr<float>() + r * width;
+        for (int64_t j = 0; j < n * width; ++j) a[j] = a[j] * u[j];
       }
-    }
-    return layer.down(active * layer.up(x));
+    });
+    return layer.down(active);
+  }
+
+  // a + b elementwise (ATen's sum, one rounding each), on the kernels' threads (see mlp).
+  static torch::Tensor add(const torch::Tensor& a, const torch::Tensor& b) {
+    TORCH_CHECK(a.sizes() == b.sizes() && a.is_contiguous() && b.is_contiguous(), "add: shapes differ");
+    auto sum = torch::empty_like(a);
+    const float* ap = a.data_ptr<float>();
+    const float* bp = b.data_ptr<float>();
+    float* sp = sum.data_ptr<float>();
+    parallel_for(a.numel(), 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) sp[j] = ap[j] + bp[j];
+    });
+    return sum;
   }
 
   std::vector<Layer> layers_;
