@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import cpu_kernels
 from .session_cache import CacheEntry
 
 ROW_ATTENTION = "llm_chat_rows"
@@ -78,10 +79,12 @@ class _Step:
     tokens: list[int]
     wants_logits: bool = True
     decode: bool = True  # a decoding session's next token (the lead waits for those), not a piece of a prompt
+    greedy: bool = False  # wants the argmax of its logits too (the pass picks all of them at once)
     done: threading.Event = field(default_factory=threading.Event)
     lead: bool = False
     finished: bool = False
     logits: torch.Tensor | None = None
+    best: int | None = None
     error: BaseException | None = None
 
 
@@ -124,6 +127,10 @@ class DecodeBatcher:
 
     A step may also carry a short piece of a prompt (several tokens, logits wanted or not): arriving prompts are
     then read in the same forward pass as the others' next tokens, up to ``max_tokens`` tokens per pass.
+
+    A greedy session's step also gets the argmax of its logits, picked for all such rows at once by the lead: a
+    session thread that picked its own let go of the interpreter lock for it, and with eight sessions each
+    waited ~1 ms to get it back behind the others, while the next pass waited for the last of them.
     """
 
     def __init__(
@@ -167,11 +174,12 @@ class DecodeBatcher:
             self._lock.notify_all()
 
     def step(
-        self, entry: CacheEntry, tokens: Sequence[int], *, logits: bool = True, decode: bool = True
-    ) -> torch.Tensor | None:
-        """Feeds ``tokens`` into ``entry`` in a shared pass; the last token's logits (None without ``logits``).
-        ``decode``: the session's next token while it decodes (rather than a piece of its prompt)."""
-        step = _Step(entry, list(tokens), logits, decode)
+        self, entry: CacheEntry, tokens: Sequence[int], *, logits: bool = True, decode: bool = True, greedy: bool = False
+    ) -> tuple[torch.Tensor | None, int | None]:
+        """Feeds ``tokens`` into ``entry`` in a shared pass; returns the last token's logits (None without
+        ``logits``) and, with ``greedy``, their argmax (else None). ``decode``: the session's next token while it
+        decodes (rather than a piece of its prompt)."""
+        step = _Step(entry, list(tokens), logits, decode, greedy and logits)
         with self._lock:
             self._pending.append(step)
             self._lock.notify_all()
@@ -231,8 +239,11 @@ class DecodeBatcher:
                         self._run([s])
                     return
                 raise
+            picks = cpu_kernels.argmax_rows(logits) if any(batch[i].greedy for i in wanted) else None
             for row, i in enumerate(wanted):
                 batch[i].logits = logits[row]
+                if batch[i].greedy:
+                    batch[i].best = picks[row]
         except BaseException as e:
             for s in batch:
                 s.error = e.__cause__ if isinstance(e, RowsIntact) and e.__cause__ is not None else e
@@ -245,7 +256,7 @@ class DecodeBatcher:
                 s.done.set()
 
     @staticmethod
-    def _result(step: _Step) -> torch.Tensor:
+    def _result(step: _Step) -> tuple[torch.Tensor | None, int | None]:
         if step.error is not None:
             raise step.error
-        return step.logits
+        return step.logits, step.best

@@ -82,6 +82,17 @@ def argmax(values: torch.Tensor) -> int:
     return ops_.argmax(values.contiguous())
 
 
+def argmax_rows(values: torch.Tensor) -> list[int]:
+    """torch.argmax(values, -1) of a 2-D tensor, as ints: on a CPU in fp32 one kernel call for all rows (a shared
+    step's greedy picks), elsewhere torch's."""
+    built = ops.cache_info().currsize > 0
+    usable = built and values.device.type == "cpu" and values.dtype == torch.float32 and values.dim() == 2
+    ops_ = ops() if usable and values.shape[1] > 0 else None
+    if ops_ is None:
+        return values.float().argmax(-1).tolist()
+    return ops_.argmax_rows(values).tolist()
+
+
 class FusedRMSNorm(nn.Module):
     """Stands in for a model's RMSNorm: x / sqrt(mean(x^2) + eps) * (offset + weight), in fp32."""
 

@@ -42,8 +42,9 @@ class Runner(Protocol):
         of the images whose (whole) pseudo-id runs are in ``tokens`` to ``images.Image``. On failure the entry
         is reset, since its cache state is unknown."""
 
-    def decode(self, entry: CacheEntry, token: int) -> torch.Tensor:
-        """One decode step (may share a forward pass with other sessions' steps)."""
+    def decode(self, entry: CacheEntry, token: int, *, greedy: bool = False) -> tuple[torch.Tensor, int | None]:
+        """One decode step (may share a forward pass with other sessions' steps): the logits and, with ``greedy``,
+        where the runner picked it in the shared pass, their argmax (torch.argmax's answer); else None."""
 
     def decoding(self) -> AbstractContextManager:
         """Held by a reply from its first to its last decode step (so a batcher knows whom to wait for)."""
@@ -238,15 +239,17 @@ class DecodeRun:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=logits.device).manual_seed(params.seed)
-        seen = None
+        seen, best = None, None
         if params.repetition_penalty not in (None, 1.0):
             # Image tokens (negative pseudo ids) are no vocabulary entries: only text is penalised.
             seen = torch.tensor([t for t in self.prompt_ids if t >= 0], dtype=torch.long, device=logits.device)
+        # The plain greedy pick is the argmax of the logits themselves: the runner may pick it in its shared pass.
+        greedy = params.temperature == 0 and seen is None and self.constraint is None
         with engine.runner.decoding():
             while True:
                 with torch.inference_mode():
                     scores = logits if self.constraint is None else self.constraint.mask(logits)
-                    token = sample_next(scores, params, seen, generator)
+                    token = best if best is not None else sample_next(scores, params, seen, generator)
                     if self.top_logprobs is not None:
                         self.logprobs.append(_logprobs(logits, token, self.top_logprobs))
                 if self.constraint is not None:
@@ -264,7 +267,7 @@ class DecodeRun:
                     return
                 if seen is not None:
                     seen = torch.cat([seen, torch.tensor([token], device=seen.device)])
-                logits = engine.runner.decode(self.entry, token)
+                logits, best = engine.runner.decode(self.entry, token, greedy=greedy)
 
 
 def _logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:

@@ -228,8 +228,8 @@ class MLXRunner:
         entry.ids.extend(tokens)
         return torch.from_numpy(np.array(logits))
 
-    def decode(self, entry: CacheEntry, token: int) -> torch.Tensor:
-        return self.forward(entry, [token])
+    def decode(self, entry: CacheEntry, token: int, *, greedy: bool = False) -> tuple[torch.Tensor, int | None]:
+        return self.forward(entry, [token]), None
 
     def decoding(self):
         return nullcontext()

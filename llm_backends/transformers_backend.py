@@ -85,7 +85,7 @@ class TorchRunner:
         state, so the entry is reset rather than trusted.
         """
         if self._rides_along(tokens):
-            return self.batcher.step(entry, tokens, logits=logits, decode=False)
+            return self.batcher.step(entry, tokens, logits=logits, decode=False)[0]
         if self.exact:
             return self._exact_forward(entry, tokens, logits)
         model = self.model if logits else self.model.base_model
@@ -194,10 +194,10 @@ class TorchRunner:
         )
         return out.logits[:, -1]
 
-    def decode(self, entry: CacheEntry, token: int) -> torch.Tensor:
+    def decode(self, entry: CacheEntry, token: int, *, greedy: bool = False) -> tuple[torch.Tensor, int | None]:
         if self.batcher is None:
-            return self.forward(entry, [token])
-        return self.batcher.step(entry, [token])
+            return self.forward(entry, [token]), None
+        return self.batcher.step(entry, [token], greedy=greedy)
 
     def decoding(self):
         return nullcontext() if self.batcher is None else self.batcher.decoding()

@@ -208,3 +208,19 @@ def test_activations_are_rounded_as_the_formula_says_in_every_path():
         expected = torch.round(padded * inverse).clamp(-127, 127).to(torch.int8).flatten(-2)
         assert torch.equal(values, expected)
         assert torch.equal(scales, (largest / 127.0).squeeze(-1))
+
+
+def test_a_shared_steps_greedy_picks_are_torchs_argmax_of_each_row():
+    """The lead of a shared step picks every greedy session's token in one call: torch.argmax's answer for each
+    row (the first of equal values, a NaN counting as the largest), across the kernel's 16,384-value segments."""
+    torch.manual_seed(2)
+    values = torch.randn(7, 40000)
+    values[1, 20000] = values[1, 30000] = 50.0  # a tie in two segments: the first
+    values[2, 5] = values[2, 39999] = 50.0  # a tie within the first segment and the last
+    values[3, 35000] = float("nan")  # a NaN in a late segment beats everything before it
+    values[4, 100] = values[4, 30000] = float("nan")
+    values[5] = float("-inf")
+    values[6, 16384] = 9.0  # the first value of the second segment
+    assert cpu_kernels.argmax_rows(values) == values.argmax(-1).tolist()
+    assert cpu_kernels.argmax_rows(values[:, :13]) == values[:, :13].argmax(-1).tolist()
+    assert [cpu_kernels.ops().argmax(row.contiguous()) for row in values] == values.argmax(-1).tolist()
