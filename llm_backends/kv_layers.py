@@ -9,6 +9,7 @@ written into: the next append moves the states to room of the layer's own first.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -83,6 +84,25 @@ class _Storage:
             self.lazy_initialization(like, like)
         write = self._make_room(n, like, like)
         return self._k, self._v, self._start, write
+
+    def __deepcopy__(self, memo):
+        """A copy with the same live tokens in room of its own. (A plain deepcopy also copied the spare room, and
+        its walk took most of a new session's checkout, under the store's lock, with several arriving at once.)"""
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy({k: v for k, v in self.__dict__.items() if k not in ("_k", "_v")}, memo))
+        new._k = new._v = None
+        new._start = new._length = 0
+        new._owned = False
+        if self.__dict__.get("_k") is not None:
+            keys, values, n = self.keys, self.values, self._length
+            shape = list(keys.shape)
+            shape[-2] = _room(n)
+            new._k, new._v = keys.new_empty(shape), values.new_empty(shape)
+            new._k[:, :, :n].copy_(keys)
+            new._v[:, :, :n].copy_(values)
+            new._length, new._owned = n, True
+        return new
 
     @property
     def storage_bytes(self) -> int:

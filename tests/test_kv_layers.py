@@ -61,3 +61,21 @@ def test_a_restore_point_is_never_written_into(gemma3):
         runner.decode(entry, token)
     for kept, now in zip(saved, entry.checkpoints[-1].states, strict=True):
         assert (kept is None and now is None) or (torch.equal(kept[0], now[0]) and torch.equal(kept[1], now[1]))
+
+
+def test_a_copied_layer_holds_the_live_tokens_in_room_of_its_own():
+    import copy
+
+    full, sliding = GrowingLayer(), GrowingSlidingLayer(8)
+    for step, n in enumerate([70, 1, 1]):
+        full.update(*states(n, step))
+        sliding.update(*states(n, step))  # keeps its last 7, in a buffer with room for 70 and more
+    full.crop(-62)  # 10 left in the same buffer
+    for layer in (full, sliding):
+        twin = copy.deepcopy(layer)
+        assert torch.equal(twin.keys, layer.keys) and torch.equal(twin.values, layer.values)
+        assert twin.get_seq_length() == layer.get_seq_length()
+        assert twin.storage_bytes < layer.storage_bytes  # not the spare room the original had made
+        k, v = states(1, 9)
+        assert all(torch.equal(a, b) for a, b in zip(twin.update(k, v), layer.update(k, v), strict=True))
+        assert twin.keys.untyped_storage().data_ptr() != layer.keys.untyped_storage().data_ptr()
