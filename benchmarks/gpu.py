@@ -266,7 +266,7 @@ def drift(runner, model, prompt: list[int], completion: list[int]) -> float:
     entry = runner.new_entry()
     logits = [runner.forward(entry, prompt)]
     for token in completion[:-1]:
-        logits.append(runner.decode(entry, token))
+        logits.append(runner.decode(entry, token)[0])
     fresh = model(input_ids=torch.tensor([prompt + completion[:-1]], device="cuda")).logits[0, len(prompt) - 1 :]
     return float((torch.stack(logits).float() - fresh.float()).abs().max())
 

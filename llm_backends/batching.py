@@ -4,6 +4,7 @@ of the batch read its own session's cache. The one place that reaches into trans
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -16,6 +17,7 @@ from . import cpu_kernels
 from .session_cache import CacheEntry
 
 ROW_ATTENTION = "llm_chat_rows"
+log = logging.getLogger(__name__)
 
 
 class RowStates:
@@ -174,7 +176,13 @@ class DecodeBatcher:
             self._lock.notify_all()
 
     def step(
-        self, entry: CacheEntry, tokens: Sequence[int], *, logits: bool = True, decode: bool = True, greedy: bool = False
+        self,
+        entry: CacheEntry,
+        tokens: Sequence[int],
+        *,
+        logits: bool = True,
+        decode: bool = True,
+        greedy: bool = False,
     ) -> tuple[torch.Tensor | None, int | None]:
         """Feeds ``tokens`` into ``entry`` in a shared pass; returns the last token's logits (None without
         ``logits``) and, with ``greedy``, their argmax (else None). ``decode``: the session's next token while it
@@ -239,11 +247,17 @@ class DecodeBatcher:
                         self._run([s])
                     return
                 raise
-            picks = cpu_kernels.argmax_rows(logits) if any(batch[i].greedy for i in wanted) else None
             for row, i in enumerate(wanted):
                 batch[i].logits = logits[row]
-                if batch[i].greedy:
-                    batch[i].best = picks[row]
+            if any(batch[i].greedy for i in wanted):
+                try:
+                    picks = cpu_kernels.argmax_rows(logits)
+                except Exception:  # the caches have moved on already: the sessions pick from their logits instead
+                    log.exception("the shared pass's greedy picks failed")
+                else:
+                    for row, i in enumerate(wanted):
+                        if batch[i].greedy:
+                            batch[i].best = picks[row]
         except BaseException as e:
             for s in batch:
                 s.error = e.__cause__ if isinstance(e, RowsIntact) and e.__cause__ is not None else e

@@ -72,8 +72,8 @@ def available() -> bool:
 
 def argmax(values: torch.Tensor) -> int:
     """torch.argmax of a 1-D tensor; on a CPU in fp32 by the kernel where a model already built it (two vector
-    passes, no threads of its own), since every decoding session picks its greedy token in its own thread right after a
-    shared step."""
+    passes, no threads of its own): a reply's first greedy token, and every one where no shared pass picked it
+    (``argmax_rows`` picks those of a pass at once)."""
     built = ops.cache_info().currsize > 0  # never starts a build (an MLX model on a Mac has no use for one)
     usable = built and values.device.type == "cpu" and values.dtype == torch.float32 and values.dim() == 1
     ops_ = ops() if usable else None

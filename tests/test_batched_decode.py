@@ -63,6 +63,30 @@ def test_concurrent_sessions_batch_and_match_their_solo_answers(name, request):
     assert batcher._decoding == 0 and not batcher._running and not batcher._pending
 
 
+def test_greedy_sessions_take_the_shared_passs_picks_and_pick_alone_if_those_fail(gemma3, monkeypatch, caplog):
+    from llm_backends import batching
+
+    conversations = prompts(4)
+    alone = [solo(gemma3, messages) for messages in conversations]
+    calls, pick = [], cpu_kernels.argmax_rows
+
+    def counted(values):
+        calls.append(len(values))
+        return pick(values)
+
+    monkeypatch.setattr(batching.cpu_kernels, "argmax_rows", counted)
+    assert together(gemma3, conversations) == alone
+    assert calls and max(calls) > 1, "one call picked several sessions' tokens"
+    assert "greedy picks failed" not in caplog.text
+
+    def broken(values):
+        raise RuntimeError("no picks")
+
+    monkeypatch.setattr(batching.cpu_kernels, "argmax_rows", broken)
+    assert together(gemma3, conversations) == alone
+    assert "greedy picks failed" in caplog.text
+
+
 def test_a_stream_closed_mid_batch_stops_alone(gemma3):
     conversations = prompts(4)
     alone = [solo(gemma3, messages) for messages in conversations]
