@@ -244,6 +244,10 @@ class SessionStore:
         self.evictions = 0
         self.hits = {"memory": 0, "host": 0, "disk": 0, "shared": 0, "none": 0}
         self._entries: OrderedDict[Hashable, CacheEntry] = OrderedDict()
+        # Each held entry's size, taken when it was put back (a held entry does not change), and their sum: a
+        # put-back no longer walks every held entry's layers and restore points (~2 ms with 256 held).
+        self._sizes: dict[Hashable, int] = {}
+        self._bytes = 0
         self._leases: dict[int, Hashable] = {}
         self._lease_ids = itertools.count()
         self._lock = threading.Lock()
@@ -263,7 +267,7 @@ class SessionStore:
         sends is never reused, counted or timed for another.
         """
         with self._lock:
-            entry = self._entries.pop(session_id, None)
+            entry = self._drop(session_id)
             lease = next(self._lease_ids)
             self._leases[lease] = session_id
         found = "memory" if entry is not None else None
@@ -308,23 +312,37 @@ class SessionStore:
     def checkin(self, lease: int, entry: CacheEntry) -> None:
         """Puts an entry back unless its session was cleared meanwhile; then evicts to the budget (to the host
         and disk tiers, where there are)."""
+        size = entry.nbytes  # the entry is still the caller's alone
         with self._lock:
             session_id = self._leases.pop(lease, None)
             if session_id is None:
                 return
+            self._drop(session_id)  # a second stream of the same session put one back meanwhile
             self._entries[session_id] = entry
-            self._entries.move_to_end(session_id)
+            self._sizes[session_id] = size
+            self._bytes += size
             victims = self._evict()
             clearings = self._clearings
         self._spill(victims, clearings)
 
+    def _drop(self, key: Hashable) -> CacheEntry | None:
+        """Takes a held entry out (under the lock); None if the session has none."""
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._bytes -= self._sizes.pop(key)
+        return entry
+
+    def _drop_all(self) -> None:
+        self._entries.clear()
+        self._sizes.clear()
+        self._bytes = 0
+
     def _evict(self) -> list:
         victims = []
-        total = sum(e.nbytes for e in self._entries.values())
-        while self._entries and (total > self.max_bytes or len(self._entries) > self.max_sessions):
-            key, victim = self._entries.popitem(last=False)
+        while self._entries and (self._bytes > self.max_bytes or len(self._entries) > self.max_sessions):
+            key = next(iter(self._entries))  # the least recently used
+            victim = self._drop(key)
             self._forgotten.discard(key)  # held since any clear of its session: this copy may go out
-            total -= victim.nbytes
             self.evictions += 1
             victims.append((key, victim))
         return victims
@@ -387,7 +405,7 @@ class SessionStore:
         if self.tier is not None:
             self.persist()
         with self._lock:
-            self._entries.clear()
+            self._drop_all()
             self._leases.clear()
             if self.host is not None:
                 self.host.drop()
@@ -397,7 +415,7 @@ class SessionStore:
         back."""
         with self._lock:
             if session_id is None:
-                self._entries.clear()
+                self._drop_all()
                 self._leases.clear()
                 self._clearings += 1
                 if self.host is not None:
@@ -405,7 +423,7 @@ class SessionStore:
                 if self.tier is not None:
                     self.tier.clear()
                 return
-            self._entries.pop(session_id, None)
+            self._drop(session_id)
             if self.host is not None or self.tier is not None:
                 self._forgotten.add(session_id)
             if self.host is not None:
@@ -419,7 +437,7 @@ class SessionStore:
         with self._lock:
             return {
                 "sessions": len(self._entries),
-                "bytes": sum(e.nbytes for e in self._entries.values()),
+                "bytes": self._bytes,
                 "budget_bytes": self.max_bytes,
                 "max_sessions": self.max_sessions,
                 "evictions": self.evictions,

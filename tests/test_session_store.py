@@ -70,3 +70,31 @@ def test_clear_during_a_stream_drops_what_it_would_put_back():
 def test_store_rejects_a_non_positive_budget():
     with pytest.raises(ValueError):
         SessionStore(max_bytes=0)
+
+
+def test_putting_an_entry_back_sizes_that_entry_alone_not_every_held_one():
+    sized = []
+
+    class Counted(CacheEntry):
+        @property
+        def nbytes(self) -> int:
+            sized.append(self)
+            return super().nbytes
+
+    store = SessionStore(max_bytes=10**6)
+    for name in range(50):
+        lease, e = store.checkout(name, lambda: Counted(make_cache=lambda: FakeCache(100)))
+        store.checkin(lease, e)
+    sized.clear()
+    lease, e = store.checkout(7, lambda: entry(100))
+    store.checkin(lease, e)
+    assert len(sized) <= 1, "a put-back walked every held entry's layers"
+    assert store.info()["bytes"] == 50 * 100 and store.info()["sessions"] == 50
+    store.clear(8)
+    assert store.info()["bytes"] == 49 * 100
+    lease, e = store.checkout(9, lambda: entry(100))  # out, then back with more tokens: counted at its new size
+    e.cache.layers.append(Layer(40))
+    store.checkin(lease, e)
+    assert store.info()["bytes"] == 48 * 100 + 140
+    store.clear()
+    assert store.info()["bytes"] == 0 and store.info()["sessions"] == 0
