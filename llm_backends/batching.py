@@ -95,6 +95,30 @@ class RowsIntact(Exception):
     until it has finished): the batcher runs its steps again one by one. ``__cause__`` is the failure."""
 
 
+class Arrival:
+    """A stream on its way to its first step: its request taken, its prompt being rendered and its cache checked
+    out. A lead waits for it a moment (until ``expires``), so that streams arriving together read their prompts
+    in one pass, not one pass each while the others' preparation shares the cores. ``bind`` names its cache
+    entry once it has one; its first step, its first forward pass of any kind, or ``close`` ends it."""
+
+    __slots__ = ("_batcher", "entry", "expires")
+
+    def __init__(self, batcher: DecodeBatcher | None, expires: float):
+        self._batcher = batcher
+        self.entry: CacheEntry | None = None
+        self.expires = expires
+
+    def bind(self, entry: CacheEntry) -> None:
+        self.entry = entry
+
+    def close(self) -> None:
+        if self._batcher is not None:
+            self._batcher._arrived(self)
+
+
+NO_ARRIVAL = Arrival(None, 0.0)  # for a runner without a batcher
+
+
 class FairLock:
     """A lock taken in the order it was asked for. ``threading.Lock`` is not: a thread that releases it and asks
     again at once, as a long prefill does between its pieces, usually gets it back before a decode step that
@@ -133,6 +157,10 @@ class DecodeBatcher:
     A greedy session's step also gets the argmax of its logits, picked for all such rows at once by the lead: a
     session thread that picked its own let go of the interpreter lock for it, and with eight sessions each
     waited ~1 ms to get it back behind the others, while the next pass waited for the last of them.
+
+    The lead also waits, at most ``arrival_s`` from each one's request, for streams still on their way to their
+    first step (``arrive``): eight requests at once then read their prompts in one or two passes instead of
+    one each, and start decoding together.
     """
 
     def __init__(
@@ -141,13 +169,16 @@ class DecodeBatcher:
         max_batch: int,
         gather_s: float = 0.01,
         max_tokens: int = 256,
+        arrival_s: float = 0.03,
     ):
         self.feed_rows = feed_rows
         self.max_batch = max_batch
         self.gather_s = gather_s
         self.max_tokens = max_tokens
+        self.arrival_s = arrival_s
         self._lock = threading.Condition()
         self._pending: list[_Step] = []
+        self._arrivals: list[Arrival] = []
         self._running = False
         self._decoding = 0  # sessions between their first and last decode step
         self.batches = 0
@@ -175,6 +206,32 @@ class DecodeBatcher:
             self._decoding -= 1
             self._lock.notify_all()
 
+    def arrive(self) -> Arrival:
+        """A new stream announces itself (see ``Arrival``); it is waited for at most ``arrival_s`` from now."""
+        arrival = Arrival(self, time.monotonic() + self.arrival_s)
+        with self._lock:
+            self._arrivals.append(arrival)
+        return arrival
+
+    def arrived(self, entry: CacheEntry) -> None:
+        """``entry``'s stream has begun its first forward pass elsewhere (a long prompt): no longer waited for."""
+        with self._lock:
+            self._end_arrival(entry)
+
+    def _arrived(self, arrival: Arrival) -> None:
+        with self._lock:
+            if arrival in self._arrivals:
+                self._arrivals.remove(arrival)
+                self._lock.notify_all()
+
+    def _end_arrival(self, entry: CacheEntry) -> None:
+        """Under the lock: the arrival bound to ``entry``, if any, has arrived."""
+        for arrival in self._arrivals:
+            if arrival.entry is entry:
+                self._arrivals.remove(arrival)
+                self._lock.notify_all()
+                return
+
     def step(
         self,
         entry: CacheEntry,
@@ -189,6 +246,7 @@ class DecodeBatcher:
         decodes (rather than a piece of its prompt)."""
         step = _Step(entry, list(tokens), logits, decode, greedy and logits)
         with self._lock:
+            self._end_arrival(entry)  # in the same breath as the step joins: a lead never runs between the two
             self._pending.append(step)
             self._lock.notify_all()
             if self._running:
@@ -215,11 +273,17 @@ class DecodeBatcher:
     def _take(self) -> list[_Step]:
         deadline = time.monotonic() + self.gather_s
         with self._lock:
-            while sum(s.decode for s in self._pending) < min(self._decoding, self.max_batch) and not self._full():
-                left = deadline - time.monotonic()
-                if left <= 0:
+            while not self._full():
+                now = time.monotonic()
+                # Waited for: decoding sessions' next steps (at most gather_s) and arriving streams' first ones
+                # (until each expires).
+                self._arrivals = [a for a in self._arrivals if a.expires > now]
+                until = max((a.expires for a in self._arrivals), default=now)
+                if sum(s.decode for s in self._pending) < min(self._decoding, self.max_batch):
+                    until = max(until, deadline)
+                if until <= now:
                     break
-                self._lock.wait(left)
+                self._lock.wait(until - now)
             batch, rest, tokens = [], [], 0
             for s in self._pending:  # in the order asked, every one that fits (the first one always)
                 if not batch or (len(batch) < self.max_batch and tokens + len(s.tokens) <= self.max_tokens):

@@ -19,6 +19,7 @@ import torch
 
 from . import cpu_kernels
 from . import images as image_tokens
+from .batching import Arrival
 from .request import SamplingParams
 from .session_cache import CacheEntry
 
@@ -51,6 +52,10 @@ class Runner(Protocol):
 
     def others_decoding(self) -> bool:
         """Whether other replies are decoding now (a prefill then goes in small pieces between their steps)."""
+
+    def arrival(self) -> Arrival:
+        """Announces a new reply, from its request on (``batching.Arrival``): ``bind`` it to the reply's cache
+        entry, ``close`` it when the reply ends; a batcher waits a moment for the reply's first step."""
 
 
 def sample_next(

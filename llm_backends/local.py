@@ -181,6 +181,15 @@ class LocalModel(ChatModel):
 
     def stream(self, request: ChatRequest) -> ChatStream:
         started = time.perf_counter()
+        # Announced before the prompt is rendered: requests that come together then share their first passes.
+        arrival = self.engine.runner.arrival()
+        try:
+            return self._stream(request, started, arrival)
+        except BaseException:
+            arrival.close()
+            raise
+
+    def _stream(self, request: ChatRequest, started: float, arrival) -> ChatStream:
         prompt_ids, dropped = self.fit(request)
         if not prompt_ids:
             raise ValueError("the prompt has no tokens")
@@ -216,7 +225,14 @@ class LocalModel(ChatModel):
             images=image_parts.by_key(image_parts.images_of(request.messages)),
         )
         chunks = self._chunks(
-            generate, request.session, reply, cancel, started, prompt_ids, partial(self.operator_tokens, request)
+            generate,
+            request.session,
+            reply,
+            cancel,
+            started,
+            prompt_ids,
+            partial(self.operator_tokens, request),
+            arrival,
         )
         return ChatStream(chunks, cancel, prompt_tokens=len(prompt_ids), dropped_turns=dropped)
 
@@ -269,13 +285,19 @@ class LocalModel(ChatModel):
         started: float,
         prompt_ids: list[int],
         shareable,
+        arrival,
     ) -> Iterator[Chunk]:
         """The reply's chunks; ``generate(entry)`` starts the decode. The session's cache is checked out only
         once the stream is read, and checked back in however the stream ends."""
-        if session is None:
-            lease, entry = None, self.engine.new_entry()
-        else:
-            lease, entry = self.sessions.checkout(session, self.engine.new_entry, prompt_ids, shareable)
+        try:
+            if session is None:
+                lease, entry = None, self.engine.new_entry()
+            else:
+                lease, entry = self.sessions.checkout(session, self.engine.new_entry, prompt_ids, shareable)
+        except BaseException:
+            arrival.close()
+            raise
+        arrival.bind(entry)
         tokens = None
         first = last = None
         pending: list[TokenLogprob] = []
@@ -310,6 +332,7 @@ class LocalModel(ChatModel):
                 "try a shorter conversation, fewer new tokens or a smaller model"
             ) from e
         finally:
+            arrival.close()
             if tokens is not None:
                 tokens.close()
             if lease is not None:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .backend import ModelInfo
+from .batching import NO_ARRIVAL, Arrival
 from .disk_tier import DiskTier
 from .errors import ModelLoadError
 from .int8_weights import checkpoint_key
@@ -233,6 +234,9 @@ class MLXRunner:
 
     def decoding(self):
         return nullcontext()
+
+    def arrival(self) -> Arrival:
+        return NO_ARRIVAL  # one reply at a time: nobody waits for a new stream
 
     def others_decoding(self) -> bool:
         return False  # one reply at a time: no batching of decode steps

@@ -11,7 +11,7 @@ import torch
 from . import fp16_weights, int8_weights, kv_layers
 from . import images as image_tokens
 from .backend import ModelInfo
-from .batching import DecodeBatcher, FairLock, RowCaches, RowsIntact, use_row_attention
+from .batching import NO_ARRIVAL, Arrival, DecodeBatcher, FairLock, RowCaches, RowsIntact, use_row_attention
 from .cuda_step import CudaStep
 from .decode_step import DecodeStep
 from .disk_tier import DiskTier
@@ -86,6 +86,8 @@ class TorchRunner:
         """
         if self._rides_along(tokens):
             return self.batcher.step(entry, tokens, logits=logits, decode=False)[0]
+        if self.batcher is not None:
+            self.batcher.arrived(entry)  # this piece goes alone: the others' passes need not wait for it
         if self.exact:
             return self._exact_forward(entry, tokens, logits)
         model = self.model if logits else self.model.base_model
@@ -201,6 +203,9 @@ class TorchRunner:
 
     def decoding(self):
         return nullcontext() if self.batcher is None else self.batcher.decoding()
+
+    def arrival(self) -> Arrival:
+        return NO_ARRIVAL if self.batcher is None else self.batcher.arrive()
 
     def others_decoding(self) -> bool:
         return self.batcher is not None and self.batcher.sessions_decoding > 0

@@ -60,7 +60,7 @@ def test_concurrent_sessions_batch_and_match_their_solo_answers(name, request):
     results = together(model, conversations)
     assert results == alone
     assert (batcher.rows - rows) / (batcher.batches - batches) > 2, "steps of different sessions shared a pass"
-    assert batcher._decoding == 0 and not batcher._running and not batcher._pending
+    assert batcher._decoding == 0 and not batcher._running and not batcher._pending and not batcher._arrivals
 
 
 def test_greedy_sessions_take_the_shared_passs_picks_and_pick_alone_if_those_fail(gemma3, monkeypatch, caplog):
@@ -233,7 +233,7 @@ def test_short_prompts_arriving_together_are_read_in_shared_passes_and_answer_as
     finally:
         del gemma3.engine.runner.step.feed
     assert any(sum(n > 1 for n in call) > 1 for call in calls), calls  # several prompts read in one pass
-    assert batcher._decoding == 0 and not batcher._running and not batcher._pending
+    assert batcher._decoding == 0 and not batcher._running and not batcher._pending and not batcher._arrivals
 
 
 def test_fused_decode_attention_is_sdpa_up_to_rounding_and_the_same_for_a_row_in_any_batch():
@@ -278,6 +278,52 @@ def test_the_compute_lock_goes_to_whoever_asked_first():
         order.append("next piece")
     thread.join()
     assert order == ["decode step", "next piece"]
+
+
+def test_streams_arriving_together_are_waited_for_and_read_in_one_pass():
+    import time
+    from functools import partial
+
+    from llm_backends.batching import DecodeBatcher
+
+    passes = []
+
+    def feed(entries, pieces, wanted):
+        passes.append([len(piece) for piece in pieces])
+        return torch.zeros(len(wanted), 4)
+
+    batcher = DecodeBatcher(feed, max_batch=8, arrival_s=5.0)
+    entries = [object() for _ in range(4)]  # stand-ins: the batcher only hands them to feed
+    arrivals = [batcher.arrive() for _ in entries]  # four requests taken at once
+
+    def stream(i: int) -> None:
+        time.sleep(0.02 * i)  # each prompt takes a while to render and its cache to be checked out
+        arrivals[i].bind(entries[i])
+        batcher.step(entries[i], [7] * (2 + i), decode=False)
+        arrivals[i].close()
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert passes == [[2, 3, 4, 5]], "the first piece waited for the others' instead of going alone"
+    assert not batcher._arrivals and not batcher._running and not batcher._pending
+
+    # An arrival that ends without a step (closed, or its prompt read elsewhere) is not waited for; nor, after
+    # arrival_s, one that never comes.
+    for end in ("close", "elsewhere", "never"):
+        batcher.arrival_s = 0.3 if end == "never" else 60.0
+        waited, entry = batcher.arrive(), object()
+        waited.bind(entry)
+        started = time.monotonic()
+        endings = {"close": waited.close, "elsewhere": partial(batcher.arrived, entry), "never": lambda: None}
+        ender = threading.Timer(0.05, endings[end])
+        ender.start()
+        batcher.step(object(), [1], decode=False)
+        ender.join()
+        assert time.monotonic() - started < 30, end
+        assert not batcher._arrivals and not batcher._running
 
 
 def test_a_prompt_is_read_in_small_pieces_while_others_decode_and_answers_the_same(gemma3, monkeypatch):
