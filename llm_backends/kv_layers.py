@@ -9,11 +9,14 @@ written into: the next append moves the states to room of the layer's own first.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+from . import cpu_kernels
 
 STEP = 64
 
@@ -84,17 +87,29 @@ class _Storage:
         write = self._make_room(n, like, like)
         return self._k, self._v, self._start, write
 
-    def __deepcopy__(self, memo):
-        """A copy with the same live tokens in room of its own. (A plain deepcopy also copied the spare room, and
-        its walk took most of a new session's checkout, under the store's lock, with several arriving at once.)"""
+    def _twin(self):
+        """A layer like this one that holds nothing yet. The other attributes are numbers, flags, a dtype, a device
+        and transformers' sliding-window tensor, which is replaced, never written into: shared, not walked (a deep
+        walk of 18 layers took ~1 ms)."""
         new = self.__class__.__new__(self.__class__)
-        memo[id(self)] = new
-        # The other attributes are numbers, flags, a dtype, a device and transformers' sliding-window tensor,
-        # which is replaced, never written into: shared, not walked (a deep walk of 18 layers took ~1 ms).
         new.__dict__.update({k: v for k, v in self.__dict__.items() if k not in ("_k", "_v")})
         new._k = new._v = None
         new._start = new._length = 0
         new._owned = False
+        return new
+
+    def _dense(self) -> bool:
+        """Whether ``copy_spans`` can read the buffers (the layer's own are; a tensor handed in may not be)."""
+        return self.__dict__.get("_k") is None or all(
+            t.dim() == 4 and t.size(0) == 1 and t.device.type == "cpu" and t.stride(3) == 1 and t.stride(2) == t.size(3)
+            for t in (self._k, self._v)
+        )
+
+    def __deepcopy__(self, memo):
+        """A copy with the same live tokens in room of its own. (A plain deepcopy also copied the spare room, and
+        its walk took most of a new session's checkout, under the store's lock, with several arriving at once.)"""
+        new = self._twin()
+        memo[id(self)] = new
         if self.__dict__.get("_k") is not None:
             keys, values, n = self.keys, self.values, self._length
             shape = list(keys.shape)
@@ -183,6 +198,55 @@ def decode_slots(
             values.append(v)
             places += (start, write)
     return keys, values, places
+
+
+def _built_kernels():
+    """The CPU kernels where a model already built them (this never starts a build), else None."""
+    return cpu_kernels.ops() if cpu_kernels.ops.cache_info().currsize > 0 else None
+
+
+def copy_cache(cache):
+    """A copy of ``cache`` whose layers hold the same live tokens in room of their own: ``new_cache``'s layers in
+    one kernel call (``copy_spans``) where the CPU kernels are built, anything else by ``copy.deepcopy``."""
+    kernels, layers = _built_kernels(), getattr(cache, "layers", None)
+    if kernels is None or layers is None or not all(isinstance(x, _Storage) and x._dense() for x in layers):
+        return copy.deepcopy(cache)
+    held = [layer for layer in layers if layer._k is not None]
+    copies = iter(
+        kernels.copy_spans(
+            [t for layer in held for t in (layer._k, layer._v)],
+            [layer._start for layer in held for _ in range(2)],
+            [layer._length for layer in held for _ in range(2)],
+            [_room(layer._length) for layer in held for _ in range(2)],
+        )
+    )
+    new = copy.copy(cache)  # its other attributes: the class of layer to add and an offloading flag
+    new.layers = []
+    for layer in layers:
+        twin = layer._twin()
+        if layer._k is not None:
+            twin._k, twin._v = next(copies), next(copies)
+            twin._length, twin._owned = layer._length, True
+        new.layers.append(twin)
+    return new
+
+
+def clone_windows(layers) -> tuple:
+    """A restore point's states: (keys, values) copies of each sliding layer's window, None for other layers; in
+    one kernel call where the CPU kernels are built and the layers are ``new_cache``'s."""
+    wanted = [bool(getattr(x, "is_sliding", False)) and x.is_initialized for x in layers]
+    kernels, held = _built_kernels(), [x for x, w in zip(layers, wanted, strict=True) if w]
+    if kernels is None or not all(isinstance(x, _Storage) and x._k is not None and x._dense() for x in held):
+        return tuple((x.keys.clone(), x.values.clone()) if w else None for x, w in zip(layers, wanted, strict=True))
+    copies = iter(
+        kernels.copy_spans(
+            [t for x in held for t in (x._k, x._v)],
+            [x._start for x in held for _ in range(2)],
+            [x._length for x in held for _ in range(2)],
+            [x._length for x in held for _ in range(2)],
+        )
+    )
+    return tuple((next(copies), next(copies)) if w else None for w in wanted)
 
 
 def new_cache(config) -> DynamicCache:

@@ -78,6 +78,10 @@ class CacheEntry:
     ids: list[int] = field(default_factory=list)
     checkpoints: list[Checkpoint] = field(default_factory=list)
     found: str = "none"  # where the last checkout found it: memory, host, disk, shared or none (SessionStore.hits)
+    # How the runner's kind of cache is copied (for another session), and its sliding layers' windows cloned (for
+    # a restore point: None clones each sliding layer's keys and values).
+    copy_cache: Callable[[object], object] = copy.deepcopy
+    clone_windows: Callable[[Sequence], tuple] | None = None
 
     def __post_init__(self):
         if self.cache is None:
@@ -119,10 +123,13 @@ class CacheEntry:
         end) or None (a turn boundary inside a prompt, which only a sliding cache needs)."""
         if self.max_checkpoints <= 0 or (logits is None and not self.has_sliding_layers):
             return
-        states = tuple(
-            (layer.keys.clone(), layer.values.clone()) if _is_sliding(layer) and layer.is_initialized else None
-            for layer in self.cache.layers
-        )
+        if self.clone_windows is not None:
+            states = self.clone_windows(self.cache.layers)
+        else:
+            states = tuple(
+                (layer.keys.clone(), layer.values.clone()) if _is_sliding(layer) and layer.is_initialized else None
+                for layer in self.cache.layers
+            )
         kept = [c for c in self.checkpoints if c.length != len(self.ids)]
         kept.append(Checkpoint(len(self.ids), states, None if logits is None else logits.detach().clone()))
         self.checkpoints = sorted(kept, key=lambda c: c.length)[-self.max_checkpoints :]
@@ -217,9 +224,11 @@ class CacheEntry:
         return CacheEntry(
             make_cache=self.make_cache,
             max_checkpoints=self.max_checkpoints,
-            cache=copy.deepcopy(self.cache),
+            cache=self.copy_cache(self.cache),
             ids=list(self.ids),
             checkpoints=list(self.checkpoints),
+            copy_cache=self.copy_cache,
+            clone_windows=self.clone_windows,
         )
 
 

@@ -71,7 +71,12 @@ class TorchRunner:
 
     def new_entry(self) -> CacheEntry:
         config = self.model.config
-        return CacheEntry(make_cache=lambda: kv_layers.new_cache(config), max_checkpoints=self.max_checkpoints)
+        return CacheEntry(
+            make_cache=lambda: kv_layers.new_cache(config),
+            max_checkpoints=self.max_checkpoints,
+            copy_cache=kv_layers.copy_cache,
+            clone_windows=kv_layers.clone_windows,
+        )
 
     @torch.inference_mode()
     def forward(

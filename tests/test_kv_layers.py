@@ -79,3 +79,38 @@ def test_a_copied_layer_holds_the_live_tokens_in_room_of_its_own():
         k, v = states(1, 9)
         assert all(torch.equal(a, b) for a, b in zip(twin.update(k, v), layer.update(k, v), strict=True))
         assert twin.keys.untyped_storage().data_ptr() != layer.keys.untyped_storage().data_ptr()
+
+
+def test_a_cache_copies_and_its_windows_clone_in_one_kernel_call_to_the_same_values(monkeypatch):
+    from types import SimpleNamespace
+
+    from llm_backends import cpu_kernels, kv_layers
+
+    kernels = cpu_kernels.ops()
+    assert kernels is not None, "the CPU kernels build here (CI builds them)"
+    calls = []
+    copy_spans = kernels.copy_spans
+    monkeypatch.setattr(kernels, "copy_spans", lambda *a: calls.append(len(a[0])) or copy_spans(*a), raising=False)
+
+    layers = [GrowingLayer(), GrowingSlidingLayer(8), GrowingLayer(), GrowingSlidingLayer(8)]
+    for step, n in enumerate([70, 1, 1]):  # two heads: each head's span is copied from its own place
+        for layer in layers:
+            layer.update(*states(n, step))
+    layers[0].crop(-62)  # 10 left in the same buffer
+    empty = GrowingLayer()  # a layer that holds nothing yet stays empty
+    cache = SimpleNamespace(layers=[*layers, empty])
+    twin = kv_layers.copy_cache(cache)
+    windows = kv_layers.clone_windows(cache.layers)
+    assert calls == [8, 4], "one call for the cache's 4 layers' keys and values, one for the 2 sliding windows"
+    assert twin.layers[-1].keys is None and windows[-1] is None
+    for layer, copied, window in zip(layers, twin.layers, windows, strict=False):
+        assert torch.equal(copied.keys, layer.keys) and torch.equal(copied.values, layer.values)
+        assert copied.get_seq_length() == layer.get_seq_length() and type(copied) is type(layer)
+        assert copied.keys.untyped_storage().data_ptr() != layer.keys.untyped_storage().data_ptr()
+        if layer.is_sliding:
+            assert torch.equal(window[0], layer.keys) and torch.equal(window[1], layer.values)
+            assert window[0].untyped_storage().data_ptr() != layer.keys.untyped_storage().data_ptr()
+        else:
+            assert window is None
+        k, v = states(1, 9)
+        assert all(torch.equal(a, b) for a, b in zip(copied.update(k, v), layer.update(k, v), strict=True))
