@@ -109,11 +109,12 @@ class Arrival:
         self.expires = expires
 
     def bind(self, entry: CacheEntry) -> None:
-        self.entry = entry
+        if self._batcher is not None:  # NO_ARRIVAL, shared, must not keep a finished reply's cache alive
+            self.entry = entry
 
     def close(self) -> None:
         if self._batcher is not None:
-            self._batcher._arrived(self)
+            self._batcher._end(self)
 
 
 NO_ARRIVAL = Arrival(None, 0.0)  # for a runner without a batcher
@@ -208,8 +209,10 @@ class DecodeBatcher:
 
     def arrive(self) -> Arrival:
         """A new stream announces itself (see ``Arrival``); it is waited for at most ``arrival_s`` from now."""
-        arrival = Arrival(self, time.monotonic() + self.arrival_s)
+        now = time.monotonic()
+        arrival = Arrival(self, now + self.arrival_s)
         with self._lock:
+            self._arrivals = [a for a in self._arrivals if a.expires > now]  # those of streams never read
             self._arrivals.append(arrival)
         return arrival
 
@@ -218,7 +221,7 @@ class DecodeBatcher:
         with self._lock:
             self._end_arrival(entry)
 
-    def _arrived(self, arrival: Arrival) -> None:
+    def _end(self, arrival: Arrival) -> None:
         with self._lock:
             if arrival in self._arrivals:
                 self._arrivals.remove(arrival)
@@ -271,14 +274,15 @@ class DecodeBatcher:
         return self._result(step)
 
     def _take(self) -> list[_Step]:
-        deadline = time.monotonic() + self.gather_s
+        started = time.monotonic()
+        deadline = started + self.gather_s
         with self._lock:
             while not self._full():
                 now = time.monotonic()
-                # Waited for: decoding sessions' next steps (at most gather_s) and arriving streams' first ones
-                # (until each expires).
+                # Arriving streams are waited for until each expires, and in all at most arrival_s: requests that
+                # keep coming must not hold the decoding sessions' tokens back for longer than that.
                 self._arrivals = [a for a in self._arrivals if a.expires > now]
-                until = max((a.expires for a in self._arrivals), default=now)
+                until = min(max((a.expires for a in self._arrivals), default=now), started + self.arrival_s)
                 if sum(s.decode for s in self._pending) < min(self._decoding, self.max_batch):
                     until = max(until, deadline)
                 if until <= now:

@@ -19,6 +19,7 @@ from jinja2 import TemplateError
 from . import images as image_parts
 from . import tools as tool_calls
 from .backend import Capabilities, ChatModel, ChatStream, ModelInfo
+from .batching import Arrival
 from .chunks import Chunk, Stats, TokenLogprob
 from .constrained import Grammars
 from .engine import Engine, Runner, ThinkingBudget
@@ -189,7 +190,7 @@ class LocalModel(ChatModel):
             arrival.close()
             raise
 
-    def _stream(self, request: ChatRequest, started: float, arrival) -> ChatStream:
+    def _stream(self, request: ChatRequest, started: float, arrival: Arrival) -> ChatStream:
         prompt_ids, dropped = self.fit(request)
         if not prompt_ids:
             raise ValueError("the prompt has no tokens")
@@ -234,7 +235,8 @@ class LocalModel(ChatModel):
             partial(self.operator_tokens, request),
             arrival,
         )
-        return ChatStream(chunks, cancel, prompt_tokens=len(prompt_ids), dropped_turns=dropped)
+        # A stream closed unread (its client left at once) is no longer waited for.
+        return ChatStream(chunks, cancel, prompt_tokens=len(prompt_ids), dropped_turns=dropped, on_close=arrival.close)
 
     def operator_tokens(self, request: ChatRequest) -> int:
         """How many of the prompt's first tokens are the operator's words (the template's head and the system
@@ -285,7 +287,7 @@ class LocalModel(ChatModel):
         started: float,
         prompt_ids: list[int],
         shareable,
-        arrival,
+        arrival: Arrival,
     ) -> Iterator[Chunk]:
         """The reply's chunks; ``generate(entry)`` starts the decode. The session's cache is checked out only
         once the stream is read, and checked back in however the stream ends."""

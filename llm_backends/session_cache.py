@@ -68,6 +68,14 @@ class Checkpoint:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def clone_windows(layers: Sequence) -> tuple:
+    """A restore point's states: each sliding layer's keys and values cloned, None for the other layers."""
+    return tuple(
+        (layer.keys.clone(), layer.values.clone()) if _is_sliding(layer) and layer.is_initialized else None
+        for layer in layers
+    )
+
+
 @dataclass
 class CacheEntry:
     """A KV cache and its ledger: ``ids`` are exactly the tokens the cache holds, in order."""
@@ -79,9 +87,9 @@ class CacheEntry:
     checkpoints: list[Checkpoint] = field(default_factory=list)
     found: str = "none"  # where the last checkout found it: memory, host, disk, shared or none (SessionStore.hits)
     # How the runner's kind of cache is copied (for another session), and its sliding layers' windows cloned (for
-    # a restore point: None clones each sliding layer's keys and values).
+    # a restore point); the runner may have faster ways for its own kind.
     copy_cache: Callable[[object], object] = copy.deepcopy
-    clone_windows: Callable[[Sequence], tuple] | None = None
+    clone_windows: Callable[[Sequence], tuple] = clone_windows
 
     def __post_init__(self):
         if self.cache is None:
@@ -123,13 +131,7 @@ class CacheEntry:
         end) or None (a turn boundary inside a prompt, which only a sliding cache needs)."""
         if self.max_checkpoints <= 0 or (logits is None and not self.has_sliding_layers):
             return
-        if self.clone_windows is not None:
-            states = self.clone_windows(self.cache.layers)
-        else:
-            states = tuple(
-                (layer.keys.clone(), layer.values.clone()) if _is_sliding(layer) and layer.is_initialized else None
-                for layer in self.cache.layers
-            )
+        states = self.clone_windows(self.cache.layers)
         kept = [c for c in self.checkpoints if c.length != len(self.ids)]
         kept.append(Checkpoint(len(self.ids), states, None if logits is None else logits.detach().clone()))
         self.checkpoints = sorted(kept, key=lambda c: c.length)[-self.max_checkpoints :]
@@ -291,7 +293,11 @@ class SessionStore:
             with self._lock:
                 donor, length = self._donor(session_id, prompt_ids, shareable)
                 if donor is not None:
-                    entry = donor.copy()  # under the lock: the donor cannot be checked out and changed meanwhile
+                    try:  # under the lock: the donor cannot be checked out and changed meanwhile
+                        entry = donor.copy()
+                    except Exception as e:  # noqa: BLE001 (no memory for it, say: this session starts empty)
+                        log.warning("could not copy a shared prefix for a new session (%s)", e)
+                        donor = None
             found = "shared" if donor is not None else "none"
         with self._lock:
             self.hits[found] += 1
@@ -336,10 +342,8 @@ class SessionStore:
 
     def _drop(self, key: Hashable) -> CacheEntry | None:
         """Takes a held entry out (under the lock); None if the session has none."""
-        entry = self._entries.pop(key, None)
-        if entry is not None:
-            self._bytes -= self._sizes.pop(key)
-        return entry
+        self._bytes -= self._sizes.pop(key, 0)
+        return self._entries.pop(key, None)
 
     def _drop_all(self) -> None:
         self._entries.clear()

@@ -310,20 +310,35 @@ def test_streams_arriving_together_are_waited_for_and_read_in_one_pass():
     assert passes == [[2, 3, 4, 5]], "the first piece waited for the others' instead of going alone"
     assert not batcher._arrivals and not batcher._running and not batcher._pending
 
-    # An arrival that ends without a step (closed, or its prompt read elsewhere) is not waited for; nor, after
-    # arrival_s, one that never comes.
-    for end in ("close", "elsewhere", "never"):
-        batcher.arrival_s = 0.3 if end == "never" else 60.0
+    # An arrival that ends without a step (closed, or its prompt read elsewhere) is waited for until then; one that
+    # never comes, until it expires; and requests that keep coming hold a pass back for arrival_s in all.
+    for end in ("close", "elsewhere", "never", "more and more"):
+        batcher.arrival_s = 60.0 if end in ("close", "elsewhere") else 0.3
         waited, entry = batcher.arrive(), object()
         waited.bind(entry)
-        started = time.monotonic()
+        ended = []
         endings = {"close": waited.close, "elsewhere": partial(batcher.arrived, entry), "never": lambda: None}
-        ender = threading.Timer(0.05, endings[end])
+        endings["more and more"] = lambda: [batcher.arrive() for _ in range(3)]  # each expires 0.3 s after it came
+
+        def end_it(end=end, ended=ended, endings=endings):
+            time.sleep(0.05)
+            ended.append(time.monotonic())
+            endings[end]()
+            if end == "more and more":
+                for _ in range(10):
+                    time.sleep(0.1)
+                    batcher.arrive()
+
+        ender = threading.Thread(target=end_it)
         ender.start()
+        started = time.monotonic()
         batcher.step(object(), [1], decode=False)
+        ran = time.monotonic()
         ender.join()
-        assert time.monotonic() - started < 30, end
-        assert not batcher._arrivals and not batcher._running
+        assert ended and ran >= ended[0], f"{end}: the pass did not wait for the arrival"
+        assert ran - started < (30 if end in ("close", "elsewhere") else 0.9), end
+        batcher._arrivals.clear()
+        assert not batcher._running
 
 
 def test_a_prompt_is_read_in_small_pieces_while_others_decode_and_answers_the_same(gemma3, monkeypatch):
@@ -341,3 +356,15 @@ def test_a_prompt_is_read_in_small_pieces_while_others_decode_and_answers_the_sa
     monkeypatch.setattr(gemma3.engine, "shared_chunk", 16)
     assert solo(gemma3, messages) == alone
     assert len(pieces) > 3 and max(pieces) <= 16
+
+
+def test_a_stream_closed_unread_is_no_longer_waited_for_and_no_arrival_keeps_a_cache(gemma3):
+    from llm_backends.batching import NO_ARRIVAL
+
+    batcher = gemma3.engine.runner.batcher
+    stream = gemma3.stream_chat([{"role": "user", "content": "never read"}], session_id="unread", **GREEDY)
+    assert len(batcher._arrivals) == 1, "a CPU model with the C++ step waits for a new stream's first piece"
+    stream.close()
+    assert not batcher._arrivals
+    NO_ARRIVAL.bind(gemma3.engine.new_entry())  # what a runner without a batcher hands out, to every stream
+    assert NO_ARRIVAL.entry is None

@@ -148,7 +148,7 @@ def test_a_cleared_session_is_not_brought_back_by_an_eviction_already_under_way(
     model.engine.runner.forward(entry, list(range(5, 40)))
     model.sessions.checkin(lease, entry)
     with model.sessions._lock:  # an eviction takes a out of memory and starts copying it...
-        victims = [(key, model.sessions._entries.pop(key))]
+        victims = [(key, model.sessions._drop(key))]
         clearings = model.sessions._clearings
     model.clear_cache("a")  # ...New chat, meanwhile, and the new chat's first reply ends...
     lease, fresh = model.sessions.checkout(key, model.engine.new_entry)

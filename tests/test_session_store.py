@@ -98,3 +98,25 @@ def test_putting_an_entry_back_sizes_that_entry_alone_not_every_held_one():
     assert store.info()["bytes"] == 48 * 100 + 140
     store.clear()
     assert store.info()["bytes"] == 0 and store.info()["sessions"] == 0
+
+
+def test_the_held_bytes_stay_the_sum_of_the_held_entries():
+    store = SessionStore(max_bytes=1000, max_sessions=5)
+
+    def held() -> int:
+        return sum(e.nbytes for e in store._entries.values())
+
+    for name in range(8):  # over the count, then over the bytes
+        lease, e = store.checkout(name, lambda name=name: entry(100 + 50 * name))
+        store.checkin(lease, e)
+        assert store.info()["bytes"] == held() <= 1000
+    first, a = store.checkout("twice", lambda: entry(10))  # one session's two streams at once
+    second, b = store.checkout("twice", lambda: entry(30))
+    store.checkin(first, a)
+    store.checkin(second, b)
+    lease, c = store.checkout(7, lambda: entry(1))
+    store.clear(7)  # cleared during its stream: not put back
+    store.checkin(lease, c)
+    assert store.info()["bytes"] == held()
+    store.release()
+    assert store.info()["bytes"] == 0 == held()

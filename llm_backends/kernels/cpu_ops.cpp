@@ -679,7 +679,8 @@ std::vector<torch::Tensor> copy_spans(const std::vector<torch::Tensor>& sources,
     TORCH_CHECK(s.dim() == 4 && s.size(0) == 1 && s.device().is_cpu() && s.stride(3) == 1 &&
                     s.stride(2) == s.size(3),
                 "a source must be a CPU [1, H, T, D] tensor with dense [T, D] rows");
-    TORCH_CHECK(0 <= starts[i] && 0 <= lengths[i] && starts[i] + lengths[i] <= s.size(2) && lengths[i] <= rooms[i],
+    TORCH_CHECK(0 <= starts[i] && starts[i] <= s.size(2) && 0 <= lengths[i] && lengths[i] <= s.size(2) - starts[i] &&
+                    lengths[i] <= rooms[i],
                 "span ", starts[i], "+", lengths[i], " of ", s.size(2), " positions into room for ", rooms[i]);
   }
   std::vector<torch::Tensor> out;
@@ -690,7 +691,7 @@ std::vector<torch::Tensor> copy_spans(const std::vector<torch::Tensor>& sources,
     auto copy = torch::empty({1, H, rooms[i], D}, s.options());
     const char* from = static_cast<const char*>(s.data_ptr());
     char* to = static_cast<char*>(copy.data_ptr());
-    for (int64_t h = 0; h < H; ++h) {
+    for (int64_t h = 0; h < H && lengths[i] > 0; ++h) {
       std::memcpy(to + h * rooms[i] * D * size, from + (h * s.stride(1) + starts[i] * D) * size,
                   lengths[i] * D * size);
     }
