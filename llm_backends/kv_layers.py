@@ -16,7 +16,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from . import cpu_kernels
+from . import cpu_kernels, session_cache
 
 STEP = 64
 
@@ -205,48 +205,44 @@ def _built_kernels():
     return cpu_kernels.ops() if cpu_kernels.ops.cache_info().currsize > 0 else None
 
 
+def _copies(kernels, layers: Sequence[_Storage], room) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) of each layer's live tokens in new tensors with ``room(length)`` positions: one kernel call."""
+    spans = kernels.copy_spans(
+        [t for x in layers for t in (x._k, x._v)],
+        [x._start for x in layers for _ in range(2)],
+        [x._length for x in layers for _ in range(2)],
+        [room(x._length) for x in layers for _ in range(2)],
+    )
+    return list(zip(spans[::2], spans[1::2], strict=True))
+
+
 def copy_cache(cache):
     """A copy of ``cache`` whose layers hold the same live tokens in room of their own: ``new_cache``'s layers in
     one kernel call (``copy_spans``) where the CPU kernels are built, anything else by ``copy.deepcopy``."""
     kernels, layers = _built_kernels(), getattr(cache, "layers", None)
     if kernels is None or layers is None or not all(isinstance(x, _Storage) and x._dense() for x in layers):
         return copy.deepcopy(cache)
-    held = [layer for layer in layers if layer._k is not None]
-    copies = iter(
-        kernels.copy_spans(
-            [t for layer in held for t in (layer._k, layer._v)],
-            [layer._start for layer in held for _ in range(2)],
-            [layer._length for layer in held for _ in range(2)],
-            [_room(layer._length) for layer in held for _ in range(2)],
-        )
-    )
+    copies = iter(_copies(kernels, [x for x in layers if x._k is not None], _room))
     new = copy.copy(cache)  # its other attributes: the class of layer to add and an offloading flag
     new.layers = []
     for layer in layers:
         twin = layer._twin()
         if layer._k is not None:
-            twin._k, twin._v = next(copies), next(copies)
+            twin._k, twin._v = next(copies)
             twin._length, twin._owned = layer._length, True
         new.layers.append(twin)
     return new
 
 
 def clone_windows(layers) -> tuple:
-    """A restore point's states: (keys, values) copies of each sliding layer's window, None for other layers; in
-    one kernel call where the CPU kernels are built and the layers are ``new_cache``'s."""
+    """A restore point's states (``session_cache.clone_windows``): each sliding layer's window copied, None for the
+    other layers; in one kernel call where the CPU kernels are built and the layers are ``new_cache``'s."""
     wanted = [bool(getattr(x, "is_sliding", False)) and x.is_initialized for x in layers]
     kernels, held = _built_kernels(), [x for x, w in zip(layers, wanted, strict=True) if w]
     if kernels is None or not all(isinstance(x, _Storage) and x._k is not None and x._dense() for x in held):
-        return tuple((x.keys.clone(), x.values.clone()) if w else None for x, w in zip(layers, wanted, strict=True))
-    copies = iter(
-        kernels.copy_spans(
-            [t for x in held for t in (x._k, x._v)],
-            [x._start for x in held for _ in range(2)],
-            [x._length for x in held for _ in range(2)],
-            [x._length for x in held for _ in range(2)],
-        )
-    )
-    return tuple((next(copies), next(copies)) if w else None for w in wanted)
+        return session_cache.clone_windows(layers)
+    copies = iter(_copies(kernels, held, lambda length: length))
+    return tuple(next(copies) if w else None for w in wanted)
 
 
 def new_cache(config) -> DynamicCache:
