@@ -96,10 +96,12 @@ class RowsIntact(Exception):
 
 
 class Arrival:
-    """A stream on its way to its first step: its request taken, its prompt being rendered and its cache checked
-    out. A lead waits for it a moment (until ``expires``), so that streams arriving together read their prompts
-    in one pass, not one pass each while the others' preparation shares the cores. ``bind`` names its cache
-    entry once it has one; its first step, its first forward pass of any kind, or ``close`` ends it."""
+    """A stream on its way to its first decode step: its request taken, its prompt being rendered, its cache
+    checked out, its prompt read. While it has no step pending a lead waits for it a moment (until ``expires``,
+    set again when a pass has read a piece of its prompt), so that streams arriving together read their prompts
+    in one pass, not one pass each while the others' preparation shares the cores, and then start decoding in one
+    pass too. ``bind`` names its cache entry once it has one; its first decode step, a forward pass outside the
+    batcher (a long prompt), or ``close`` ends it."""
 
     __slots__ = ("_batcher", "entry", "expires")
 
@@ -159,9 +161,9 @@ class DecodeBatcher:
     session thread that picked its own let go of the interpreter lock for it, and with eight sessions each
     waited ~1 ms to get it back behind the others, while the next pass waited for the last of them.
 
-    The lead also waits, at most ``arrival_s`` from each one's request, for streams still on their way to their
-    first step (``arrive``): eight requests at once then read their prompts in one or two passes instead of
-    one each, and start decoding together.
+    The lead also waits a moment (``arrival_s``) for streams still on their way to their first decode step
+    (``arrive``): eight requests at once then read their prompts in one pass instead of one each, and start
+    decoding together.
     """
 
     def __init__(
@@ -208,7 +210,7 @@ class DecodeBatcher:
             self._lock.notify_all()
 
     def arrive(self) -> Arrival:
-        """A new stream announces itself (see ``Arrival``); it is waited for at most ``arrival_s`` from now."""
+        """A new stream announces itself (see ``Arrival``); it expires ``arrival_s`` from now."""
         now = time.monotonic()
         arrival = Arrival(self, now + self.arrival_s)
         with self._lock:
@@ -249,7 +251,8 @@ class DecodeBatcher:
         decodes (rather than a piece of its prompt)."""
         step = _Step(entry, list(tokens), logits, decode, greedy and logits)
         with self._lock:
-            self._end_arrival(entry)  # in the same breath as the step joins: a lead never runs between the two
+            if decode:  # in the same breath as the step joins: a lead never runs between the two
+                self._end_arrival(entry)
             self._pending.append(step)
             self._lock.notify_all()
             if self._running:
@@ -279,10 +282,12 @@ class DecodeBatcher:
         with self._lock:
             while not self._full():
                 now = time.monotonic()
-                # Arriving streams are waited for until each expires, and in all at most arrival_s: requests that
-                # keep coming must not hold the decoding sessions' tokens back for longer than that.
+                # Arriving streams without a step pending are waited for until each expires, and in all at most
+                # arrival_s: requests that keep coming must not hold the decoding sessions back for longer.
                 self._arrivals = [a for a in self._arrivals if a.expires > now]
-                until = min(max((a.expires for a in self._arrivals), default=now), started + self.arrival_s)
+                pending = {id(s.entry) for s in self._pending}
+                awaited = [a.expires for a in self._arrivals if a.entry is None or id(a.entry) not in pending]
+                until = min(max(awaited, default=now), started + self.arrival_s)
                 if sum(s.decode for s in self._pending) < min(self._decoding, self.max_batch):
                     until = max(until, deadline)
                 if until <= now:
@@ -332,6 +337,13 @@ class DecodeBatcher:
         finally:
             self.batches += 1
             self.rows += len(batch)
+            read = {id(s.entry) for s in batch if not s.decode}
+            if read:
+                with self._lock:  # their next step (a piece, or the first token's) comes once they have handled this
+                    expires = time.monotonic() + self.arrival_s
+                    for arrival in self._arrivals:
+                        if id(arrival.entry) in read:
+                            arrival.expires = max(arrival.expires, expires)
             for s in batch:
                 s.lead = False
                 s.finished = True

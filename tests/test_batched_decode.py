@@ -358,6 +358,39 @@ def test_a_prompt_is_read_in_small_pieces_while_others_decode_and_answers_the_sa
     assert len(pieces) > 3 and max(pieces) <= 16
 
 
+def test_streams_whose_prompts_were_read_together_take_their_first_tokens_in_one_pass():
+    import time
+
+    from llm_backends.batching import DecodeBatcher
+
+    passes = []
+
+    def feed(entries, pieces, wanted):
+        passes.append([len(piece) for piece in pieces])
+        return torch.zeros(len(wanted), 4)
+
+    batcher = DecodeBatcher(feed, max_batch=8, arrival_s=5.0)
+    entries = [object() for _ in range(3)]
+    arrivals = [batcher.arrive() for _ in entries]
+    for arrival, entry in zip(arrivals, entries, strict=True):
+        arrival.bind(entry)
+
+    def stream(i: int) -> None:
+        batcher.step(entries[i], [7] * 4, decode=False)  # the prompts, read in one pass
+        time.sleep(0.03 * i)  # each handles its prompt's logits (a restore point, the first token) in its own time
+        with batcher.decoding():
+            batcher.step(entries[i], [1])
+        arrivals[i].close()
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert passes == [[4, 4, 4], [1, 1, 1]], "the first session's first token went without the others'"
+    assert not batcher._arrivals and not batcher._running and not batcher._pending and batcher._decoding == 0
+
+
 def test_a_stream_closed_unread_is_no_longer_waited_for_and_no_arrival_keeps_a_cache(gemma3):
     from llm_backends.batching import NO_ARRIVAL
 
