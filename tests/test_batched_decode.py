@@ -307,6 +307,7 @@ def test_streams_arriving_together_are_waited_for_and_read_in_one_pass():
         thread.start()
     for thread in threads:
         thread.join(timeout=30)
+        assert not thread.is_alive()
     assert passes == [[2, 3, 4, 5]], "the first piece waited for the others' instead of going alone"
     assert not batcher._arrivals and not batcher._running and not batcher._pending
 
@@ -383,12 +384,24 @@ def test_streams_whose_prompts_were_read_together_take_their_first_tokens_in_one
         arrivals[i].close()
 
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(3)]
+    started = time.monotonic()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=30)
+        assert not thread.is_alive()
     assert passes == [[4, 4, 4], [1, 1, 1]], "the first session's first token went without the others'"
+    assert time.monotonic() - started < 2.5, "a pass waited for a stream whose step was already pending"
     assert not batcher._arrivals and not batcher._running and not batcher._pending and batcher._decoding == 0
+
+    # A pass that read a piece of an arriving stream's prompt gives it arrival_s again for its next step.
+    arrival, entry = batcher.arrive(), object()
+    arrival.bind(entry)
+    arrival.expires = time.monotonic() + 1
+    before = time.monotonic()
+    batcher.step(entry, [7] * 4, decode=False)
+    assert arrival.expires >= before + batcher.arrival_s
+    arrival.close()
 
 
 def test_a_stream_closed_unread_is_no_longer_waited_for_and_no_arrival_keeps_a_cache(gemma3):
