@@ -280,10 +280,9 @@ def test_the_compute_lock_goes_to_whoever_asked_first():
     assert order == ["decode step", "next piece"]
 
 
-def test_streams_arriving_together_are_waited_for_and_read_in_one_pass():
-    import time
-    from functools import partial
-
+def arriving(streams: int):
+    """A batcher over a stand-in forward pass that notes each pass's piece lengths; ``streams`` requests taken at
+    once, each with a stand-in cache entry (the batcher only hands them on)."""
     from llm_backends.batching import DecodeBatcher
 
     passes = []
@@ -293,8 +292,15 @@ def test_streams_arriving_together_are_waited_for_and_read_in_one_pass():
         return torch.zeros(len(wanted), 4)
 
     batcher = DecodeBatcher(feed, max_batch=8, arrival_s=5.0)
-    entries = [object() for _ in range(4)]  # stand-ins: the batcher only hands them to feed
-    arrivals = [batcher.arrive() for _ in entries]  # four requests taken at once
+    entries = [object() for _ in range(streams)]
+    return batcher, passes, entries, [batcher.arrive() for _ in entries]
+
+
+def test_streams_arriving_together_are_waited_for_and_read_in_one_pass():
+    import time
+    from functools import partial
+
+    batcher, passes, entries, arrivals = arriving(4)
 
     def stream(i: int) -> None:
         time.sleep(0.02 * i)  # each prompt takes a while to render and its cache to be checked out
@@ -362,17 +368,7 @@ def test_a_prompt_is_read_in_small_pieces_while_others_decode_and_answers_the_sa
 def test_streams_whose_prompts_were_read_together_take_their_first_tokens_in_one_pass():
     import time
 
-    from llm_backends.batching import DecodeBatcher
-
-    passes = []
-
-    def feed(entries, pieces, wanted):
-        passes.append([len(piece) for piece in pieces])
-        return torch.zeros(len(wanted), 4)
-
-    batcher = DecodeBatcher(feed, max_batch=8, arrival_s=5.0)
-    entries = [object() for _ in range(3)]
-    arrivals = [batcher.arrive() for _ in entries]
+    batcher, passes, entries, arrivals = arriving(3)
     for arrival, entry in zip(arrivals, entries, strict=True):
         arrival.bind(entry)
 
