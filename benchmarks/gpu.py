@@ -57,9 +57,9 @@ SHAPES = {
 }  # fmt: skip
 
 
-def build(name: str, folder: Path) -> Path:
+def build(name: str, folder: Path, device: str = "cuda") -> Path:
     """The model ``name`` with random weights (std 0.02, as the configs' initializer_range) and a small
-    tokenizer, saved to ``folder``."""
+    tokenizer, saved to ``folder`` (built on ``device``)."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
     from tiny_models import _gemma3_tokenizer, _tokenizer
@@ -79,14 +79,15 @@ def build(name: str, folder: Path) -> Path:
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # built in bf16 directly: an 8B model in fp32 would need 32 GB first
     try:
-        with torch.device("cuda"):
+        with torch.device(device):
             model = model_class(config)
     finally:
         torch.set_default_dtype(default)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     del model
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return folder
 
 
@@ -181,6 +182,20 @@ def peer(model, prompt: list[int], tokens: int, static: bool) -> dict:
     return {"tok_s": (tokens - 1) / (elapsed - one), "warm_up_s": warm_up, "ids": out[0, len(prompt) :].tolist()}
 
 
+def graph_ms(runner, size: int, replays: int = 50) -> float:
+    """GPU time of one decode step of ``size`` rows: the captured graph replayed alone, with no host work between
+    replays (every row reads and writes the scratch buffers, so attention covers a short context). A step's wall
+    time beyond this is host work: the address table, copies in, sampling, the threads' hand-offs."""
+    graph = runner.step.graphs[min(b for b in runner.step.graphs if b >= size)]
+    graph.graph.replay()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(replays):
+        graph.graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - started) / replays * 1000
+
+
 def weight_bytes(model) -> int:
     return int(model.get_memory_footprint())
 
@@ -240,6 +255,11 @@ def measure(name: str, folder: Path, args) -> list[dict]:
                 row[f"{mode}_{sessions}_sessions_equal_alone_of_2"] = sum(
                     a == b for a, b in zip(alone, many["ids"][:2], strict=True)
                 )
+        try:  # where the time of a step goes: the graph alone against the step as the sessions see it
+            for size in (1, *args.sessions):
+                row[f"graph_{size}_ms"] = graph_ms(default, size)
+        except Exception as e:
+            row["graph_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         # Drift of the default mode: its decode-step logits against a fresh forward over the same tokens.
         row["max_abs_logit_drift"] = drift(default, model, prompt, single["ids"][0][:32])
         for label, static in (("peer_eager", False), ("peer_static_compiled", True)):
@@ -347,6 +367,28 @@ def write(rows: list[dict], out: Path, facts: dict | None = None) -> None:
                 f"| {r['model']} | {r['precision']} | {n} | {r[key]:.0f} | {exact:.0f} | {equal[0]}/2 | {equal[1]}/2 | "
                 f"{r['max_abs_logit_drift']:.3f} | {r['greedy_agreement_default_vs_exact']:.2f} |"
             )
+    timed = [r for r in rows if "graph_1_ms" in r]
+    if timed:
+        lines += [
+            "",
+            "Where a default-mode step's time goes: its wall time as the sessions see it (from the tok/s above) "
+            "against its captured graph replayed alone; the rest is host work (address table, copies in, "
+            "sampling, the threads' hand-offs).",
+            "",
+            "| model | precision | rows | step ms | graph alone ms | host share |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in timed:
+            steps = {1: 1000 / r["ours_tok_s"]}
+            for key in (k for k in r if k.startswith("graph_") and k.endswith("_ms") and k != "graph_1_ms"):
+                n = int(key.split("_")[1])
+                if f"ours_{n}_sessions_tok_s" in r:
+                    steps[n] = n * 1000 / r[f"ours_{n}_sessions_tok_s"]
+            for n, wall in steps.items():
+                alone = r[f"graph_{n}_ms"]
+                lines.append(
+                    f"| {r['model']} | {r['precision']} | {n} | {wall:.2f} | {alone:.2f} | {1 - alone / wall:.0%} |"
+                )
     longs = [(r, k) for r in rows for k in r if k.startswith("long_")]
     if longs:
         lines += ["", "Long prompts (prefill through the engine, bf16):", ""]

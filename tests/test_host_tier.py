@@ -1,6 +1,7 @@
 """Sessions evicted from a GPU's memory wait in host RAM (host_cache_bytes) and come back exactly; what falls out of
 host RAM goes on to disk; a cleared session is gone from host RAM too. CI has no GPU: these tests ask for the tier
-on a CPU, where it runs the same code (its copies then stay in RAM)."""
+on a CPU, where it runs the same code (its copies then stay in RAM). On a GPU machine they load as ``LLM_TEST_*``
+says (conftest.py), e.g. ``LLM_TEST_DEVICE=cuda LLM_TEST_EXACT=1``: the copies then go between device and host."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 from test_cache_reuse import Conversation, reply
 
+from conftest import TINY_LOAD
 from llm_backends import SessionKey, load_model
 from llm_backends.host_tier import HostTier, payload_bytes
 
@@ -16,7 +18,7 @@ TURNS = ("Tell me about the sea, the sky and the mountains. " * 2, "What is the 
 
 def one_at_a_time(folder, **kwargs):
     """A model that keeps one session in (device) memory: every other session pushes the last one out."""
-    model = load_model(str(folder), max_cache_bytes=2**26, **kwargs)
+    model = load_model(str(folder), max_cache_bytes=2**26, **TINY_LOAD, **kwargs)
     model.sessions.max_sessions = 1
     return model
 
