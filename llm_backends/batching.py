@@ -309,6 +309,7 @@ class DecodeBatcher:
 
     def _run(self, batch: list[_Step]) -> None:
         wanted = [i for i, s in enumerate(batch) if s.wants_logits]
+        ran = True  # counted in batches and rows (a pass retried step by step counts as its retries)
         try:
             try:
                 logits = self.feed_rows([s.entry for s in batch], [s.tokens for s in batch], wanted)
@@ -316,6 +317,7 @@ class DecodeBatcher:
                 if len(batch) > 1 and isinstance(e, RowsIntact):
                     # The caches are as they were: each step again alone, so only the steps that fail fail
                     # (a prompt too long for memory must not end everyone else's reply).
+                    ran = False
                     for s in batch:
                         self._run([s])
                     return
@@ -335,8 +337,9 @@ class DecodeBatcher:
             for s in batch:
                 s.error = e.__cause__ if isinstance(e, RowsIntact) and e.__cause__ is not None else e
         finally:
-            self.batches += 1
-            self.rows += len(batch)
+            if ran:
+                self.batches += 1
+                self.rows += len(batch)
             read = {id(s.entry) for s in batch if not s.decode}
             if read:
                 with self._lock:  # their next step (a piece, or the first token's) comes once they have handled this

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 # A request body's limit: room for a few images as data: URLs (each at most images.MAX_IMAGE_BYTES).
 MAX_BODY_BYTES = 64 * 2**20
+MAX_DEPTH = 64  # nesting of the JSON body (tool parameters and schemas included): deeper is refused
 # Events of a streamed reply computed ahead of the client reading them.
 SSE_AHEAD = 16
 
@@ -169,7 +170,18 @@ def add_openai_routes(
         if kind == "chat":
             if not isinstance(body.get("messages"), list):
                 raise APIError(400, "messages is required and must be a list", param="messages")
-        model, model_id = await anyio.to_thread.run_sync(model_for, body.get("model"))
+        named = body.get("model")
+        if isinstance(named, str) and registry.resolve(named) in registry.entries.keys() - {registry.current_id}:
+            # Loading another model frees this one and every session's cache: only for a request that is sound.
+            if kind == "chat":
+                check = partial(openai_api.chat_request, fetch_image_urls=image_urls)
+            else:
+                check = openai_api.completion_request
+            try:
+                await anyio.to_thread.run_sync(check, openai_api.AnyModel, body)
+            except ValueError as e:
+                raise APIError(400, str(e), param=_param_of(str(e))) from e
+        model, model_id = await anyio.to_thread.run_sync(model_for, named)
         try:
             session = openai_api.session_for("api", principal, request.headers.get("x-session-id") or body.get("user"))
             if kind == "chat":
@@ -215,9 +227,25 @@ async def read_body(request: Request) -> dict:
         body = json.loads(raw)
     except ValueError as e:
         raise APIError(400, f"the request body is not valid JSON: {e}") from e
+    except RecursionError as e:
+        raise APIError(400, f"the request body is nested more than {MAX_DEPTH} levels deep") from e
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
+    if _depth(body) > MAX_DEPTH:  # templates, schemas and grammars walk it recursively
+        raise APIError(400, f"the request body is nested more than {MAX_DEPTH} levels deep")
     return body
+
+
+def _depth(value) -> int:
+    """How deeply lists and objects nest in ``value`` (without recursion: the value may be deep)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth <= MAX_DEPTH:
+                todo.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 FIELD_NAMES = (

@@ -110,7 +110,7 @@ class LocalModel(ChatModel):
             text = self.tokenizer.apply_chat_template(
                 messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True, **kwargs
             )
-        except TemplateError as e:  # e.g. "roles must alternate": the conversation, not the server, is wrong
+        except (TemplateError, RecursionError) as e:  # "roles must alternate", tools nested too deep: the input's
             raise ValueError(f"the model's chat template refused the conversation: {e}") from e
         if self.image_format is None:
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from . import tools as tool_calls
 from .backend import ChatModel, ChatStream
 from .chunks import Chunk
-from .request import SessionKey
+from .request import ChatRequest, SessionKey, build_request
 
 # Accepted for compatibility; only their neutral values are supported.
 NEUTRAL = {"n": 1, "frequency_penalty": 0, "presence_penalty": 0, "logit_bias": None}
@@ -128,6 +128,17 @@ def open_chat(
 ) -> Call:
     """Validates a chat request body and starts its reply; ValueError naming the first bad field. Images come
     as OpenAI ``image_url`` parts (data: URLs; http(s) URLs only with ``fetch_image_urls``)."""
+    request = chat_request(model, body, session=session, fetch_image_urls=fetch_image_urls)
+    include_usage = _include_usage(body)
+    chat = model.stream(request)
+    parse = bool(request.tools) and request.tool_choice != "none"
+    return Call(
+        chat, _head(model, model_name, "chatcmpl"), include_usage, parse, body.get("parallel_tool_calls") is False
+    )
+
+
+def chat_request(model, body: dict, *, session: SessionKey | None = None, fetch_image_urls: bool = False):
+    """A chat request body as ``model``'s ChatRequest (ValueError naming the first bad field); nothing starts."""
     _check_fields(body, CHAT_FIELDS, NEUTRAL)
     max_tokens = body.get("max_completion_tokens")
     if max_tokens is None:
@@ -157,16 +168,18 @@ def open_chat(
         fetch_image_urls=fetch_image_urls,
         **_sampling(body, max_tokens),
     )
-    include_usage = _include_usage(body)
-    chat = model.stream(request)
-    parse = bool(request.tools) and request.tool_choice != "none"
-    return Call(
-        chat, _head(model, model_name, "chatcmpl"), include_usage, parse, body.get("parallel_tool_calls") is False
-    )
+    _include_usage(body)
+    return request
 
 
 def open_completion(model: ChatModel, body: dict, *, session: SessionKey | None, model_name: str | None = None) -> Call:
     """Validates a raw completion request body (``prompt``) and starts it; ValueError naming a bad field."""
+    request = completion_request(model, body, session=session)
+    return Call(model.stream(request), _head(model, model_name, "cmpl"), _include_usage(body))
+
+
+def completion_request(model, body: dict, *, session: SessionKey | None = None):
+    """A raw completion request body as ``model``'s ChatRequest (ValueError naming a bad field); nothing starts."""
     _check_fields(body, COMPLETION_FIELDS, COMPLETION_NEUTRAL)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -186,8 +199,18 @@ def open_completion(model: ChatModel, body: dict, *, session: SessionKey | None,
         logprobs=logprobs,
         **_sampling(body, body.get("max_tokens")),
     )
-    include_usage = _include_usage(body)
-    return Call(model.stream(request), _head(model, model_name, "cmpl"), include_usage)
+    _include_usage(body)
+    return request
+
+
+class AnyModel:
+    """What a request body is checked against before its model is loaded (switching models frees the current one
+    and every session's cache, which bad input must not do): no family, no context limit, images allowed. The
+    model itself checks what depends on it once loaded."""
+
+    @staticmethod
+    def request(messages, **fields) -> ChatRequest:
+        return build_request(messages, family=None, context_length=None, images=True, **fields)
 
 
 def create(chat_model: ChatModel, messages, *, model=None, stream=False, space: str, principal: str, **fields):

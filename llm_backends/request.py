@@ -19,6 +19,7 @@ from .families.base import Family
 DEFAULT_MAX_NEW_TOKENS = 512
 ROLES = ("system", "user", "assistant", "tool")
 MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 1024  # per stop string: each is matched against the reply's end at every token
 MAX_TOP_LOGPROBS = 20
 SPACES = ("page", "api", "python", "seed")
 
@@ -315,6 +316,8 @@ def check_stop(stop) -> tuple[str, ...]:
         raise ValueError("stop must be a string or a list of strings")
     if len(stop) > MAX_STOP_STRINGS:
         raise ValueError(f"stop holds {len(stop)} strings; at most {MAX_STOP_STRINGS} are allowed")
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise ValueError(f"stop strings may be at most {MAX_STOP_CHARS} characters long")
     return tuple(s for s in stop if s)
 
 

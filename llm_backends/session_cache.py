@@ -86,6 +86,9 @@ class CacheEntry:
     ids: list[int] = field(default_factory=list)
     checkpoints: list[Checkpoint] = field(default_factory=list)
     found: str = "none"  # where the last checkout found it: memory, host, disk, shared or none (SessionStore.hits)
+    # How many of its first ids its owner's operator wrote (template head and system prompt, as of the owner's
+    # last prompt): all that other people may reuse of it, however long a system prompt of their own they send.
+    shared_upto: int = 0
     # How the runner's kind of cache is copied (for another session), and its sliding layers' windows cloned (for
     # a restore point); the runner may have faster ways for its own kind.
     copy_cache: Callable[[object], object] = copy.deepcopy
@@ -105,6 +108,7 @@ class CacheEntry:
         self.cache = self.make_cache()
         self.ids = []
         self.checkpoints = []
+        self.shared_upto = 0
 
     def can_trim(self, length: int) -> bool:
         """Whether the cache can be cut back to its first ``length`` tokens in place."""
@@ -120,6 +124,7 @@ class CacheEntry:
         if remove > 0:
             self.cache.crop(-remove)  # transformers 5: a negative count of tokens to remove
             del self.ids[length:]
+            self.shared_upto = min(self.shared_upto, length)
         self.checkpoints = [c for c in self.checkpoints if c.length <= length]
 
     @property
@@ -260,6 +265,8 @@ class SessionStore:
         self._sizes: dict[Hashable, int] = {}
         self._bytes = 0
         self._leases: dict[int, Hashable] = {}
+        # Per lease, the prompt it was checked out for and how much of it the operator wrote (see checkin).
+        self._prompts: dict[int, tuple[Sequence[int], Callable[[], int]]] = {}
         self._lease_ids = itertools.count()
         self._lock = threading.Lock()
 
@@ -281,6 +288,7 @@ class SessionStore:
             entry = self._drop(session_id)
             lease = next(self._lease_ids)
             self._leases[lease] = session_id
+            self._prompts[lease] = (prompt_ids, shareable)
         found = "memory" if entry is not None else None
         if entry is None and self.host is not None:
             entry = self.host.take(session_id, new_entry)
@@ -317,8 +325,10 @@ class SessionStore:
                 continue
             length = common_prefix_len(candidate.ids, prompt_ids)
             if key.principal != session_id.principal:
+                # Both people's operator words: the asker's own system prompt may say anything, the donor's
+                # turns included, so it is the donor's that bounds what crosses.
                 limit = shareable() if limit is None else limit
-                length = min(length, limit)
+                length = min(length, limit, candidate.shared_upto)
             if length > best_length:
                 best, best_length = candidate, length
         length = min(best_length, len(prompt_ids) - 1)
@@ -326,8 +336,17 @@ class SessionStore:
 
     def checkin(self, lease: int, entry: CacheEntry) -> None:
         """Puts an entry back unless its session was cleared meanwhile; then evicts to the budget (to the host
-        and disk tiers, where there are)."""
+        and disk tiers, where there are). What other people may reuse of it is set again: the operator's part of
+        the prompt it was checked out for, as far as the entry still holds that prompt."""
         size = entry.nbytes  # the entry is still the caller's alone
+        with self._lock:
+            prompt_ids, shareable = self._prompts.pop(lease, ((), None))
+        try:
+            operator = shareable() if prompt_ids else 0
+        except Exception:  # noqa: BLE001 (the template refused its probe, say: nothing is shared)
+            log.exception("could not measure a prompt's system part; its cache is not shared")
+            operator = 0
+        entry.shared_upto = min(operator, common_prefix_len(entry.ids, prompt_ids))
         with self._lock:
             session_id = self._leases.pop(lease, None)
             if session_id is None:
@@ -420,6 +439,7 @@ class SessionStore:
         with self._lock:
             self._drop_all()
             self._leases.clear()
+            self._prompts.clear()
             if self.host is not None:
                 self.host.drop()
 
@@ -430,6 +450,7 @@ class SessionStore:
             if session_id is None:
                 self._drop_all()
                 self._leases.clear()
+                self._prompts.clear()
                 self._clearings += 1
                 if self.host is not None:
                     self.host.drop()
@@ -445,6 +466,7 @@ class SessionStore:
                 self.tier.path(session_id).unlink(missing_ok=True)
             for lease in [k for k, v in self._leases.items() if v == session_id]:
                 del self._leases[lease]
+                self._prompts.pop(lease, None)
 
     def info(self) -> dict:
         with self._lock:

@@ -61,7 +61,10 @@ class StopStrings:
             self.hit = True
             self._held = ""
             return buf[:cut]
-        keep = max((k for s in self._stops for k in range(1, len(s)) if buf.endswith(s[:k])), default=0)
+        # The longest end of buf that begins a stop string (held back: the next text may complete it).
+        keep = max(
+            (k for s in self._stops for k in range(1, min(len(s), len(buf) + 1)) if buf.endswith(s[:k])), default=0
+        )
         self._held = buf[len(buf) - keep :] if keep else ""
         return buf[: len(buf) - keep]
 

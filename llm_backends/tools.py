@@ -166,7 +166,8 @@ def check_tool_choice(choice, tools: tuple[dict, ...] | None) -> str | None:
     if choice is None:
         return "auto" if tools else None
     if isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+        function = choice.get("function") if choice.get("type") == "function" else None
+        name = function.get("name") if isinstance(function, dict) else None
         if not isinstance(name, str):
             raise ValueError("tool_choice must be auto, none, required or {'type': 'function', 'function': {'name'}}")
         if name not in {t["function"]["name"] for t in tools or ()}:

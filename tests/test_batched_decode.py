@@ -410,3 +410,18 @@ def test_a_stream_closed_unread_is_no_longer_waited_for_and_no_arrival_keeps_a_c
     assert not batcher._arrivals
     NO_ARRIVAL.bind(gemma3.engine.new_entry())  # what a runner without a batcher hands out, to every stream
     assert NO_ARRIVAL.entry is None
+
+
+def test_a_pass_retried_row_by_row_counts_only_the_passes_that_ran():
+    from llm_backends.batching import DecodeBatcher, RowsIntact, _Step
+
+    def feed(entries, pieces, wanted):
+        if len(entries) > 1:
+            raise RowsIntact() from RuntimeError("simulated: this pass changed no cache")
+        return torch.zeros(len(wanted), 4)
+
+    batcher = DecodeBatcher(feed, max_batch=8)
+    steps = [_Step(object(), [1]), _Step(object(), [2])]
+    batcher._run(steps)
+    assert all(s.finished and s.error is None and s.logits is not None for s in steps)
+    assert (batcher.batches, batcher.rows) == (2, 2), "the failed pass of two rows ran nothing"

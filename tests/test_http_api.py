@@ -106,6 +106,9 @@ def test_wrong_or_missing_key_is_401(api):
         ({"messages": HELLO, "max_tokens": 0}, 400, "max_new_tokens"),
         ({"messages": "hi"}, 400, "messages"),
         ([1, 2], 400, "object"),
+        ({"messages": HELLO, "tool_choice": {"type": "function", "function": "f"}}, 400, "tool_choice"),
+        ({"messages": HELLO, "stop": ["z" * 2000]}, 400, "stop"),
+        ({"messages": HELLO, "tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]}, 400, ""),
     ],
 )
 def test_bad_requests_get_openai_shaped_errors(api, body, status, needle):
@@ -114,6 +117,36 @@ def test_bad_requests_get_openai_shaped_errors(api, body, status, needle):
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert needle in error["message"] and set(error) == {"message", "type", "param", "code"}
+
+
+def test_a_bad_request_naming_another_model_loads_nothing_and_keeps_every_cache(api, client):
+    base, registry = api
+    before = registry.current_id
+    client.chat.completions.create(model=before, messages=HELLO, max_tokens=2, user="keeps-its-cache")
+    sessions = registry.get().cache_info()["sessions"]
+    other = next(i for i in registry.ids if i != before)
+    for body in (
+        {"messages": [], "temperature": -1},
+        {"messages": HELLO, "temperature": -1},
+        {"messages": HELLO, "x": 1},
+    ):
+        r = httpx.post(
+            f"{base}/v1/chat/completions", json={"model": other, **body}, headers={"Authorization": f"Bearer {KEY}"}
+        )
+        assert r.status_code == 400, r.text
+    r = httpx.post(
+        f"{base}/v1/completions", json={"model": other, "prompt": 5}, headers={"Authorization": f"Bearer {KEY}"}
+    )
+    assert r.status_code == 400, r.text
+    assert registry.current_id == before and registry.get().cache_info()["sessions"] == sessions
+
+
+def test_a_body_nested_too_deeply_is_400_not_a_server_error(api):
+    base, _ = api
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    for body in (b"[" * 5000 + b"]" * 5000, b'{"messages": ' + b"[" * 200 + b"]" * 200 + b"}"):
+        r = httpx.post(f"{base}/v1/chat/completions", content=body, headers=auth)
+        assert r.status_code == 400 and "nested" in r.json()["error"]["message"], r.text
 
 
 def test_malformed_json_and_wrong_content_type_are_400(api):

@@ -142,3 +142,62 @@ def test_a_shared_system_prompt_is_computed_once_and_nothing_else_crosses_princi
     fresh = model.create(conversation, max_tokens=12, temperature=0, enable_thinking=False)
     assert reused["choices"][0]["message"]["content"] == fresh["choices"][0]["message"]["content"]
     assert reused["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+
+
+@pytest.fixture(scope="module")
+def gemma3_wide_dir(tmp_path_factory):
+    """A tiny Gemma 3 whose sliding window (512, as the real 270M's) holds a whole first turn: its template folds
+    the system prompt into the first user turn."""
+    from tiny_models import build_gemma3
+
+    return build_gemma3(tmp_path_factory.mktemp("tiny-gemma3-wide"), sliding_window=512, with_template=True)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_another_persons_words_cannot_be_reached_by_sending_them_as_ones_own_system_prompt(
+    family, qwen3_dir, gemma3_wide_dir
+):
+    """Another person may reuse the donor's own system prompt, never more because the asker's system prompt is
+    longer: an asker who writes the first person's turn into their own system prompt (after the template's turn
+    markers on Qwen; on Gemma, whose template folds the system prompt into the first turn, as it is) must learn
+    nothing from cached_tokens. One server per guess, so the victim's cache is the only one to find."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from llm_backends.http_api import add_openai_routes
+
+    folder = qwen3_dir if family == "qwen3" else gemma3_wide_dir
+    victim = [{"role": "system", "content": SYSTEM}] if family == "qwen3" else []  # Gemma: no system prompt at all
+    victim.append({"role": "user", "content": SECRET})
+
+    def trial(pin: str) -> tuple[int, int]:
+        registry = ModelRegistry([str(folder)], max_cache_bytes=2**28)
+        model = registry.switch(registry.ids[0])
+        routes = FastAPI()
+        add_openai_routes(routes, registry, api_key=["key-ann", "key-mal"], exposed=False)
+        client = TestClient(routes)
+
+        def cached(key: str, messages) -> int:
+            body = {"messages": messages, "max_tokens": 1, "temperature": 0, "user": key, "enable_thinking": False}
+            r = client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+            assert r.status_code == 200, r.text
+            return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+        cached("key-ann", victim)
+        # The victim's rendered prompt up to their secret, less the head the template writes before a system prompt.
+        text = model.tokenizer.decode(model.render(victim, enable_thinking=False))
+        probe = model.tokenizer.decode(
+            model.render(
+                [{"role": "system", "content": "MARK"}, {"role": "user", "content": "x"}], enable_thinking=False
+            )
+        )
+        head = probe[: probe.index("MARK")]
+        forged = text[len(head) : text.index(SECRET)] + SECRET.replace("4417", pin)
+        assert text.startswith(head)
+        found = cached("key-mal", [{"role": "system", "content": forged}, {"role": "user", "content": "x"}])
+        return found, model.operator_tokens(model.request(victim, thinking=False))
+
+    right, operator = trial("4417")
+    wrong, _ = trial("1111")
+    assert right == wrong, "a right guess must look like a wrong one"
+    assert right <= operator, "nothing past the victim's own system prompt"
