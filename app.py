@@ -42,6 +42,7 @@ ENV = {
     "host_cache_gb": "LLM_HOST_CACHE_GB",
     "concurrency": "LLM_CONCURRENCY",
     "api_key": "LLM_API_KEY",
+    "metrics_key": "LLM_METRICS_KEY",
     "insecure_no_auth": "LLM_INSECURE_NO_AUTH",
     "admins": "LLM_ADMINS",
     "page_secret": "LLM_PAGE_SECRET",
@@ -66,6 +67,7 @@ class AppConfig:
     host_cache_gb: float | None = None
     concurrency: int = 8
     api_keys: list[str] = field(default_factory=list)
+    metrics_key: str | None = None  # reads /metrics (needed where several API keys share the server)
     insecure_no_auth: bool = False
     on_spaces: bool = False
     page_secret: str | None = None  # encrypts the chats saved in browsers; kept in the user cache folder if unset
@@ -153,6 +155,11 @@ def parse_args(argv: Sequence[str] | None = None, env: dict | None = None) -> Ap
         "[LLM_API_KEY, comma-separated]",
     )
     parser.add_argument(
+        "--metrics-key",
+        help="the key that reads /metrics, which counts every caller's requests: with several --api-key, only it "
+        "does [LLM_METRICS_KEY]",
+    )
+    parser.add_argument(
         "--insecure-no-auth",
         action="store_true",
         default=None,
@@ -210,6 +217,7 @@ def parse_args(argv: Sequence[str] | None = None, env: dict | None = None) -> Ap
     config.concurrency = pick("concurrency", int) or config.concurrency
     keys = args.api_key or env.get(ENV["api_key"], "").split(",")
     config.api_keys = [k.strip() for k in keys if k.strip()]
+    config.metrics_key = pick("metrics_key")
     config.insecure_no_auth = bool(pick("insecure_no_auth", bool))
     config.page_secret = env.get(ENV["page_secret"]) or None  # not a flag: a command line is visible to others
     admins = args.admins or env.get(ENV["admins"], "").split(",")
@@ -1285,7 +1293,14 @@ def serve(config: AppConfig, registry: ModelRegistry | None = None, **launch_kwa
         **launch_kwargs,
     )
     exposed = config.share or not is_loopback(config.host)
-    add_openai_routes(demo.app, registry, api_key=config.api_keys, exposed=exposed, image_urls=config.image_urls)
+    add_openai_routes(
+        demo.app,
+        registry,
+        api_key=config.api_keys,
+        exposed=exposed,
+        image_urls=config.image_urls,
+        metrics_key=config.metrics_key,
+    )
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
     log.info(
         "Ready at http://%s:%d (OpenAI API at /v1)%s",

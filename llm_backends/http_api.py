@@ -61,9 +61,13 @@ def add_openai_routes(
     api_key: str | Sequence[str] | None,
     exposed: bool,
     image_urls: bool = False,
+    metrics_key: str | None = None,
 ) -> None:
     """Adds ``/health``, ``/metrics`` and the ``/v1`` routes. With ``exposed`` (a share link or a non-loopback
     host) ``/v1`` and ``/metrics`` need an API key; ``/health`` is public and says only whether a model is ready.
+    ``/metrics`` counts everyone's requests, so where several keys share the server it is read with
+    ``metrics_key`` alone (no key of theirs tells one caller of another's traffic); with ``metrics_key`` set, only
+    with it.
 
     API sessions live in their own space, under the fingerprint of the key that sent the request as principal,
     so no field or header of a /v1 request can reach a page session's cache, a Python caller's, or another
@@ -92,6 +96,21 @@ def add_openai_routes(
             "invalid or missing API key (send Authorization: Bearer <key>)",
             type_="authentication_error",
             code="invalid_api_key",
+        )
+
+    def authorize_metrics(request: Request) -> None:
+        if metrics_key is None and len(keys) < 2:
+            authorize(request)
+            return
+        given = request.headers.get("authorization", "").encode()
+        if metrics_key is not None and hmac.compare_digest(given, f"Bearer {metrics_key}".encode()):
+            return
+        raise APIError(
+            403 if metrics_key is None else 401,
+            "/metrics counts every caller's requests: read it with the metrics key (start the server with "
+            "--metrics-key where several API keys share it)",
+            type_="authentication_error" if metrics_key is not None else "permission_error",
+            code="metrics_key_needed",
         )
 
     def openai_errors(route):
@@ -148,7 +167,7 @@ def add_openai_routes(
     @app.get("/metrics")
     @openai_errors
     async def prometheus(request: Request):
-        authorize(request)
+        authorize_metrics(request)
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")

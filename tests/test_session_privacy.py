@@ -201,3 +201,28 @@ def test_another_persons_words_cannot_be_reached_by_sending_them_as_ones_own_sys
     wrong, _ = trial("1111")
     assert right == wrong, "a right guess must look like a wrong one"
     assert right <= operator, "nothing past the victim's own system prompt"
+
+
+def test_where_several_keys_share_a_server_only_the_metrics_key_reads_everyones_counts(qwen3_dir):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from llm_backends.http_api import add_openai_routes
+
+    registry = ModelRegistry([str(qwen3_dir)], max_cache_bytes=2**26)
+    registry.switch(registry.ids[0])
+
+    def scrape(keys, metrics_key, key) -> int:
+        routes = FastAPI()
+        add_openai_routes(routes, registry, api_key=keys, exposed=False, metrics_key=metrics_key)
+        return TestClient(routes).get("/metrics", headers={"Authorization": f"Bearer {key}"}).status_code
+
+    assert scrape(["key-ann"], None, "key-ann") == 200, "one key: its holder is the only caller"
+    assert scrape(["key-ann", "key-mal"], None, "key-mal") == 403, "another caller's traffic is not theirs to read"
+    assert scrape(["key-ann", "key-mal"], "ops", "key-mal") == 401
+    assert scrape(["key-ann", "key-mal"], "ops", "ops") == 200
+    assert scrape(["key-ann"], "ops", "key-ann") == 401, "with a metrics key, only it reads /metrics"
+    import app
+
+    assert app.parse_args(["--metrics-key", "ops"], env={}).metrics_key == "ops"
+    assert app.parse_args([], env={"LLM_METRICS_KEY": "ops"}).metrics_key == "ops"
