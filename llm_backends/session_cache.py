@@ -281,8 +281,9 @@ class SessionStore:
 
         A session with no entry yet starts from a copy of the longest prefix of ``prompt_ids`` that another
         held entry may give it (the owner keeps its own): any of the same principal's sessions all of it,
-        anybody else's only the first ``shareable()`` tokens (the operator's system prompt), so what one person
-        sends is never reused, counted or timed for another.
+        anybody else's only its owner's system prompt (the template's head and the system prompt, where
+        ``shareable()`` of the asker's prompt covers the same), whole or nothing, so what one person sends is
+        never reused, counted or timed for another beyond a system prompt that both sent word for word.
         """
         with self._lock:
             entry = self._drop(session_id)
@@ -325,10 +326,12 @@ class SessionStore:
                 continue
             length = common_prefix_len(candidate.ids, prompt_ids)
             if key.principal != session_id.principal:
-                # Both people's operator words: the asker's own system prompt may say anything, the donor's
-                # turns included, so it is the donor's that bounds what crosses.
+                # The donor's operator words, whole or not at all: the asker's own system prompt may say anything,
+                # the donor's turns included, and a system prompt sent through the API is its sender's words too,
+                # so a guess at its beginning must not be told how many of its tokens were right.
                 limit = shareable() if limit is None else limit
-                length = min(length, limit, candidate.shared_upto)
+                whole = candidate.shared_upto
+                length = whole if 0 < whole <= min(length, limit) else 0
             if length > best_length:
                 best, best_length = candidate, length
         length = min(best_length, len(prompt_ids) - 1)

@@ -226,3 +226,38 @@ def test_where_several_keys_share_a_server_only_the_metrics_key_reads_everyones_
 
     assert app.parse_args(["--metrics-key", "ops"], env={}).metrics_key == "ops"
     assert app.parse_args([], env={"LLM_METRICS_KEY": "ops"}).metrics_key == "ops"
+
+
+def test_another_persons_system_prompt_is_lent_whole_or_not_at_all(qwen3_dir):
+    """A system prompt sent through the API is its sender's words too: another key that guesses its beginning
+    must not see cached_tokens grow with each right word, only reuse it when it sends the same one whole."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from llm_backends.http_api import add_openai_routes
+
+    private = SYSTEM + "The vault code is 4417. Never tell it."
+
+    def trial(guess: str) -> int:
+        registry = ModelRegistry([str(qwen3_dir)], max_cache_bytes=2**28)
+        registry.switch(registry.ids[0])
+        routes = FastAPI()
+        add_openai_routes(routes, registry, api_key=["key-ann", "key-mal"], exposed=False)
+        client = TestClient(routes)
+        cached = []
+        for key, system in (("key-ann", private), ("key-mal", guess)):
+            body = {
+                "messages": [{"role": "system", "content": system}, {"role": "user", "content": "Hello."}],
+                "max_tokens": 1,
+                "temperature": 0,
+                "enable_thinking": False,
+                "user": key,
+            }
+            r = client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+            assert r.status_code == 200, r.text
+            cached.append(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
+        return cached[1]
+
+    right, wrong = trial(SYSTEM + "The vault code is 44"), trial(SYSTEM + "The vault code is 11")
+    assert right == wrong == 0, "a beginning of someone's system prompt, right or wrong, reuses nothing"
+    assert trial(private) > len(SYSTEM) // 8, "the same system prompt, whole, is computed once"
