@@ -10,7 +10,7 @@ import atexit
 import functools
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from functools import partial
 
@@ -232,29 +232,34 @@ class LocalModel(ChatModel):
             cancel,
             started,
             prompt_ids,
-            partial(self.operator_tokens, request),
+            partial(self.operator_tokens, request, prompt_ids),
             arrival,
         )
         # A stream closed unread (its client left at once) is no longer waited for.
         return ChatStream(chunks, cancel, prompt_tokens=len(prompt_ids), dropped_turns=dropped, on_close=arrival.close)
 
-    def operator_tokens(self, request: ChatRequest) -> int:
+    def operator_tokens(self, request: ChatRequest, prompt_ids: Sequence[int] | None = None) -> int:
         """How many of the prompt's first tokens are the operator's words (the template's head and the system
-        prompt), which may be shared between people; 0 without a system prompt."""
+        prompt), which may be shared between people; 0 without a system prompt. With ``prompt_ids`` (the request's
+        rendered prompt), 0 also where they do not begin with exactly those tokens (a tokenizer that merged the
+        system prompt's last token with the first user words)."""
         messages = request.messages
         if request.prompt is not None or not messages or messages[0]["role"] != "system":
             return 0
-        return self._operator_tokens(messages[0]["content"], request.thinking)
+        head = self._operator_ids(messages[0]["content"], request.thinking)
+        if prompt_ids is not None and tuple(prompt_ids[: len(head)]) != head:
+            return 0
+        return len(head)
 
     @functools.lru_cache(maxsize=64)  # noqa: B019 (the model lives as long as its cache; few system prompts)
-    def _operator_tokens(self, system: str, thinking: bool | None) -> int:
+    def _operator_ids(self, system: str, thinking: bool | None) -> tuple[int, ...]:
         probes = [
             self.render(
                 [{"role": "system", "content": system}, {"role": "user", "content": probe}], enable_thinking=thinking
             )
             for probe in ("A", "B")
         ]
-        return common_prefix_len(*probes)
+        return tuple(probes[0][: common_prefix_len(*probes)])
 
     def turn_boundaries(self, prompt_ids: list[int], request: ChatRequest | None = None) -> list[int]:
         """Where restore points go in a prompt: where the user's turns begin (the first one excepted) and,

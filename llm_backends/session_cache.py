@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 # A new session copies another's cache only for at least this many tokens: a copy costs a pass over the
 # donor's whole cache, and re-reading a template's few head tokens costs less.
 MIN_SHARED = 32
+MAX_SYSTEM_PROMPTS = 16  # system prompts whose states are kept for other people's new sessions (LRU)
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
@@ -86,9 +87,6 @@ class CacheEntry:
     ids: list[int] = field(default_factory=list)
     checkpoints: list[Checkpoint] = field(default_factory=list)
     found: str = "none"  # where the last checkout found it: memory, host, disk, shared or none (SessionStore.hits)
-    # How many of its first ids its owner's operator wrote (template head and system prompt, as of the owner's
-    # last prompt): all that other people may reuse of it, however long a system prompt of their own they send.
-    shared_upto: int = 0
     # How the runner's kind of cache is copied (for another session), and its sliding layers' windows cloned (for
     # a restore point); the runner may have faster ways for its own kind.
     copy_cache: Callable[[object], object] = copy.deepcopy
@@ -108,7 +106,6 @@ class CacheEntry:
         self.cache = self.make_cache()
         self.ids = []
         self.checkpoints = []
-        self.shared_upto = 0
 
     def can_trim(self, length: int) -> bool:
         """Whether the cache can be cut back to its first ``length`` tokens in place."""
@@ -124,7 +121,6 @@ class CacheEntry:
         if remove > 0:
             self.cache.crop(-remove)  # transformers 5: a negative count of tokens to remove
             del self.ids[length:]
-            self.shared_upto = min(self.shared_upto, length)
         self.checkpoints = [c for c in self.checkpoints if c.length <= length]
 
     @property
@@ -267,6 +263,12 @@ class SessionStore:
         self._leases: dict[int, Hashable] = {}
         # Per lease, the prompt it was checked out for and how much of it the operator wrote (see checkin).
         self._prompts: dict[int, tuple[Sequence[int], Callable[[], int]]] = {}
+        # The states of whole system prompts (template head and system prompt, keyed by their exact ids), copied
+        # once from the first session that sent each: what another person's new session may start from. Never a
+        # live session, so neither its turns, its length nor its restore points can show in what is lent or how
+        # long the copy takes. Counted in the byte budget; dropped after the sessions when over it.
+        self._systems: OrderedDict[tuple[int, ...], tuple[CacheEntry, int]] = OrderedDict()
+        self._system_bytes = 0
         self._lease_ids = itertools.count()
         self._lock = threading.Lock()
 
@@ -299,8 +301,9 @@ class SessionStore:
             found = "disk" if entry is not None else None
         donor, length = None, 0
         if entry is None:
+            system = self._system_for(session_id, prompt_ids, shareable)
             with self._lock:
-                donor, length = self._donor(session_id, prompt_ids, shareable)
+                donor, length = self._donor(session_id, prompt_ids, system)
                 if donor is not None:
                     try:  # under the lock: the donor cannot be checked out and changed meanwhile
                         entry = donor.copy()
@@ -317,39 +320,41 @@ class SessionStore:
             entry.reset()
         return lease, entry
 
-    def _donor(self, session_id, prompt_ids, shareable) -> tuple[CacheEntry | None, int]:
+    def _system_for(self, session_id, prompt_ids, shareable) -> tuple[int, ...] | None:
+        """The key under which another person's system prompt like this request's would be kept (its first
+        ``shareable()`` ids), or None where the request has none to share."""
+        if not prompt_ids or not isinstance(session_id, SessionKey):
+            return None
+        limit = shareable()
+        return tuple(prompt_ids[:limit]) if MIN_SHARED <= limit < len(prompt_ids) else None
+
+    def _donor(self, session_id, prompt_ids, system) -> tuple[CacheEntry | None, int]:
+        """Under the lock: the entry a new session starts from and how many of its tokens: the longest prefix of
+        ``prompt_ids`` among the same person's sessions, or a whole system prompt kept under ``system``."""
         if not prompt_ids or not isinstance(session_id, SessionKey):
             return None, 0
-        best, best_length, limit = None, 0, None
+        best, best_length = None, 0
         for key, candidate in self._entries.items():
-            if not isinstance(key, SessionKey) or not candidate.copyable:
-                continue
-            length = common_prefix_len(candidate.ids, prompt_ids)
-            if key.principal != session_id.principal:
-                # The donor's operator words, whole or not at all: the asker's own system prompt may say anything,
-                # the donor's turns included, and a system prompt sent through the API is its sender's words too,
-                # so a guess at its beginning must not be told how many of its tokens were right.
-                limit = shareable() if limit is None else limit
-                whole = candidate.shared_upto
-                length = whole if 0 < whole <= min(length, limit) else 0
-            if length > best_length:
-                best, best_length = candidate, length
+            if isinstance(key, SessionKey) and key.principal == session_id.principal and candidate.copyable:
+                length = common_prefix_len(candidate.ids, prompt_ids)
+                if length > best_length:
+                    best, best_length = candidate, length
+        kept = self._systems.get(system) if system is not None else None
+        if kept is not None and len(system) > best_length:
+            self._systems.move_to_end(system)
+            best, best_length = kept[0], len(system)
         length = min(best_length, len(prompt_ids) - 1)
         return (best, length) if length >= MIN_SHARED else (None, 0)
 
     def checkin(self, lease: int, entry: CacheEntry) -> None:
         """Puts an entry back unless its session was cleared meanwhile; then evicts to the budget (to the host
-        and disk tiers, where there are). What other people may reuse of it is set again: the operator's part of
-        the prompt it was checked out for, as far as the entry still holds that prompt."""
+        and disk tiers, where there are). The first time a whole system prompt is held, its states are kept for
+        other people (``_keep_system``)."""
         size = entry.nbytes  # the entry is still the caller's alone
         with self._lock:
             prompt_ids, shareable = self._prompts.pop(lease, ((), None))
-        try:
-            operator = shareable() if prompt_ids else 0
-        except Exception:  # noqa: BLE001 (the template refused its probe, say: nothing is shared)
-            log.exception("could not measure a prompt's system part; its cache is not shared")
-            operator = 0
-        entry.shared_upto = min(operator, common_prefix_len(entry.ids, prompt_ids))
+            session_id = self._leases.get(lease)
+        self._keep_system(session_id, entry, prompt_ids, shareable)
         with self._lock:
             session_id = self._leases.pop(lease, None)
             if session_id is None:
@@ -361,6 +366,42 @@ class SessionStore:
             victims = self._evict()
             clearings = self._clearings
         self._spill(victims, clearings)
+
+    def _keep_system(self, session_id, entry: CacheEntry, prompt_ids, shareable) -> None:
+        """Keeps a copy of ``entry`` cut back to its request's whole system prompt, unless one is kept already or
+        the entry does not hold all of it (a prefill cancelled midway lends nothing)."""
+        try:
+            system = self._system_for(session_id, prompt_ids, shareable) if entry.copyable else None
+        except Exception:  # noqa: BLE001 (the template refused its probe, say: nothing is kept)
+            log.exception("could not measure a prompt's system part; it is not kept for others")
+            return
+        if system is None or tuple(entry.ids[: len(system)]) != system:
+            return
+        with self._lock:
+            if system in self._systems:
+                self._systems.move_to_end(system)
+                return
+            clearings = self._clearings
+        try:  # outside the lock: the entry is still the caller's alone
+            kept = entry.copy()
+            if kept.rewind_to(len(system)) != len(system):  # no restore point there any more
+                return
+        except Exception as e:  # noqa: BLE001 (no memory for it, say: the next one tries again)
+            log.warning("could not keep a system prompt's states for others (%s)", e)
+            return
+        size = kept.nbytes
+        with self._lock:
+            if system in self._systems or self._clearings != clearings:  # kept meanwhile, or everything cleared
+                return
+            self._systems[system] = (kept, size)
+            self._system_bytes += size
+            while len(self._systems) > MAX_SYSTEM_PROMPTS:
+                self._drop_system()
+
+    def _drop_system(self) -> None:
+        """Under the lock: forgets the least recently used system prompt's states."""
+        _, (_, size) = self._systems.popitem(last=False)
+        self._system_bytes -= size
 
     def _drop(self, key: Hashable) -> CacheEntry | None:
         """Takes a held entry out (under the lock); None if the session has none."""
@@ -374,7 +415,11 @@ class SessionStore:
 
     def _evict(self) -> list:
         victims = []
-        while self._entries and (self._bytes > self.max_bytes or len(self._entries) > self.max_sessions):
+        while self._systems and self._system_bytes > self.max_bytes // 2:  # at most half of it
+            self._drop_system()
+        while self._entries and (
+            self._bytes + self._system_bytes > self.max_bytes or len(self._entries) > self.max_sessions
+        ):
             key = next(iter(self._entries))  # the least recently used
             victim = self._drop(key)
             self._forgotten.discard(key)  # held since any clear of its session: this copy may go out
@@ -443,6 +488,8 @@ class SessionStore:
             self._drop_all()
             self._leases.clear()
             self._prompts.clear()
+            self._systems.clear()
+            self._system_bytes = 0
             if self.host is not None:
                 self.host.drop()
 
@@ -454,6 +501,8 @@ class SessionStore:
                 self._drop_all()
                 self._leases.clear()
                 self._prompts.clear()
+                self._systems.clear()
+                self._system_bytes = 0
                 self._clearings += 1
                 if self.host is not None:
                     self.host.drop()
@@ -475,7 +524,8 @@ class SessionStore:
         with self._lock:
             return {
                 "sessions": len(self._entries),
-                "bytes": self._bytes,
+                "bytes": self._bytes + self._system_bytes,
+                "system_prompts": {"held": len(self._systems), "bytes": self._system_bytes},
                 "budget_bytes": self.max_bytes,
                 "max_sessions": self.max_sessions,
                 "evictions": self.evictions,

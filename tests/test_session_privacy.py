@@ -261,3 +261,73 @@ def test_another_persons_system_prompt_is_lent_whole_or_not_at_all(qwen3_dir):
     right, wrong = trial(SYSTEM + "The vault code is 44"), trial(SYSTEM + "The vault code is 11")
     assert right == wrong == 0, "a beginning of someone's system prompt, right or wrong, reuses nothing"
     assert trial(private) > len(SYSTEM) // 8, "the same system prompt, whole, is computed once"
+
+
+def _door(folder, keys):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from llm_backends.http_api import add_openai_routes
+
+    registry = ModelRegistry([str(folder)], max_cache_bytes=2**28)
+    model = registry.switch(registry.ids[0])
+    routes = FastAPI()
+    add_openai_routes(routes, registry, api_key=keys, exposed=False)
+    client = TestClient(routes)
+
+    def ask(key: str, messages, user: str | None = None) -> dict:
+        body = {"messages": messages, "max_tokens": 2, "temperature": 0, "user": user or key, "enable_thinking": False}
+        r = client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    return model, ask
+
+
+def test_what_another_person_is_lent_is_a_kept_system_prompt_never_a_copy_of_a_live_conversation(
+    gemma3_wide_dir, monkeypatch
+):
+    """Past the sliding window and past the restore points a conversation keeps, a second person still starts
+    from the system prompt; and what is copied for them is the system prompt alone, so neither the first
+    person's turns nor how long their conversation has grown show in what is lent or in how long it takes."""
+    from llm_backends.session_cache import CacheEntry
+
+    model, ask = _door(gemma3_wide_dir, ["key-ann", "key-bob", "key-cy"])
+    system = [{"role": "system", "content": SYSTEM}]
+    conversation = [*system, {"role": "user", "content": SECRET}]
+    for turn in range(10):  # ~900 tokens: restore points before the last 8 turns are gone
+        answer = ask("key-ann", conversation)["choices"][0]["message"]["content"]
+        conversation += [{"role": "assistant", "content": answer}, {"role": "user", "content": f"And {turn}?"}]
+    operator = model.operator_tokens(model.request(conversation[:2], thinking=False))
+    copied = []
+    copy = CacheEntry.copy
+
+    def recording(self):
+        copied.append(len(self.ids))
+        return copy(self)
+
+    monkeypatch.setattr(CacheEntry, "copy", recording)
+    for key in ("key-bob", "key-cy"):
+        usage = ask(key, [*system, {"role": "user", "content": f"Hello from {key}."}])["usage"]
+        assert usage["prompt_tokens_details"]["cached_tokens"] == operator, "the system prompt, computed once"
+    assert copied and set(copied) == {operator}, "only the kept system prompt was copied"
+
+
+def test_a_prompt_whose_system_part_was_not_read_whole_lends_nothing(qwen3_dir):
+    """A first person whose prefill stopped inside the system prompt (a stream cancelled between pieces) leaves
+    a cache holding part of it: nobody else may start from that part."""
+    from llm_backends import SessionKey
+
+    model, ask = _door(qwen3_dir, ["key-ann", "key-bob"])
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hello."}]
+    request = model.request(messages, thinking=False, session=SessionKey("api", "ann", "ann"))
+    prompt = model.render(messages, enable_thinking=False)
+    operator = model.operator_tokens(request, prompt)
+    lease, entry = model.sessions.checkout(request.session, model.engine.new_entry, prompt, lambda: operator)
+    model.engine.runner.forward(entry, prompt[:64], logits=False)  # then the stream was cancelled
+    model.sessions.checkin(lease, entry)
+    usage = ask("key-bob", messages)["usage"]
+    assert usage["prompt_tokens_details"]["cached_tokens"] == 0
+    assert ask("key-ann", messages, user="ann-2")["usage"]["prompt_tokens_details"]["cached_tokens"] > 0, (
+        "bob's prompt, read whole, is kept for the next person"
+    )
