@@ -64,6 +64,8 @@ class LocalModel(ChatModel):
     ):
         self.model = model  # the library's own model object, for inspection (hooks, memory)
         self.tokenizer = tokenizer
+        # Per model (a cache on the class would keep every model it saw alive): few system prompts recur.
+        self._operator_ids = functools.lru_cache(maxsize=64)(self._operator_ids_uncached)
         self.family = family
         self.info = info
         base = not tokenizer.chat_template
@@ -251,8 +253,7 @@ class LocalModel(ChatModel):
             return 0
         return len(head)
 
-    @functools.lru_cache(maxsize=64)  # noqa: B019 (the model lives as long as its cache; few system prompts)
-    def _operator_ids(self, system: str, thinking: bool | None) -> tuple[int, ...]:
+    def _operator_ids_uncached(self, system: str, thinking: bool | None) -> tuple[int, ...]:
         probes = [
             self.render(
                 [{"role": "system", "content": system}, {"role": "user", "content": probe}], enable_thinking=thinking

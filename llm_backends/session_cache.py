@@ -235,6 +235,15 @@ class CacheEntry:
         )
 
 
+@dataclass(eq=False)
+class _KeptSystem:
+    """A whole system prompt's states kept for other people's new sessions, and the sessions that sent it."""
+
+    entry: CacheEntry
+    size: int
+    senders: set
+
+
 class SessionStore:
     """Session key -> CacheEntry, least recently used evicted first when over the byte budget or the count.
 
@@ -266,8 +275,9 @@ class SessionStore:
         # The states of whole system prompts (template head and system prompt, keyed by their exact ids), copied
         # once from the first session that sent each: what another person's new session may start from. Never a
         # live session, so neither its turns, its length nor its restore points can show in what is lent or how
-        # long the copy takes. Counted in the byte budget; dropped after the sessions when over it.
-        self._systems: OrderedDict[tuple[int, ...], tuple[CacheEntry, int]] = OrderedDict()
+        # long the copy takes. Counted in the byte budget, dropped before any session when over it, and when the
+        # last session that sent one is cleared.
+        self._systems: OrderedDict[tuple[int, ...], _KeptSystem] = OrderedDict()
         self._system_bytes = 0
         self._lease_ids = itertools.count()
         self._lock = threading.Lock()
@@ -301,7 +311,11 @@ class SessionStore:
             found = "disk" if entry is not None else None
         donor, length = None, 0
         if entry is None:
-            system = self._system_for(session_id, prompt_ids, shareable)
+            try:
+                system = self._system_for(session_id, prompt_ids, shareable)
+            except Exception:  # noqa: BLE001 (the template refused its probe, say: nothing is borrowed)
+                log.exception("could not measure a prompt's system part")
+                system = None
             with self._lock:
                 donor, length = self._donor(session_id, prompt_ids, system)
                 if donor is not None:
@@ -342,7 +356,7 @@ class SessionStore:
         kept = self._systems.get(system) if system is not None else None
         if kept is not None and len(system) > best_length:
             self._systems.move_to_end(system)
-            best, best_length = kept[0], len(system)
+            best, best_length = kept.entry, len(system)
         length = min(best_length, len(prompt_ids) - 1)
         return (best, length) if length >= MIN_SHARED else (None, 0)
 
@@ -375,33 +389,51 @@ class SessionStore:
         except Exception:  # noqa: BLE001 (the template refused its probe, say: nothing is kept)
             log.exception("could not measure a prompt's system part; it is not kept for others")
             return
-        if system is None or tuple(entry.ids[: len(system)]) != system:
+        n = len(system) if system is not None else 0
+        if not n or tuple(entry.ids[:n]) != system:
             return
         with self._lock:
-            if system in self._systems:
-                self._systems.move_to_end(system)
+            if self._held_by(system, session_id):
                 return
-            clearings = self._clearings
+        # Only where the cut can be made (in place, or from a restore point at the system prompt's end): a copy
+        # that could not be cut back would be made and thrown away at every check-in.
+        if not (entry.can_trim(n) or any(c.length == n for c in entry.checkpoints)):
+            return
         try:  # outside the lock: the entry is still the caller's alone
-            kept = entry.copy()
-            if kept.rewind_to(len(system)) != len(system):  # no restore point there any more
+            cut = entry.copy()
+            if cut.rewind_to(n) != n:
                 return
+            kept = cut.copy()  # holds the n tokens only (the first copy kept room for the whole conversation)
         except Exception as e:  # noqa: BLE001 (no memory for it, say: the next one tries again)
             log.warning("could not keep a system prompt's states for others (%s)", e)
             return
         size = kept.nbytes
         with self._lock:
-            if system in self._systems or self._clearings != clearings:  # kept meanwhile, or everything cleared
+            if session_id not in self._leases.values():  # cleared (or the model let go) meanwhile
                 return
-            self._systems[system] = (kept, size)
+            if self._held_by(system, session_id):
+                return
+            self._systems[system] = _KeptSystem(kept, size, {session_id})
             self._system_bytes += size
             while len(self._systems) > MAX_SYSTEM_PROMPTS:
                 self._drop_system()
 
-    def _drop_system(self) -> None:
-        """Under the lock: forgets the least recently used system prompt's states."""
-        _, (_, size) = self._systems.popitem(last=False)
-        self._system_bytes -= size
+    def _held_by(self, system: tuple[int, ...], session_id) -> bool:
+        """Under the lock: whether ``system`` is kept already; if so, ``session_id`` is one more that sent it."""
+        kept = self._systems.get(system)
+        if kept is None:
+            return False
+        kept.senders.add(session_id)
+        self._systems.move_to_end(system)
+        return True
+
+    def _drop_system(self, system: tuple[int, ...] | None = None) -> None:
+        """Under the lock: forgets ``system``'s states (the least recently used one's by default)."""
+        if system is None:
+            _, kept = self._systems.popitem(last=False)
+        else:
+            kept = self._systems.pop(system)
+        self._system_bytes -= kept.size
 
     def _drop(self, key: Hashable) -> CacheEntry | None:
         """Takes a held entry out (under the lock); None if the session has none."""
@@ -415,7 +447,10 @@ class SessionStore:
 
     def _evict(self) -> list:
         victims = []
-        while self._systems and self._system_bytes > self.max_bytes // 2:  # at most half of it
+        # Kept system prompts first (within half the budget): a person's live session is worth more.
+        while self._systems and (
+            self._system_bytes > self.max_bytes // 2 or self._bytes + self._system_bytes > self.max_bytes
+        ):
             self._drop_system()
         while self._entries and (
             self._bytes + self._system_bytes > self.max_bytes or len(self._entries) > self.max_sessions
@@ -510,6 +545,10 @@ class SessionStore:
                     self.tier.clear()
                 return
             self._drop(session_id)
+            for system, kept in list(self._systems.items()):  # what nobody who sent it still holds goes too
+                kept.senders.discard(session_id)
+                if not kept.senders:
+                    self._drop_system(system)
             if self.host is not None or self.tier is not None:
                 self._forgotten.add(session_id)
             if self.host is not None:

@@ -263,13 +263,13 @@ def test_another_persons_system_prompt_is_lent_whole_or_not_at_all(qwen3_dir):
     assert trial(private) > len(SYSTEM) // 8, "the same system prompt, whole, is computed once"
 
 
-def _door(folder, keys):
+def _door(folder, keys, budget: int = 2**28):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
     from llm_backends.http_api import add_openai_routes
 
-    registry = ModelRegistry([str(folder)], max_cache_bytes=2**28)
+    registry = ModelRegistry([str(folder)], max_cache_bytes=budget)
     model = registry.switch(registry.ids[0])
     routes = FastAPI()
     add_openai_routes(routes, registry, api_key=keys, exposed=False)
@@ -331,3 +331,40 @@ def test_a_prompt_whose_system_part_was_not_read_whole_lends_nothing(qwen3_dir):
     assert ask("key-ann", messages, user="ann-2")["usage"]["prompt_tokens_details"]["cached_tokens"] > 0, (
         "bob's prompt, read whole, is kept for the next person"
     )
+
+
+def test_a_cleared_session_takes_its_system_prompt_along_when_nobody_else_sent_it(qwen3_dir):
+    model, ask = _door(qwen3_dir, ["key-ann", "key-bob", "key-cy"])
+    private = [{"role": "system", "content": SYSTEM + "The vault code is 4417."}, {"role": "user", "content": "Hi."}]
+    ask("key-ann", private)
+    for key in list(model.sessions._entries):  # New chat: the person's session is cleared
+        model.clear_sessions(key)
+    assert model.cache_info()["system_prompts"]["held"] == 0
+    assert ask("key-bob", private)["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    # Sent by two, it stays while one of them still has a session.
+    ask("key-cy", private)
+    [bob] = [key for key in model.sessions._entries if key.name == "key-bob"]
+    model.clear_sessions(bob)
+    assert model.cache_info()["system_prompts"]["held"] == 1
+
+
+def test_kept_system_prompts_give_way_to_live_sessions_and_hold_only_their_own_tokens(qwen3_dir):
+    """On a tight budget the copies kept for other people go before anybody's session; and a copy made from a
+    long first request is no larger than one made from a short one (it holds the system prompt, not room for the
+    whole conversation)."""
+    model, ask = _door(qwen3_dir, ["key-ann"], budget=8 * 2**20)
+    conversations = {}
+    for turn in range(2):
+        for i in range(12):
+            system = [{"role": "system", "content": f"Prompt number {i}. " + SYSTEM}]
+            conversation = conversations.setdefault(i, [*system, {"role": "user", "content": "The sea. " * 60}])
+            answer = ask("key-ann", conversation, user=f"chat-{i}")["choices"][0]["message"]["content"]
+            conversation += [{"role": "assistant", "content": answer}, {"role": "user", "content": f"And {turn}?"}]
+    info = model.cache_info()
+    assert info["evictions"] == 0 and info["hits"]["memory"] == 12, "every second turn found its session"
+    sizes = []
+    for first in ("Hi.", "The sea. " * 200):
+        model.clear_sessions()
+        ask("key-ann", [{"role": "system", "content": SYSTEM}, {"role": "user", "content": first}])
+        sizes.append(model.cache_info()["system_prompts"]["bytes"])
+    assert sizes[0] == sizes[1] > 0
