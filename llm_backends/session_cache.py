@@ -291,11 +291,11 @@ class SessionStore:
     ) -> tuple[int, CacheEntry]:
         """Takes the session's entry out of the store; returns (lease, entry).
 
-        A session with no entry yet starts from a copy of the longest prefix of ``prompt_ids`` that another
-        held entry may give it (the owner keeps its own): any of the same principal's sessions all of it,
-        anybody else's only its owner's system prompt (the template's head and the system prompt, where
-        ``shareable()`` of the asker's prompt covers the same), whole or nothing, so what one person sends is
-        never reused, counted or timed for another beyond a system prompt that both sent word for word.
+        A session with no entry yet starts from a copy of the longest prefix of ``prompt_ids`` that one of the
+        same principal's held sessions has (the owner keeps its own), or else from the kept states of a whole
+        system prompt equal to the first ``shareable()`` tokens of ``prompt_ids`` (``_keep_system``): nothing of
+        another person's session is copied, compared or timed, so what one person sends is never reused,
+        counted or timed for another beyond a system prompt that both sent word for word.
         """
         with self._lock:
             entry = self._drop(session_id)
