@@ -39,6 +39,7 @@ ENV = {
     "auth": "LLM_AUTH",
     "max_cache_gb": "LLM_MAX_CACHE_GB",
     "cache_dir": "LLM_CACHE_DIR",
+    "cache_dir_gb": "LLM_CACHE_DIR_GB",
     "host_cache_gb": "LLM_HOST_CACHE_GB",
     "concurrency": "LLM_CONCURRENCY",
     "api_key": "LLM_API_KEY",
@@ -64,6 +65,7 @@ class AppConfig:
     auth: list[tuple[str, str]] = field(default_factory=list)
     max_cache_gb: float | None = None
     cache_dir: str | None = None
+    cache_dir_gb: float | None = None
     host_cache_gb: float | None = None
     concurrency: int = 8
     api_keys: list[str] = field(default_factory=list)
@@ -135,6 +137,11 @@ def parse_args(argv: Sequence[str] | None = None, env: dict | None = None) -> Ap
         "--cache-dir",
         help="a folder where sessions' KV caches go when they leave memory and when the server stops, so a "
         "returning session (also after a restart) is not read again from the start [LLM_CACHE_DIR]",
+    )
+    parser.add_argument(
+        "--cache-dir-gb",
+        type=float,
+        help="the --cache-dir folder's budget, oldest files out first (default 8) [LLM_CACHE_DIR_GB]",
     )
     parser.add_argument(
         "--host-cache-gb",
@@ -213,6 +220,7 @@ def parse_args(argv: Sequence[str] | None = None, env: dict | None = None) -> Ap
     config.auth = _auth_pairs(args.auth or [v for v in env.get(ENV["auth"], "").split(",") if v.strip()])
     config.max_cache_gb = pick("max_cache_gb", float)
     config.cache_dir = pick("cache_dir")
+    config.cache_dir_gb = pick("cache_dir_gb", float)
     config.host_cache_gb = pick("host_cache_gb", float)
     config.concurrency = pick("concurrency", int) or config.concurrency
     keys = args.api_key or env.get(ENV["api_key"], "").split(",")
@@ -1264,6 +1272,8 @@ def registry_for(config: AppConfig) -> ModelRegistry:
     options = {"max_cache_bytes": int(config.max_cache_gb * 2**30) if config.max_cache_gb else None}
     if config.host_cache_gb is not None:
         options["host_cache_bytes"] = int(config.host_cache_gb * 2**30)
+    if config.cache_dir_gb is not None:
+        options["disk_cache_bytes"] = int(config.cache_dir_gb * 2**30)
     if config.exact:
         options["exact"] = True
     return ModelRegistry(config.models, quantization=config.quantization, cache_dir=config.cache_dir, **options)

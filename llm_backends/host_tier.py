@@ -84,12 +84,15 @@ class HostTier:
 
     def put(self, key: Hashable, payload: dict) -> list[tuple[Hashable, dict]]:
         """Holds a payload made by ``to_host``; returns the (key, payload) pairs that fell out to make room,
-        oldest first (a payload larger than the whole budget falls out at once)."""
+        oldest first. A payload larger than the whole budget falls out at once, alone: it would otherwise push
+        every other session out before itself."""
         size = payload_bytes(payload)
         with self._lock:
             self._held.pop(key, None)
-            self._held[key] = (payload, size)
             self.puts += 1
+            if size > self.max_bytes:
+                return [(key, payload)]
+            self._held[key] = (payload, size)
             fallen = []
             total = sum(s for _, s in self._held.values())
             while self._held and total > self.max_bytes:

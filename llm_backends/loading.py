@@ -91,6 +91,7 @@ def load_model(
     cache_dir=None,
     exact=False,
     host_cache_bytes=None,
+    disk_cache_bytes=DISK_CACHE_BYTES,
 ) -> ChatModel:
     """Loads a Gemma 3 or Qwen 3 chat model, or connects to a remote one.
 
@@ -101,7 +102,8 @@ def load_model(
     an edit, undo or retry of any of a session's last N exchanges re-reads only from there (restore points;
     they cost memory, counted against ``max_cache_bytes``, only for models with sliding-window layers).
     ``cache_dir``: sessions' caches are written there when they leave memory (and when the process exits) and
-    read back when the session returns, also after a restart. ``host_cache_bytes``: on a GPU, sessions evicted
+    read back when the session returns, also after a restart, within ``disk_cache_bytes`` (8 GiB by default:
+    the folder's budget, oldest files out first). ``host_cache_bytes``: on a GPU, sessions evicted
     from its memory wait in this much host RAM and are copied back when they return (default: a quarter of free
     RAM on CUDA; 0 for none; on a CPU none unless asked for). ``exact=True``: on CUDA, a session's logits are
     bitwise the same whichever other sessions share its decode step and however its prompt was split (cache
@@ -122,6 +124,8 @@ def load_model(
         raise ValueError(f"restore_turns must be an integer from 0 to 256, not {restore_turns!r}")
     if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
         raise ValueError(f"cache_dir must be a folder path, not {cache_dir!r}")
+    if isinstance(disk_cache_bytes, bool) or not isinstance(disk_cache_bytes, int) or disk_cache_bytes <= 0:
+        raise ValueError(f"disk_cache_bytes must be a positive integer, not {disk_cache_bytes!r}")
     if not isinstance(exact, bool):
         raise ValueError(f"exact must be True or False, not {exact!r}")
     if host_cache_bytes is not None and (
@@ -136,6 +140,7 @@ def load_model(
         progress,
         restore_turns,
         None if cache_dir is None else str(cache_dir),
+        disk_cache_bytes,
         exact=exact,
         host_cache_bytes=host_cache_bytes,
     )

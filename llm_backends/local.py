@@ -362,6 +362,8 @@ class LocalModel(ChatModel):
         return self.sessions.info()
 
     def release(self) -> None:
+        if self.sessions.tier is not None:
+            atexit.unregister(self.sessions.persist)  # written now; kept, the exit hook would hold every session
         self.sessions.release()
 
     def clear_sessions(self, session: SessionKey | None = None) -> None:

@@ -102,9 +102,9 @@ class MLXCacheEntry(CacheEntry):
         del self.ids[checkpoint.length :]
         self.checkpoints = [c for c in self.checkpoints if c.length <= checkpoint.length]
 
-    def payload(self, restore_points: int = 2) -> dict:
+    def payload(self, restore_points: int = 2, clone: bool = True) -> dict:
         """The token ids, each layer's mlx-lm state and the last restore points, as torch tensors and numbers
-        (what the disk tier writes)."""
+        (what the disk tier writes): new tensors always (``clone`` is for the transformers entry's own)."""
         layers = [None if layer.empty() else _to_disk(layer.state) for layer in self.cache]
         kept = self.checkpoints[-restore_points:] if restore_points else []
         points = [

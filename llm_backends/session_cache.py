@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import host_tier
 from .request import SessionKey
 
 log = logging.getLogger(__name__)
@@ -235,6 +236,16 @@ class CacheEntry:
         )
 
 
+class _Outgoing:
+    """A session's states on their way out of memory, to host RAM or disk, outside the store's lock: a clear of
+    that session meanwhile cancels them (they go nowhere, and a file already written is removed)."""
+
+    __slots__ = ("key", "cancelled")
+
+    def __init__(self, key: Hashable):
+        self.key, self.cancelled = key, False
+
+
 @dataclass(eq=False)
 class _KeptSystem:
     """A whole system prompt's states kept for other people's new sessions, and the sessions that sent it."""
@@ -260,8 +271,7 @@ class SessionStore:
         self.max_sessions = max_sessions
         self.tier = tier
         self.host = host
-        self._forgotten: set = set()  # sessions cleared while an evicted copy may still be on its way out
-        self._clearings = 0  # clear-alls so far: a copy on its way out from before one goes nowhere
+        self._outgoing: set[_Outgoing] = set()  # copies on their way to host RAM or disk now
         self.evictions = 0
         self.hits = {"memory": 0, "host": 0, "disk": 0, "shared": 0, "none": 0}
         self._entries: OrderedDict[Hashable, CacheEntry] = OrderedDict()
@@ -377,9 +387,8 @@ class SessionStore:
             self._entries[session_id] = entry
             self._sizes[session_id] = size
             self._bytes += size
-            victims = self._evict()
-            clearings = self._clearings
-        self._spill(victims, clearings)
+            victims = self._evict(session_id)
+        self._spill(victims)
 
     def _keep_system(self, session_id, entry: CacheEntry, prompt_ids, shareable) -> None:
         """Keeps a copy of ``entry`` cut back to its request's whole system prompt, unless one is kept already or
@@ -445,80 +454,110 @@ class SessionStore:
         self._sizes.clear()
         self._bytes = 0
 
-    def _evict(self) -> list:
+    def _evict(self, newest: Hashable | None = None) -> list:
+        """Under the lock: takes entries out until the held ones fit the budget; returns (key, entry, _Outgoing)
+        for each. ``newest``, just put back, goes first if it alone is larger than the budget: it would otherwise
+        push every other session out before itself."""
         victims = []
         # Kept system prompts first (within half the budget): a person's live session is worth more.
         while self._systems and (
             self._system_bytes > self.max_bytes // 2 or self._bytes + self._system_bytes > self.max_bytes
         ):
             self._drop_system()
+        oversized = newest is not None and self._sizes.get(newest, 0) > self.max_bytes
         while self._entries and (
             self._bytes + self._system_bytes > self.max_bytes or len(self._entries) > self.max_sessions
         ):
-            key = next(iter(self._entries))  # the least recently used
-            victim = self._drop(key)
-            self._forgotten.discard(key)  # held since any clear of its session: this copy may go out
+            key = newest if oversized else next(iter(self._entries))  # else the least recently used
+            oversized = False
+            victims.append((key, self._drop(key), self._outgo(key)))
             self.evictions += 1
-            victims.append((key, victim))
         return victims
 
-    def _spill(self, victims: list, clearings: int) -> None:
-        """Evicted (key, entry) pairs go to host RAM, and what falls out of it to disk; without a host tier they
-        go to disk. Sessions cleared since (``clearings``, as in ``_save``) go nowhere."""
+    def _outgo(self, key: Hashable) -> _Outgoing:
+        """Under the lock: marks a copy of ``key``'s states as on its way out (``clear`` cancels it)."""
+        outgoing = _Outgoing(key)
+        self._outgoing.add(outgoing)
+        return outgoing
+
+    def _spill(self, victims: list) -> None:
+        """Evicted (key, entry, _Outgoing) go to host RAM, and what falls out of it to disk; without a host tier
+        they go to disk. Sessions cleared meanwhile go nowhere."""
         if self.host is None:
-            self._save([(key, victim.payload) for key, victim in victims], clearings)
+            self._save(
+                [(key, lambda v=victim: host_tier.on_host(v.payload(clone=False)), out) for key, victim, out in victims]
+            )
             return
         fallen = []
-        for key, victim in victims:
+        for key, victim, outgoing in victims:
             try:
                 payload = self.host.to_host(victim)  # the copy, outside the lock
             except NotImplementedError:  # a cache kind the tiers do not hold
-                continue
+                payload = None
             except Exception as e:  # noqa: BLE001 (no room in RAM, say: the session is read again when it returns)
                 log.warning("could not copy a session cache to host RAM (%s)", e)
-                continue
+                payload = None
             with self._lock:
-                if key in self._forgotten or self._clearings != clearings:
-                    continue
-                fallen += self.host.put(key, payload)
-        self._save(fallen, clearings)
+                self._outgoing.discard(outgoing)
+                if payload is not None and not outgoing.cancelled:
+                    fallen += [(k, p, self._outgo(k)) for k, p in self.host.put(key, payload)]
+        self._save(fallen)
 
-    def _save(self, pending: list, clearings: int) -> None:
-        """Writes (key, payload or a function giving it) pairs to the disk tier, except sessions cleared since
-        (``clearings``: how many clear-alls there had been when the pairs were taken)."""
-        if self.tier is None:
-            return
-        for key, payload in pending:
-            if not isinstance(key, SessionKey):
-                continue
+    def _save(self, pending: list) -> None:
+        """Writes (key, payload or a function giving it, _Outgoing) to the disk tier, outside the store's lock (a
+        write takes as long as the session is big: nobody else's checkout waits for it, or can time it), except
+        sessions cleared meanwhile; a file written while its session was being cleared is removed."""
+        for key, payload, outgoing in pending:
             try:
-                data = payload() if callable(payload) else payload
-            except NotImplementedError:  # a cache kind the tier does not hold (MLX)
-                continue
-            with self._lock:
-                if key in self._forgotten or self._clearings != clearings:
+                if self.tier is None or not isinstance(key, SessionKey) or outgoing.cancelled:
                     continue
-                # Written under the lock, so a clear() cannot come between this check and the file.
-                self.tier.write(key, data)
+                try:
+                    data = payload() if callable(payload) else payload
+                except NotImplementedError:  # a cache kind the tier does not hold (MLX)
+                    continue
+                written = self.tier.write(key, data)
+                with self._lock:  # clear() cancels, then removes the files: one of the two removals sees this one
+                    cancelled = outgoing.cancelled
+                if written and cancelled:
+                    self.tier.forget(key)
+            except Exception:  # noqa: BLE001 (the session is read again when it returns; the reply goes on)
+                log.exception("could not write a session cache to disk")
+            finally:
+                with self._lock:
+                    self._outgoing.discard(outgoing)
 
     def persist(self) -> None:
         """Writes every session held in memory and in host RAM to the disk tier (when the server stops); they
-        stay held. Their states are copied under the lock, so no reply can change one halfway through the copy."""
+        stay held. One session at a time is copied to host RAM, under the lock (so no reply changes it halfway
+        through), and written outside it; one that fails is logged and the rest are still written."""
+        if self.tier is None:
+            return
         with self._lock:
-            held = [] if self.host is None else self.host.held()
-            for key, entry in self._entries.items():
-                try:
-                    held.append((key, entry.payload()))
-                except NotImplementedError:
+            held = [] if self.host is None else [(k, p, self._outgo(k)) for k, p in self.host.held()]
+            keys = [key for key in self._entries if isinstance(key, SessionKey)]
+        self._save(held)
+        for key in keys:
+            with self._lock:
+                entry = self._entries.get(key)
+                if entry is None:  # checked out or evicted meanwhile
                     continue
-            clearings = self._clearings
-        self._save(held, clearings)
+                try:
+                    payload = host_tier.on_host(entry.payload(clone=False))
+                except NotImplementedError:  # a cache kind the tier does not hold (MLX)
+                    continue
+                except Exception as e:  # noqa: BLE001 (no room in RAM, say: this one is recomputed when it returns)
+                    log.warning("could not copy a session cache for the disk (%s)", e)
+                    continue
+                outgoing = self._outgo(key)
+            self._save([(key, payload, outgoing)])
 
     def release(self) -> None:
         """Frees the memory of every session (the model is being let go): with a disk tier they are written
         there first, so they resume when this model is loaded again."""
-        if self.tier is not None:
+        try:
             self.persist()
+        except Exception:  # noqa: BLE001 (the memory is let go all the same)
+            log.exception("could not write the sessions to disk before letting the model go")
         with self._lock:
             self._drop_all()
             self._leases.clear()
@@ -529,8 +568,8 @@ class SessionStore:
                 self.host.drop()
 
     def clear(self, session_id: Hashable | None = None) -> None:
-        """Drops one session's cache (or all), on disk too, including any that a running stream would put
-        back."""
+        """Drops one session's cache (or all), on disk too (a session's files for every model), including any that
+        a running stream would put back or an eviction is copying out."""
         with self._lock:
             if session_id is None:
                 self._drop_all()
@@ -538,26 +577,27 @@ class SessionStore:
                 self._prompts.clear()
                 self._systems.clear()
                 self._system_bytes = 0
-                self._clearings += 1
-                if self.host is not None:
-                    self.host.drop()
-                if self.tier is not None:
-                    self.tier.clear()
-                return
-            self._drop(session_id)
-            for system, kept in list(self._systems.items()):  # what nobody who sent it still holds goes too
-                kept.senders.discard(session_id)
-                if not kept.senders:
-                    self._drop_system(system)
-            if self.host is not None or self.tier is not None:
-                self._forgotten.add(session_id)
+            else:
+                self._drop(session_id)
+                for system, kept in list(self._systems.items()):  # what nobody who sent it still holds goes too
+                    kept.senders.discard(session_id)
+                    if not kept.senders:
+                        self._drop_system(system)
+                for lease in [k for k, v in self._leases.items() if v == session_id]:
+                    del self._leases[lease]
+                    self._prompts.pop(lease, None)
+            for outgoing in self._outgoing:
+                if session_id is None or outgoing.key == session_id:
+                    outgoing.cancelled = True
             if self.host is not None:
                 self.host.drop(session_id)
-            if self.tier is not None:
-                self.tier.path(session_id).unlink(missing_ok=True)
-            for lease in [k for k, v in self._leases.items() if v == session_id]:
-                del self._leases[lease]
-                self._prompts.pop(lease, None)
+        # The files go after the lock (a folder's listing): a write that lands meanwhile sees itself cancelled and
+        # removes its file (_save).
+        if self.tier is not None:
+            if session_id is None:
+                self.tier.clear()
+            else:
+                self.tier.forget(session_id)
 
     def info(self) -> dict:
         with self._lock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
@@ -223,6 +224,26 @@ def label(target: str | None) -> str:
     return local_label(target)
 
 
+def cache_identity(checkpoint: str, quantization: str, dtype, device: str, exact: bool) -> str:
+    """What a session's saved states depend on (the disk tier loads only files of the same identity): the
+    checkpoint, code and library versions (``checkpoint``), the precision and the device, and on CUDA the mode
+    and the GPUs, CUDA and Triton, whose kernels round differently (a cache from the fast kernels would break the
+    exact mode's promise)."""
+    parts = [checkpoint, quantization, str(dtype), device]
+    if device.startswith("cuda"):
+        cuda = torch.cuda
+        gpus = [f"{cuda.get_device_name(i)}:{cuda.get_device_capability(i)}" for i in range(cuda.device_count())]
+        parts += [f"exact={exact}", ",".join(gpus), f"cuda={torch.version.cuda}", f"triton={_version('triton')}"]
+    return "|".join(parts)
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def load(target: str | None, options: LoadOptions) -> LocalModel:
     """Loads a local checkpoint folder, .gguf file or Hub repo id (None: the embedded model)."""
     device = _resolve_device(options.device)
@@ -237,6 +258,11 @@ def load(target: str | None, options: LoadOptions) -> LocalModel:
     if quantization in CPU_PACKED and device == "cpu" and dtype != torch.float32:
         raise ValueError(f"quantization={quantization!r} computes in float32: leave dtype unset or pass 'float32'")
     where = locate(target, options.progress)
+    tier = None
+    if options.cache_dir is not None:  # before the weights: an unusable folder is said at once
+        checkpoint = int8_weights.checkpoint_key(where.folder, where.gguf_file)
+        identity = cache_identity(checkpoint, quantization, dtype, device, options.exact)
+        tier = DiskTier(options.cache_dir, identity, options.disk_cache_bytes)
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
@@ -304,10 +330,6 @@ def load(target: str | None, options: LoadOptions) -> LocalModel:
         context_length=int(getattr(text_config, "max_position_embeddings", 0) or FALLBACK_CONTEXT),
     )
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    tier = None
-    if options.cache_dir is not None:
-        identity = f"{int8_weights.checkpoint_key(where.folder, where.gguf_file)}|{quantization}|{dtype}|{device}"
-        tier = DiskTier(options.cache_dir, identity, options.disk_cache_bytes)
     host_bytes = options.host_cache_bytes
     if host_bytes is None:
         host_bytes = default_host_cache_bytes(device)

@@ -164,9 +164,11 @@ def test_a_cleared_session_is_not_written_back_by_an_eviction_already_under_way(
     key = SessionKey("python", "", "forget-me")
     lease, entry = model.sessions.checkout(key, model.engine.new_entry)
     model.engine.runner.forward(entry, list(range(5, 40)))
+    with model.sessions._lock:
+        outgoing = model.sessions._outgo(key)
     payload = entry.payload()  # an eviction had copied it, and is about to write it
     model.sessions.clear(key)  # New chat, meanwhile
-    model.sessions._save([(key, payload)], model.sessions._clearings)
+    model.sessions._save([(key, payload, outgoing)])
     assert not model.sessions.tier.path(key).exists()
     model.sessions.checkin(lease, entry)  # the cleared session's stream ends: nothing comes back
     assert model.cache_info()["sessions"] == 0
@@ -188,9 +190,10 @@ def test_a_copy_on_its_way_to_disk_from_before_a_clear_all_is_not_written(qwen3_
     reply(model, [{"role": "user", "content": "Hello, how are you today?"}], "a")
     key = next(iter(model.sessions._entries))
     payload = model.sessions._entries[key].payload()
-    before = model.sessions._clearings
+    with model.sessions._lock:
+        outgoing = model.sessions._outgo(key)
     model.clear_cache()
-    model.sessions._save([(key, payload)], before)  # an eviction that raced the clear
+    model.sessions._save([(key, payload, outgoing)])  # an eviction that raced the clear
     assert list(tmp_path.glob("*.kv")) == []
 
 
@@ -208,3 +211,141 @@ def test_switching_models_keeps_the_sessions_on_disk_for_when_the_model_returns(
     warm, _, last = reply(again, messages, "a")
     assert last.stats.cache_tier == "disk" and last.stats.cached_tokens > 0
     assert warm == reply(again, messages)[0]
+
+
+def _payload(n: int = 10) -> dict:
+    import torch
+
+    return {"ids": list(range(n)), "layers": [None], "restore_points": [], "filler": torch.zeros(n)}
+
+
+def test_a_session_larger_than_the_disk_budget_is_not_written_and_the_others_stay(tmp_path, caplog):
+    from llm_backends.disk_tier import DiskTier
+
+    tier = DiskTier(tmp_path, "model", max_bytes=20_000)
+    for name in "abc":
+        assert tier.write(SessionKey("python", "", name), _payload())
+    with caplog.at_level(logging.WARNING):
+        assert not tier.write(SessionKey("python", "", "huge"), _payload(10_000))
+    assert "larger than the disk budget" in caplog.text
+    assert tier.info()["sessions"] == 3 and tier.info()["writes"] == 3
+
+
+def test_a_file_that_cannot_be_removed_does_not_fail_the_write(tmp_path, caplog, monkeypatch):
+    from pathlib import Path
+
+    from llm_backends.disk_tier import DiskTier
+
+    tier = DiskTier(tmp_path, "model", max_bytes=4_000)
+    stuck = tier.path(SessionKey("python", "", "someone else's"))
+    assert tier.write(SessionKey("python", "", "someone else's"), _payload())
+    unlink = Path.unlink
+
+    def refusing(path, missing_ok=False):
+        if path == stuck:
+            raise PermissionError("Operation not permitted")  # a sticky folder shared with another user
+        unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refusing)
+    with caplog.at_level(logging.WARNING):
+        for name in "abc":
+            assert tier.write(SessionKey("python", "", name), _payload())
+    assert "could not remove" in caplog.text
+
+
+def test_the_folder_keeps_other_processes_writes_and_files_that_are_not_ours(tmp_path):
+    import os
+    import time
+
+    from llm_backends.disk_tier import TMP_PREFIX, DiskTier
+
+    notes, writing, stale = tmp_path / "my-notes.tmp", tmp_path / f"{TMP_PREFIX}a.tmp", tmp_path / f"{TMP_PREFIX}b.tmp"
+    for path in (notes, writing, stale):
+        path.write_bytes(b"x")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))  # left by a process killed while writing
+    DiskTier(tmp_path, "model", max_bytes=100)
+    assert notes.exists() and writing.exists() and not stale.exists()
+
+
+def test_deleting_a_chat_removes_its_files_for_every_model(tmp_path):
+    from llm_backends.disk_tier import DiskTier
+    from llm_backends.session_cache import SessionStore
+
+    key, other = SessionKey("python", "", "forget-me"), SessionKey("python", "", "keep-me")
+    before = DiskTier(tmp_path, "the model switched out", 2**20)  # or the code before an upgrade
+    before.write(key, _payload())
+    before.write(other, _payload())
+    store = SessionStore(max_bytes=2**20, tier=DiskTier(tmp_path, "the model now", 2**20))
+    store.tier.write(key, _payload())
+    store.clear(key)
+    assert [p.name for p in tmp_path.glob("*.kv")] == [before.path(other).name]
+
+
+def test_a_file_under_another_sessions_name_is_refused_and_removed(tmp_path, caplog):
+    import shutil
+
+    from llm_backends.disk_tier import DiskTier
+
+    tier = DiskTier(tmp_path, "model", 2**20)
+    mine, theirs = SessionKey("api", "key-a", "chat"), SessionKey("api", "key-b", "chat")
+    tier.write(theirs, _payload())
+    shutil.copy(tier.path(theirs), tier.path(mine))
+    with caplog.at_level(logging.WARNING):
+        assert tier.load(mine, lambda: None) is None
+    assert "another session" in caplog.text and tier.info()["rejected"] == 1
+    assert not tier.path(mine).exists(), "a refused file is removed, not read and refused again"
+    assert tier.path(theirs).exists()
+
+
+def test_an_unusable_cache_dir_is_a_clear_error_before_the_weights_load(qwen3_dir, tmp_path, monkeypatch):
+    import pytest
+
+    from llm_backends import transformers_backend
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were loaded first")
+
+    import transformers
+
+    monkeypatch.setattr(transformers_backend.int8_weights, "load_stored", no_weights)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
+    plain_file = tmp_path / "file"
+    plain_file.write_text("")
+    with pytest.raises(ValueError, match="cache_dir .* is not a folder this process can write"):
+        load_model(str(qwen3_dir), cache_dir=str(plain_file / "kv"))
+    with pytest.raises(ValueError, match="disk_cache_bytes"):
+        load_model(str(qwen3_dir), cache_dir=str(tmp_path), disk_cache_bytes=0)
+
+
+def test_a_new_cache_folder_is_its_owners_alone(tmp_path):
+    from llm_backends.disk_tier import DiskTier
+
+    DiskTier(tmp_path / "kv", "model", 2**20)
+    assert (tmp_path / "kv").stat().st_mode & 0o777 == 0o700
+
+
+def test_a_cache_from_another_cuda_mode_or_gpu_has_another_identity(monkeypatch):
+    import torch
+
+    from llm_backends.transformers_backend import cache_identity
+
+    assert cache_identity("c", "none", "torch.float32", "cpu", True) == cache_identity(
+        "c", "none", "torch.float32", "cpu", False
+    )
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "NVIDIA H100 80GB HBM3")
+    fast, exact = (cache_identity("c", "nf4", "torch.bfloat16", "cuda", mode) for mode in (False, True))
+    assert fast != exact, "a cache from the fast kernels would break the exact mode's promise"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "NVIDIA A100-SXM4-80GB")
+    assert cache_identity("c", "nf4", "torch.bfloat16", "cuda", True) != exact
+
+
+def test_the_server_takes_a_disk_budget_from_the_flag_or_the_environment():
+    import app
+
+    assert app.parse_args(["--cache-dir-gb", "2"], env={}).cache_dir_gb == 2.0
+    config = app.parse_args(["--cache-dir", "/srv/kv"], env={"LLM_CACHE_DIR_GB": "0.5"})
+    assert config.cache_dir_gb == 0.5
+    registry = app.registry_for(config)
+    assert registry._load_kwargs["disk_cache_bytes"] == 2**29

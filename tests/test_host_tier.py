@@ -103,8 +103,8 @@ def test_host_ram_keeps_the_most_recent_sessions_within_its_bytes():
     assert tier.put("a", payload) == [] and tier.put("b", payload) == [] and tier.put("c", payload) == []
     assert [key for key, _ in tier.put("d", payload)] == ["a"]
     huge = {"layers": [{"keys": torch.zeros(4096), "values": torch.zeros(1), "seen": None}]}
-    assert [key for key, _ in tier.put("e", huge)] == ["b", "c", "d", "e"], "too big for the budget: out at once"
-    assert tier.info()["sessions"] == 0
+    assert [key for key, _ in tier.put("e", huge)] == ["e"], "too big for the budget: out at once, alone"
+    assert tier.info()["sessions"] == 3, "the others stay"
 
 
 def test_load_model_checks_the_host_budget(qwen3_dir):
@@ -150,12 +150,11 @@ def test_a_cleared_session_is_not_brought_back_by_an_eviction_already_under_way(
     model.engine.runner.forward(entry, list(range(5, 40)))
     model.sessions.checkin(lease, entry)
     with model.sessions._lock:  # an eviction takes a out of memory and starts copying it...
-        victims = [(key, model.sessions._drop(key))]
-        clearings = model.sessions._clearings
+        victims = [(key, model.sessions._drop(key), model.sessions._outgo(key))]
     model.clear_cache("a")  # ...New chat, meanwhile, and the new chat's first reply ends...
     lease, fresh = model.sessions.checkout(key, model.engine.new_entry)
     model.sessions.checkin(lease, fresh)
-    model.sessions._spill(victims, clearings)  # ...before the old copy arrives: it goes nowhere
+    model.sessions._spill(victims)  # ...before the old copy arrives: it goes nowhere
     assert model.cache_info()["host"]["sessions"] == 0
 
 
