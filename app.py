@@ -439,23 +439,55 @@ def page_session(request: gr.Request, exposed: bool) -> SessionKey:
 
 MISSING_IMAGE = "[an image that is no longer on this server]"
 TEXT_ONLY_IMAGE = "[an image, left out: the current model reads text only]"
-IMPORTS = Path(tempfile.gettempdir()) / "llm-chat-imports"  # images of imported chats, one file per image
+_imports: Path | None = None  # images of imported chats, one file per image: a folder of this process's own
+
+
+def imports_folder() -> Path:
+    """Where imported chats' images go: made once per process by ``mkdtemp`` (private, and a name nobody else
+    can take first, as they could a fixed one in a shared /tmp)."""
+    global _imports
+    if _imports is None:
+        _imports = Path(tempfile.mkdtemp(prefix="llm-chat-imports-"))
+    return _imports
+
+
+def page_file(path) -> Path | None:
+    """``path`` if it names a file the page itself stored (an upload, in Gradio's upload folder, or an imported
+    chat's image), else None. The saved chats come from the browser, which may name any file: shown in the chat
+    as they are, Gradio would serve it (the server's code, a logins file)."""
+    from gradio.utils import get_upload_folder
+
+    if not isinstance(path, str) or not path:
+        return None
+    try:
+        resolved = Path(path).resolve()
+        ours = [Path(get_upload_folder()).resolve()] + ([_imports.resolve()] if _imports is not None else [])
+        if any(resolved.is_relative_to(folder) for folder in ours) and resolved.is_file():
+            return resolved
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def page_image(path: str) -> dict:
-    """An image the person attached (a file in Gradio's upload folder, which checks that the browser names
-    only files uploaded there) as a content part; a file gone since (a restart that cleared it) becomes a note."""
+    """An image the person attached (a file in Gradio's upload folder) as a content part; a file gone since (a
+    restart that cleared it), or one the page did not store, becomes a note."""
+    found = page_file(path)
     try:
-        return {"type": "image", "image": Path(path).read_bytes()}
+        return {"type": "image", "image": found.read_bytes()} if found else {"type": "text", "text": MISSING_IMAGE}
     except OSError:
         return {"type": "text", "text": MISSING_IMAGE}
 
 
 def exported_image(path: str) -> dict | None:
-    """An attached image as an ``image_url`` data: URL part, the file as it was sent (None when it is gone)."""
+    """An attached image as an ``image_url`` data: URL part, the file as it was sent (None when it is gone, or is
+    not one the page stored)."""
+    found = page_file(path)
     try:
-        picture = image_input.from_bytes(Path(path).read_bytes(), "an image")
+        picture = image_input.from_bytes(found.read_bytes(), "an image") if found else None
     except (OSError, ValueError):
+        return None
+    if picture is None:
         return None
     return {"type": "image_url", "image_url": {"url": picture.data_url()}}
 
@@ -465,9 +497,8 @@ def imported_image(url, where: str) -> str:
     ValueError if it is none."""
     picture = image_input.read(url, where)
     suffix = {"image/jpeg": ".jpg", "image/webp": ".webp", "image/gif": ".gif"}.get(picture.mime, ".png")
-    path = IMPORTS / f"{picture.digest}{suffix}"
+    path = imports_folder() / f"{picture.digest}{suffix}"
     if not path.exists():
-        IMPORTS.mkdir(mode=0o700, parents=True, exist_ok=True)
         if picture.encoded is not None:
             path.write_bytes(picture.encoded)
         else:
@@ -649,6 +680,10 @@ class Replies:
         """The Stop button: the tab's running reply ends at its next token with its stats (a reply not started
         yet never starts)."""
         self._stop(page_session(request, self.exposed), close=False)
+
+    def end(self, request: gr.Request) -> None:
+        """The tab's running reply is closed (its turn was undone, or its chat deleted): it generates no more."""
+        self._stop(page_session(request, self.exposed), close=True)
 
     def forget(self, request: gr.Request) -> None:
         """Leaving the page: the tab's reply is closed and the tab's own cache freed. On a server open to others
@@ -833,7 +868,6 @@ def settings_panel(registry: ModelRegistry) -> dict[str, gr.components.Component
 LATEX = [
     {"left": "$$", "right": "$$", "display": True},
     {"left": "\\[", "right": "\\]", "display": True},
-    {"left": "$", "right": "$", "display": False},
     {"left": "\\(", "right": "\\)", "display": False},
 ]
 # Gradio mounts an accordion's contents when it is first opened, and an update sent to a control not mounted yet
@@ -931,8 +965,20 @@ def settings_of(values: Sequence) -> dict:
 def saved_settings(controls: dict, settings: dict | None) -> list:
     """Updates putting a saved chat's settings back in the controls (left as they are where it has none, or
     where the browser's copy holds a value of the wrong type)."""
-    settings = chat_history.clean_settings(settings, SETTING_KINDS)
+    settings = settings_in_range(controls, settings)
     return [gr.update(value=settings[f.name]) if f.name in settings else gr.update() for f in fields(ChatSettings)]
+
+
+def settings_in_range(controls: dict, settings) -> dict:
+    """The saved or imported settings of the right type and within their controls' ranges (the browser's copy
+    may hold anything; a value out of range would fail every reply until changed)."""
+    clean = chat_history.clean_settings(settings, SETTING_KINDS)
+    for name, value in list(clean.items()):
+        low, high = getattr(controls[name], "minimum", None), getattr(controls[name], "maximum", None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if (low is not None and value < low) or (high is not None and value > high):
+                del clean[name]
+    return clean
 
 
 def wire_chat(panel: ChatPanel, replies: Replies, controls: dict, config: AppConfig) -> None:
@@ -986,7 +1032,8 @@ def wire_chat(panel: ChatPanel, replies: Replies, controls: dict, config: AppCon
         content = history[last].get("content") if users else ""
         return begin(request, history[:last], chat_id, content, files_of(content))
 
-    def undo(history):
+    def undo(history, request: gr.Request):
+        replies.end(request)  # a reply still running for the undone turn would go on to its token limit
         users = [i for i, m in enumerate(history) if m.get("role") == "user"]
         if not users:
             return history, gr.update()
@@ -1006,6 +1053,18 @@ def wire_chat(panel: ChatPanel, replies: Replies, controls: dict, config: AppCon
             return [gr.skip()] * (len(panel.locked) + 3)
         return (*busy(False), *save(history, chat_id, chats, *values))
 
+    def recover(asked: bool, history, chat_id, chats, *values):
+        """After a reply that failed (its error shown): the page unlocked, the unanswered message back in the box
+        to change or send again, and the chat saved as it was before it."""
+        if not asked:
+            return [gr.skip()] * (len(panel.locked) + 4)
+        users = [i for i, m in enumerate(history) if m.get("role") == "user"]
+        last = users[-1] if users else len(history)
+        content = history[last].get("content") if users else ""
+        history = history[:last]
+        box = {"text": text_of(content), "files": files_of(content)}
+        return (*busy(False, value=box), history, *save(history, chat_id, chats, *values))
+
     turn = [panel.textbox, *panel.locked, panel.chatbot, panel.chat_id, go]
     saved = [panel.chatbot, panel.chat_id, panel.chats, *settings]
     for trigger, fn, inputs in (
@@ -1013,13 +1072,17 @@ def wire_chat(panel: ChatPanel, replies: Replies, controls: dict, config: AppCon
         (panel.chatbot.edit, edit, [panel.chatbot, panel.chat_id]),
         (panel.chatbot.retry, retry, [panel.chatbot, panel.chat_id]),
     ):
-        trigger(fn, inputs, turn, **quick).then(
+        answered = trigger(fn, inputs, turn, **quick).then(
             reply,
             [go, panel.chatbot, panel.chat_id, *settings],
             [panel.chatbot],
             concurrency_limit=config.concurrency,
             api_visibility="undocumented",
-        ).then(finish, [go, *saved], [panel.textbox, *panel.locked, panel.chats, panel.picker], **quick)
+        )
+        answered.success(finish, [go, *saved], [panel.textbox, *panel.locked, panel.chats, panel.picker], **quick)
+        # Without this a failed reply (a bad setting, a prompt too long, no model) left the page locked, Stop only.
+        unlocked = [panel.textbox, *panel.locked, panel.chatbot, panel.chats, panel.picker]
+        answered.failure(recover, [go, *saved], unlocked, **quick)
     panel.textbox.stop(replies.stop, None, None, **quick)
     panel.chatbot.undo(undo, [panel.chatbot], [panel.chatbot, panel.textbox], **quick).then(
         save, saved, [panel.chats, panel.picker], **quick
@@ -1040,7 +1103,8 @@ def opened_chat(controls: dict, chat_id, chats) -> tuple:
     if record is None:
         return "", [], listing(chats, None), "", *saved_settings(controls, None)
     settings = saved_settings(controls, record.get("settings"))
-    return chat_id, record["messages"], listing(chats, chat_id), record.get("title", ""), *settings
+    messages = chat_history.shown_messages(record["messages"], page_file, MISSING_IMAGE)
+    return chat_id, messages, listing(chats, chat_id), record.get("title", ""), *settings
 
 
 def wire_history(panel: ChatPanel, replies: Replies, controls: dict) -> None:
@@ -1051,6 +1115,7 @@ def wire_history(panel: ChatPanel, replies: Replies, controls: dict) -> None:
     told = {**quick, "queue": True, "concurrency_limit": None}
 
     def delete(chat_id, chats, request: gr.Request):
+        replies.end(request)  # the open chat's reply, if one is running, writes into the cache freed here
         replies.forget_chat(request, chat_id)
         chats = chat_history.delete(chats, chat_id)
         return "", chats, listing(chats, None), [], ""
@@ -1188,7 +1253,10 @@ def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
     replies = Replies(registry, exposed=is_exposed(config))
     hidden = {"queue": False, "api_visibility": "undocumented"}
 
-    def switch_model(model_id, progress=gr.Progress()):  # noqa: B008 (Gradio injects it)
+    def switch_model(model_id, request: gr.Request, progress=gr.Progress()):  # noqa: B008 (Gradio injects it)
+        if not is_operator(request, config):  # it frees every session's cache: never one visitor's choice for all
+            gr.Warning(f"Only the operator switches models. Still serving {registry.current_id or 'nothing'}.")
+            return (gr.update(value=registry.current_id), *[gr.update()] * 6, info_text(registry))
         try:
             model = registry.switch(model_id, progress=lambda f, msg: progress(f, desc=msg))
         except (ModelLoadError, ValueError, KeyError) as e:
@@ -1198,14 +1266,14 @@ def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
         return (gr.update(value=model_id), *family_controls(model), info_text(registry))
 
     def show_operator(request: gr.Request):
-        if not is_operator(request, config):
-            return gr.update(visible=False), gr.update()
+        if not is_operator(request, config):  # nor may they switch models (switch_model checks again)
+            return gr.update(visible=False), gr.update(), gr.update(interactive=False)
         if config.models_dir:
             hint = f"A checkpoint folder or .gguf file of {config.models_dir}, or a Hub repo id (org/name)"
         else:
             hint = "A Hub repo id (org/name); start the server with --models-dir to load local folders and .gguf files"
         listed = gr.update(choices=available_models(config.models_dir), info=f"{hint}. Loads with progress.")
-        return gr.update(visible=True), listed
+        return gr.update(visible=True), listed, gr.update()
 
     def on_load(chat_id, chats):
         """Once the model is ready: its family's defaults, then the open chat's own settings over them."""
@@ -1213,7 +1281,7 @@ def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
             model = registry.wait_ready(timeout=MODEL_WAIT_S)
         except RuntimeError:
             return (gr.update(), *[gr.update()] * 6, info_text(registry))
-        own = chat_history.clean_settings((chat_history.saved(chats).get(chat_id) or {}).get("settings"), SETTING_KINDS)
+        own = settings_in_range(controls, (chat_history.saved(chats).get(chat_id) or {}).get("settings"))
         defaults = family_controls(model)
         shown = [
             gr.update(value=own[name]) if name in own else update
@@ -1253,7 +1321,7 @@ def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
             concurrency_limit=None,
         )
         demo.load(None, None, None, js=SETTLE_LAYOUT, **hidden)
-        demo.load(show_operator, None, [operator["panel"], operator["source"]], **hidden)
+        demo.load(show_operator, None, [operator["panel"], operator["source"], dropdown], **hidden)
         # While a model loads (the embedded one converts once, ~90 s) the header shows its progress each second.
         ticker = gr.Timer(1.0)
         ticker.tick(

@@ -265,3 +265,42 @@ def page_secret(folder: Path) -> str:
     path.touch(mode=0o600)
     path.write_text(secret)
     return secret
+
+
+NOTE_KEYS = {
+    "title": str,
+    "status": str,
+    "duration": (int, float),
+    "log": str,
+    "id": (str, int),
+    "parent_id": (str, int),
+}
+
+
+def shown_messages(messages: list, page_file: Callable[[str], object], missing: str) -> list[dict]:
+    """A saved chat's messages as the chat may show them. The browser keeps the saved chats, and may hold
+    anything there: only text and file parts are kept, a file only where ``page_file(path)`` says the page
+    stored it (else it becomes the text ``missing``), and of a note's metadata only its plain fields."""
+    shown = []
+    for message in messages:
+        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
+            continue
+        parts = message.get("content")
+        parts = parts if isinstance(parts, (list, tuple)) else [parts]
+        content = []
+        for part in parts:
+            if isinstance(part, str) or (isinstance(part, dict) and part.get("type") == "text"):
+                content.append(text_of(part))
+            elif files_of(part):
+                path = files_of(part)[0]
+                content.append({"path": path} if page_file(path) else missing)
+        if len(content) <= 1 and all(isinstance(c, str) for c in content):
+            content = content[0] if content else ""
+        entry = {"role": message["role"], "content": content}
+        metadata = message.get("metadata")
+        if isinstance(metadata, dict):
+            kept = {k: v for k, v in metadata.items() if k in NOTE_KEYS and isinstance(v, NOTE_KEYS[k])}
+            if kept:
+                entry["metadata"] = kept
+        shown.append(entry)
+    return shown

@@ -245,6 +245,28 @@ def test_after_an_edit_the_reply_can_be_stopped_and_is_marked_stopped_with_its_s
     page.screenshot(path=str(SHOTS / "browser-stopped-after-retry.png"), full_page=True)
 
 
+def test_a_reply_that_fails_unlocks_the_page_and_gives_the_message_back(page_url, browser):
+    url, _ = page_url
+    page = open_page(browser, url)
+    page.get_by_text("System prompt and sampling").click()
+    seed = page.get_by_label("Seed (-1 = random)").first
+    seed.fill("-2")  # refused when the reply is asked for
+    seed.press("Tab")
+    send(page, "Hello there")
+    box = page.get_by_placeholder("Type a message…")
+    page.locator(".message-row.user-row").first.wait_for(timeout=30_000)  # the turn began: the page locked
+    deadline = time.time() + 30
+    while time.time() < deadline and not (box.is_enabled() and box.input_value() == "Hello there"):
+        time.sleep(0.2)
+    page.screenshot(path=str(SHOTS / "browser-failed-reply.png"), full_page=True)
+    assert box.is_enabled() and box.input_value() == "Hello there", "the page is unlocked, the message kept"
+    assert page.locator(".message-row.user-row").count() == 0 and not page.locator("button.stop-button").is_visible()
+    seed.fill("-1")
+    seed.press("Tab")
+    box.press("Enter")
+    assert "first token" in wait_reply(page, 1), "the same message, sent again, is answered"
+
+
 def test_replies_render_latex_and_code_blocks_with_a_copy_button(page_url, browser, tmp_path):
     url, _ = page_url
     chat = {
@@ -253,8 +275,8 @@ def test_replies_render_latex_and_code_blocks_with_a_copy_button(page_url, brows
             {"role": "user", "content": "Euler?"},
             {
                 "role": "assistant",
-                "content": "Inline $e^{i\\pi} + 1 = 0$, and\n\n$$\\int_0^1 x^2\\,dx = \\frac{1}{3}$$\n\n"
-                "```python\nprint(1 + 1)\n```",
+                "content": "Inline \\(e^{i\\pi} + 1 = 0\\), and\n\n$$\\int_0^1 x^2\\,dx = \\frac{1}{3}$$\n\n"
+                "The apple costs $5 and the pear costs $10.\n\n```python\nprint(1 + 1)\n```",
             },
         ],
     }
@@ -266,6 +288,7 @@ def test_replies_render_latex_and_code_blocks_with_a_copy_button(page_url, brows
     reply = page.locator("#chat .message-row.bot-row").first
     assert reply.locator(".katex").count() >= 2, "inline and display LaTeX are typeset"
     assert reply.locator(".copy_code_button").count() >= 1, "the code block has a copy button"
+    assert "costs $5 and the pear costs $10" in reply.inner_text(), "prices are not maths"
     page.screenshot(path=str(SHOTS / "browser-latex-code.png"), full_page=True)
 
 

@@ -135,7 +135,8 @@ def test_the_page_secret_survives_a_restart_and_only_its_owner_reads_it(tmp_path
     assert len(chat_history.page_secret(tmp_path / "cache")) >= 24, "an empty file is not an empty key"
 
 
-def test_images_export_as_data_urls_and_import_back_as_files_while_a_missing_file_becomes_a_note(tmp_path):
+def test_images_export_as_data_urls_and_import_back_as_files_while_a_missing_file_becomes_a_note(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))  # attached images are in Gradio's upload folder
     import app
     from test_images import data_url, picture
 
@@ -171,7 +172,10 @@ def test_images_export_as_data_urls_and_import_back_as_files_while_a_missing_fil
     assert sent[0]["content"] == [{"type": "text", "text": app.MISSING_IMAGE}, {"type": "text", "text": "Hi"}]
 
 
-def test_an_exported_photo_keeps_its_own_encoding_and_a_text_model_gets_a_note_for_earlier_images(tmp_path):
+def test_an_exported_photo_keeps_its_own_encoding_and_a_text_model_gets_a_note_for_earlier_images(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))  # attached images are in Gradio's upload folder
     import app
     from test_images import picture
 

@@ -177,3 +177,17 @@ def test_a_model_cannot_be_freed_while_another_loads(with_broken):
         registry.unload()
     registry.loading = None
     assert registry.unload() == registry.ids[0]
+
+
+def test_only_the_operator_switches_models_for_everyone(qwen3_dir, gemma3_dir):
+    registry = ModelRegistry([str(qwen3_dir), str(gemma3_dir)], max_cache_bytes=2**26)
+    registry.switch(registry.ids[0])
+    config = app.AppConfig(auth=[("ann", "pw"), ("bob", "pw")], admins=["ann"])
+    demo = app.build_app(registry, config)
+    switch = handler(demo, "switch_model")
+    show = handler(demo, "show_operator")
+    out = switch(registry.ids[1], FakeRequest("t", "bob"), progress=lambda *args, **kwargs: None)
+    assert registry.current_id == registry.ids[0] and out[0]["value"] == registry.ids[0], "it frees everyone's caches"
+    assert show(FakeRequest("t", "bob"))[2]["interactive"] is False, "the dropdown is not offered to bob"
+    switch(registry.ids[1], FakeRequest("t", "ann"), progress=lambda *args, **kwargs: None)
+    assert registry.current_id == registry.ids[1]

@@ -116,3 +116,67 @@ def test_a_chat_id_the_page_did_not_make_falls_back_to_the_tabs_own_session(page
     replies, tab = app.Replies(registry), FakeRequest("tab-1")
     assert replies.chat_session(tab, "../other") == app.page_session(tab, False)
     assert replies.chat_session(tab, "a" * 32).name == "chat:" + "a" * 32
+
+
+def test_a_saved_chat_names_only_files_the_page_stored(tmp_path, monkeypatch):
+    """The browser keeps the saved chats: one edited to name a server file (the code, a logins file) must not
+    have Gradio serve it."""
+    from gradio.utils import get_upload_folder
+
+    upload = tmp_path / "gradio"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(upload))
+    assert get_upload_folder() == str(upload)
+    (upload / "abc").mkdir(parents=True)
+    photo = upload / "abc" / "photo.png"
+    photo.write_bytes(b"png")
+    logins = tmp_path / "logins.txt"
+    logins.write_text("ann:pw\n")
+    messages = [
+        {"role": "user", "content": [{"path": str(photo)}, {"type": "text", "text": "What is this?"}]},
+        {"role": "user", "content": [{"type": "file", "file": {"path": app.__file__}}, "and this?"]},
+        {"role": "user", "content": {"path": str(logins)}},
+        {"role": "user", "content": [{"path": str(upload / "abc" / ".." / ".." / "logins.txt")}]},
+        {"role": "user", "content": {"component": "file", "value": str(logins)}},
+        {"role": "assistant", "content": "", "metadata": {"title": "1.0 s to first token", "evil": {"path": "x"}}},
+        {"role": "system", "content": "not a chat message"},
+    ]
+    shown = chat_history.shown_messages(messages, app.page_file, app.MISSING_IMAGE)
+    assert shown[0]["content"] == [{"path": str(photo)}, "What is this?"]
+    assert shown[1]["content"] == [app.MISSING_IMAGE, "and this?"]
+    assert shown[2]["content"] == app.MISSING_IMAGE and shown[3]["content"] == app.MISSING_IMAGE
+    assert shown[4]["content"] == "", "a component part is left out"
+    assert shown[5] == {"role": "assistant", "content": "", "metadata": {"title": "1.0 s to first token"}}
+    assert len(shown) == 6
+    assert app.exported_image(str(logins)) is None and app.page_image(app.__file__)["type"] == "text"
+    controls = {"messages": None}
+    record = {"messages": messages, "settings": {}}
+    _, opened, *_ = app.opened_chat(
+        {f.name: type("C", (), {})() for f in app.fields(app.ChatSettings)} | controls, "c1", {"c1": record}
+    )
+    assert "logins" not in str(opened) and app.__file__ not in str(opened)
+
+
+def test_saved_settings_out_of_their_controls_range_are_left_out():
+    class Slider:
+        minimum, maximum = 0, 2
+
+    controls = {f.name: type("C", (), {})() for f in app.fields(app.ChatSettings)} | {"temperature": Slider()}
+    assert app.settings_in_range(controls, {"temperature": 99, "top_p": 0.5}) == {"top_p": 0.5}
+    assert app.settings_in_range(controls, {"temperature": 1.5}) == {"temperature": 1.5}
+
+
+def test_undoing_a_turn_ends_its_running_reply(page):
+    registry, _ = page
+    replies = app.Replies(registry)
+    tab = FakeRequest("tab-undo")
+    counts = []
+    for undone in (False, True):
+        replies.announce(tab)
+        stream = replies.respond_in_chat(
+            [{"role": "user", "content": "Tell me a story."}], "c1", tab, "", 0, 1, 0, 400, 1, -1, False
+        )
+        next(stream)
+        if undone:
+            replies.end(tab)  # what Undo and the chat's trash button do first
+        counts.append(len(list(stream)))
+    assert counts[0] > 50 and counts[1] <= 1, f"steps streamed after the first: {counts}"
