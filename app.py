@@ -483,11 +483,11 @@ def exported_image(path: str) -> dict | None:
     """An attached image as an ``image_url`` data: URL part, the file as it was sent (None when it is gone, or is
     not one the page stored)."""
     found = page_file(path)
-    try:
-        picture = image_input.from_bytes(found.read_bytes(), "an image") if found else None
-    except (OSError, ValueError):
+    if found is None:
         return None
-    if picture is None:
+    try:
+        picture = image_input.from_bytes(found.read_bytes(), "an image")
+    except (OSError, ValueError):
         return None
     return {"type": "image_url", "image_url": {"url": picture.data_url()}}
 

@@ -291,9 +291,9 @@ def shown_messages(messages: list, page_file: Callable[[str], object], missing: 
         for part in parts:
             if isinstance(part, str) or (isinstance(part, dict) and part.get("type") == "text"):
                 content.append(text_of(part))
-            elif files_of(part):
-                path = files_of(part)[0]
-                content.append({"path": path} if page_file(path) else missing)
+            else:
+                for path in files_of(part):  # one at most: a part is one file
+                    content.append({"path": path} if page_file(path) else missing)
         if len(content) <= 1 and all(isinstance(c, str) for c in content):
             content = content[0] if content else ""
         entry = {"role": message["role"], "content": content}

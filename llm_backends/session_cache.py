@@ -483,6 +483,10 @@ class SessionStore:
     def _spill(self, victims: list) -> None:
         """Evicted (key, entry, _Outgoing) go to host RAM, and what falls out of it to disk; without a host tier
         they go to disk. Sessions cleared meanwhile go nowhere."""
+        if self.host is None and self.tier is None:  # nowhere to go (the usual case): nothing to copy or wait for
+            with self._lock:
+                self._outgoing.difference_update(outgoing for _, _, outgoing in victims)
+            return
         if self.host is None:
             self._save(
                 [(key, lambda v=victim: host_tier.on_host(v.payload(clone=False)), out) for key, victim, out in victims]
