@@ -53,6 +53,7 @@ ENV = {
 }
 TRUE = {"1", "true", "yes", "on"}
 MODEL_WAIT_S = 600  # how long a reply or a page waits for a model that is loading
+WATCH_S = 5.0  # how often an open page checks whether the operator switched models (from another tab)
 
 
 @dataclass
@@ -864,7 +865,7 @@ def settings_panel(registry: ModelRegistry) -> dict[str, gr.components.Component
     return controls
 
 
-# Replies render LaTeX in $…$, $$…$$, \(…\) and \[…\]; code blocks get Gradio's copy button.
+# Replies render LaTeX in $$…$$, \(…\) and \[…\] (a single $ is a price); code blocks get a copy button.
 LATEX = [
     {"left": "$$", "right": "$$", "display": True},
     {"left": "\\[", "right": "\\]", "display": True},
@@ -885,6 +886,46 @@ DOWNLOAD_JS = """(text, title) => {
   link.download = (title || "chat").replace(/[^\\w -]+/g, "").trim().slice(0, 60) + ".json";
   document.body.appendChild(link); link.click(); link.remove();
 }"""
+
+# Tabs of one browser share one list of saved chats. Each tab holds its own copy (Gradio's BrowserState) and writes
+# it whole, so a tab that saved with a stale copy dropped what the others had saved. Now a tab that saves tells the
+# others which chats it changed or deleted; they apply that to their copy (a click on the hidden #chat-sync button
+# runs ``CHAT_SYNC_JS`` and then the server's listing) before their next save. In the page's head: it is there
+# before the saved chats are first read.
+CHAT_SYNC_HEAD = """<script>
+window.llmChats = (() => {
+  const channel = "BroadcastChannel" in window ? new BroadcastChannel("llm-chat-saved") : null;
+  let seen = {};  // id -> the record as JSON, as this tab last saw it
+  const pending = [];  // [id, record as JSON or null (deleted)] from other tabs, not applied yet
+  const asText = (chats) =>
+    Object.fromEntries(Object.entries(chats || {}).map(([id, record]) => [id, JSON.stringify(record)]));
+  if (channel) channel.onmessage = (event) => {
+    if (!Array.isArray(event.data)) return;
+    pending.push(...event.data);
+    document.querySelector("#chat-sync")?.click();
+  };
+  return {
+    saved(chats) {
+      const now = asText(chats), changes = [];
+      for (const [id, record] of Object.entries(now)) if (seen[id] !== record) changes.push([id, record]);
+      for (const id of Object.keys(seen)) if (!(id in now)) changes.push([id, null]);
+      seen = now;
+      if (changes.length && channel) channel.postMessage(changes);
+    },
+    apply(chats) {
+      const merged = {...(chats || {})};
+      for (const [id, record] of pending.splice(0)) {
+        if (record === null) delete merged[id];
+        else merged[id] = JSON.parse(record);
+      }
+      seen = asText(merged);
+      return merged;
+    },
+  };
+})();
+</script>"""
+CHAT_SYNC_JS = "(chats, chatId) => [window.llmChats ? window.llmChats.apply(chats) : chats, chatId]"
+CHAT_SAVED_JS = "(chats) => { window.llmChats?.saved(chats); }"
 
 
 # The page's own small steps (show a message, save a chat): no queue, no spinner, not part of the API.
@@ -908,6 +949,7 @@ class ChatPanel:
     export: gr.Button
     export_text: gr.Textbox
     importer: gr.UploadButton
+    sync: gr.Button  # hidden: clicked by CHAT_SYNC_HEAD's script when another tab saved
 
     @property
     def locked(self) -> list:
@@ -934,6 +976,7 @@ def history_panel(secret: str) -> dict:
                 parts["export"] = gr.Button("Export JSON", size="sm")
                 parts["importer"] = gr.UploadButton("Import JSON", size="sm", file_types=[".json"], type="binary")
             parts["export_text"] = gr.Textbox(visible=False)
+        parts["sync"] = gr.Button("Sync", visible="hidden", elem_id="chat-sync")
     return parts
 
 
@@ -1004,33 +1047,37 @@ def wire_chat(panel: ChatPanel, replies: Replies, controls: dict, config: AppCon
         box = gr.update(submit_btn=not yes, stop_btn=yes, interactive=not yes, **textbox)
         return [box, *[gr.update(interactive=not yes)] * len(panel.locked)]
 
-    def begin(request: gr.Request, history: list, chat_id, text, files=(), **textbox) -> tuple:
-        """The turn's first step: the person's message (text, then attached images) shown at once, Stop
-        offered; nothing if it is empty."""
+    def begin(request: gr.Request, history: list, chat_id, chats, values, text, files=(), **textbox) -> tuple:
+        """The turn's first step: the person's message (text, then attached images) shown at once and saved (a
+        reload or a closed tab during the reply keeps it), Stop offered; nothing if it is empty."""
         text = text_of(text).strip()
         if not text and not files:  # nothing to send: the page stays as it is (a turn under way keeps its flag)
-            return (*[gr.skip()] * (len(panel.locked) + 3), gr.skip())
+            return (*[gr.skip()] * (len(panel.locked) + 4), gr.skip())
         replies.announce(request)
         chat_id = valid_chat_id(chat_id) or chat_history.new_chat_id()
         content = [*({"path": path} for path in files), text] if files else text
-        return (*busy(True, **textbox), [*history, {"role": "user", "content": content}], chat_id, True)
+        history = [*history, {"role": "user", "content": content}]
+        chats, shown = save(history, chat_id, chats, *values)
+        box, picker, *locked = busy(True, **textbox)
+        return (box, {**picker, **shown}, *locked, history, chat_id, chats, True)
 
-    def send(message, history, chat_id, request: gr.Request):
+    def send(message, history, chat_id, chats, request: gr.Request, *values):
         message = message or {}
         # The box gives its files as paths in Gradio's upload folder.
         files = [f if isinstance(f, str) else f.get("path") for f in message.get("files") or []]
-        return begin(request, history, chat_id, message.get("text", ""), [f for f in files if f], value=None)
+        text = message.get("text", "")
+        return begin(request, history, chat_id, chats, values, text, [f for f in files if f], value=None)
 
-    def edit(history, chat_id, data: gr.EditData, request: gr.Request):
+    def edit(history, chat_id, chats, data: gr.EditData, request: gr.Request, *values):
         index = data.index[0] if isinstance(data.index, (list, tuple)) else data.index
         kept = files_of(history[index].get("content")) if index < len(history) else []  # the text is what changed
-        return begin(request, history[:index], chat_id, data.value, kept)
+        return begin(request, history[:index], chat_id, chats, values, data.value, kept)
 
-    def retry(history, chat_id, data: gr.RetryData, request: gr.Request):
+    def retry(history, chat_id, chats, data: gr.RetryData, request: gr.Request, *values):
         users = [i for i, m in enumerate(history[: data.index + 1]) if m.get("role") == "user"]
         last = users[-1] if users else len(history)
         content = history[last].get("content") if users else ""
-        return begin(request, history[:last], chat_id, content, files_of(content))
+        return begin(request, history[:last], chat_id, chats, values, content, files_of(content))
 
     def undo(history, request: gr.Request):
         replies.end(request)  # a reply still running for the undone turn would go on to its token limit
@@ -1065,12 +1112,12 @@ def wire_chat(panel: ChatPanel, replies: Replies, controls: dict, config: AppCon
         box = {"text": text_of(content), "files": files_of(content)}
         return (*busy(False, value=box), history, *save(history, chat_id, chats, *values))
 
-    turn = [panel.textbox, *panel.locked, panel.chatbot, panel.chat_id, go]
+    turn = [panel.textbox, *panel.locked, panel.chatbot, panel.chat_id, panel.chats, go]
     saved = [panel.chatbot, panel.chat_id, panel.chats, *settings]
     for trigger, fn, inputs in (
-        (panel.textbox.submit, send, [panel.textbox, panel.chatbot, panel.chat_id]),
-        (panel.chatbot.edit, edit, [panel.chatbot, panel.chat_id]),
-        (panel.chatbot.retry, retry, [panel.chatbot, panel.chat_id]),
+        (panel.textbox.submit, send, [panel.textbox, *saved]),
+        (panel.chatbot.edit, edit, saved),
+        (panel.chatbot.retry, retry, saved),
     ):
         answered = trigger(fn, inputs, turn, **quick).then(
             reply,
@@ -1162,6 +1209,14 @@ def wire_history(panel: ChatPanel, replies: Replies, controls: dict) -> None:
         export, [panel.chat_id, panel.chatbot, panel.chats, *settings], [panel.export_text, panel.title], **told
     ).then(None, [panel.export_text, panel.title], None, js=DOWNLOAD_JS, **quick)
     panel.importer.upload(import_, [panel.importer, panel.chats], [panel.chats, *opened], **told)
+
+    def synced(chats, chat_id):
+        chats = chat_history.saved(chats)
+        return chats, listing(chats, chat_id)
+
+    # Another tab's saves and deletes, applied to this tab's copy (CHAT_SYNC_HEAD); this tab's, told to the others.
+    panel.sync.click(synced, [panel.chats, panel.chat_id], [panel.chats, panel.picker], js=CHAT_SYNC_JS, **quick)
+    panel.chats.change(None, [panel.chats], None, js=CHAT_SAVED_JS, **quick)
 
 
 def operator_panel(config: AppConfig) -> dict:
@@ -1280,7 +1335,7 @@ def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
         try:
             model = registry.wait_ready(timeout=MODEL_WAIT_S)
         except RuntimeError:
-            return (gr.update(), *[gr.update()] * 6, info_text(registry))
+            return (gr.update(), *[gr.update()] * 6, info_text(registry), gr.Timer(active=True))
         own = settings_in_range(controls, (chat_history.saved(chats).get(chat_id) or {}).get("settings"))
         defaults = family_controls(model)
         shown = [
@@ -1290,7 +1345,25 @@ def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
         thinking = defaults[3]
         if "thinking" in own and model.capabilities.thinking:
             thinking = gr.update(visible=True, value=bool(own["thinking"]))
-        return (gr.update(value=registry.current_id), *shown, thinking, *defaults[4:], info_text(registry))
+        return (
+            gr.update(value=registry.current_id),
+            *shown,
+            thinking,
+            *defaults[4:],
+            info_text(registry),
+            gr.Timer(active=True),
+        )
+
+    def watch(shown):
+        """What another tab's operator did, shown here as a switch in this tab would show it: another model (its
+        family's defaults), none, or one loading (its progress)."""
+        if registry.loading is not None:
+            return (*[gr.skip()] * 7, info_text(registry))
+        if shown == registry.current_id:
+            return [gr.skip()] * 8
+        model = registry.model
+        listed = gr.update(choices=registry.ids, value=registry.current_id)
+        return (listed, *(family_controls(model) if model else [gr.skip()] * 6), info_text(registry))
 
     with gr.Blocks(title="Local LLM chat", fill_height=True) as demo:
         history = history_panel(config.page_secret or chat_history.page_secret(cache_root()))
@@ -1308,6 +1381,10 @@ def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
         wire_operator(operator, registry, config, [dropdown, *sampling, *mode, info])
         mode_defaults = lambda thinking: family_controls(registry.get(), bool(thinking))[:3]  # noqa: E731
         controls["thinking"].input(mode_defaults, [controls["thinking"]], sampling, **hidden)
+        # Started once this tab shows the model (on_load): a model switched or freed meanwhile, in another tab,
+        # then reaches this one within WATCH_S.
+        watcher = gr.Timer(WATCH_S, active=False)
+        watcher.tick(watch, [dropdown], [dropdown, *sampling, *mode, info], **hidden)
         demo.load(
             lambda chat_id, chats: opened_chat(controls, chat_id, chats),
             [panel.chat_id, panel.chats],
@@ -1316,7 +1393,7 @@ def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
         ).then(
             on_load,
             [panel.chat_id, panel.chats],
-            [dropdown, *sampling, *mode, info],
+            [dropdown, *sampling, *mode, info, watcher],
             api_visibility="undocumented",
             concurrency_limit=None,
         )
@@ -1366,6 +1443,7 @@ def serve(config: AppConfig, registry: ModelRegistry | None = None, **launch_kwa
         show_error=True,
         prevent_thread_lock=True,
         css=PAGE_CSS,
+        head=CHAT_SYNC_HEAD,
         # Uploads are images (each at most MAX_IMAGE_BYTES) and exported chats (a few images as data: URLs).
         max_file_size=chat_history.MAX_IMPORT_BYTES,
         **launch_kwargs,

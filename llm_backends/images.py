@@ -78,6 +78,8 @@ def from_bytes(data: bytes, where: str) -> Image:
         picture.load()
     except ValueError:
         raise
+    except PILImage.UnidentifiedImageError as e:  # its message names our BytesIO object, nothing of the sender's
+        raise ValueError(f"{where} is not an image that can be read (PNG, JPEG, WebP or GIF)") from e
     except Exception as e:  # noqa: BLE001 (a decoder's failure on crafted input is the sender's mistake)
         raise ValueError(f"{where} is not an image that can be read (PNG, JPEG, WebP or GIF): {e}") from e
     return from_pil(picture, where, data, PILImage.MIME.get(picture.format or "", "image/png"))

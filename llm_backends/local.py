@@ -36,6 +36,16 @@ REPLY_ROOM = 1024
 FALLBACK_CONTEXT = 8192
 
 
+def _characters(messages: Sequence[dict], prompt: str | None = None) -> int:
+    """The characters of the messages' text (images aside), and of a raw prompt."""
+    total = len(prompt or "")
+    for message in messages:
+        content = message.get("content")
+        parts = [content] if isinstance(content, str) else content if isinstance(content, list) else ()
+        total += sum(len(part) for part in parts if isinstance(part, str))
+    return total
+
+
 def restore_points(turns: int) -> int:
     """Restore points a session keeps so that any of its last ``turns`` exchanges can be edited, undone or
     retried from where it begins: a conversation that grows one exchange at a time leaves two per exchange
@@ -96,6 +106,9 @@ class LocalModel(ChatModel):
         self.grammars = Grammars(tokenizer, vocab_size, self.stop_ids)
         # Templates that know tools (Qwen 3's) render them; for others tools.inline writes them into turns.
         self.template_has_tools = "tools" in (self.chat_template or "")
+        # No token stands for more characters than its own spelling has (byte-level and SentencePiece vocabularies
+        # spell each character, space or byte with at least one character): fit() refuses text no context holds.
+        self.longest_token = max(map(len, tokenizer.get_vocab()), default=1) or 1
 
     def render(self, messages, *, enable_thinking: bool | None = None, tools=None) -> list[int]:
         """The prompt's token ids: the whole conversation through the chat template, ready for the reply,
@@ -148,18 +161,27 @@ class LocalModel(ChatModel):
 
         The conversation is rendered once when it fits. Otherwise, with ``request.fit_context``, the fewest
         oldest turns (a user message and what follows it) are dropped, found by bisection; the system prompt
-        and the last user message always stay. Raises ValueError when it cannot fit.
+        and the last user message always stay. Raises ValueError when it cannot fit. Text with more characters
+        than the context could hold (``longest_token`` per token) is refused, or its oldest turns dropped,
+        before the template and the tokenizer spend seconds on it (8 MB took ~7 s).
         """
         context = self.info.context_length
         room = min(request.sampling.max_new_tokens, REPLY_ROOM)
+        most = (context - room) * self.longest_token
 
         def render(messages) -> list[int]:
             return self._render(request, messages)
 
-        ids = render(request.messages)
-        if len(ids) + room <= context:
-            return ids, 0
         if not request.fit_context or request.prompt is not None:
+            if _characters(request.messages, request.prompt) > most:
+                raise ValueError(
+                    f"the conversation is {_characters(request.messages, request.prompt)} characters, more than "
+                    f"the model's context of {context} tokens holds with room for {room} new ones: drop earlier "
+                    "turns or shorten it"
+                )
+            ids = render(request.messages)
+            if len(ids) + room <= context:
+                return ids, 0
             raise ValueError(
                 f"the conversation is {len(ids)} tokens; with room for {room} new ones it exceeds the model's "
                 f"context of {context}: drop earlier turns or ask for fewer new tokens"
@@ -167,19 +189,36 @@ class LocalModel(ChatModel):
         head = request.messages[:1] if request.messages[0]["role"] == "system" else ()
         body = request.messages[len(head) :]
         starts = [i for i, m in enumerate(body) if m["role"] == "user" and i > 0]  # where a later turn begins
-        low, high, best = 1, len(starts), None  # drop `low..high` turns; dropping all but the last always shortest
+        kept = [*head, *body[starts[-1] :]] if starts else request.messages  # what always stays
+
+        def too_long(size: str) -> ValueError:
+            what = "the system prompt and the last message are" if head else "the last message alone is"
+            return ValueError(
+                f"{what} {size}; with room for {room} new tokens that does not fit the model's context of "
+                f"{context} tokens: shorten {'them' if head else 'it'}"
+            )
+
+        if _characters(kept) > most:
+            raise too_long(f"{_characters(kept)} characters")
+        tried = None  # the tokens of the shortest prompt tried
+        if _characters(request.messages) <= most:
+            ids = render(request.messages)
+            if len(ids) + room <= context:
+                return ids, 0
+            tried = len(ids)
+        # Drop `low..high` turns; dropping all but the last is always the shortest. Cuts that keep more characters
+        # than could fit are not tried.
+        fewest = next((k for k, at in enumerate(starts) if _characters([*head, *body[at:]]) <= most), len(starts))
+        low, high, best = fewest + 1, len(starts), None
         while low <= high:
             middle = (low + high) // 2
-            candidate = render(head + body[starts[middle - 1] :])
+            candidate = render([*head, *body[starts[middle - 1] :]])
             if len(candidate) + room <= context:
                 best, high = (candidate, middle), middle - 1
             else:
-                low = middle + 1
+                low, tried = middle + 1, len(candidate)
         if best is None:
-            raise ValueError(
-                f"the last message alone does not fit the model's context of {context} tokens with room for "
-                f"{room} new ones: shorten it"
-            )
+            raise too_long(f"{tried} tokens")
         return best
 
     def stream(self, request: ChatRequest) -> ChatStream:

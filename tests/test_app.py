@@ -205,6 +205,33 @@ def test_long_conversations_drop_the_fewest_oldest_turns_rendering_once_per_try(
         qwen3.stream(qwen3.request(messages, max_new_tokens=256))
 
 
+def test_text_no_context_could_hold_is_refused_or_cut_before_it_is_rendered(qwen3):
+    renders = []
+    render = qwen3.render
+    qwen3.render = lambda messages, **kwargs: renders.append(len(messages)) or render(messages, **kwargs)
+    most = (qwen3.info.context_length - 256) * qwen3.longest_token
+    huge = "word " * (most // 5 + 1)
+    try:
+        for fit_context in (False, True):
+            with pytest.raises(ValueError, match=f"alone is {len(huge)} characters|{len(huge)} characters, more"):
+                qwen3.stream(
+                    qwen3.request([{"role": "user", "content": huge}], max_new_tokens=256, fit_context=fit_context)
+                )
+        system = [{"role": "system", "content": huge}, {"role": "user", "content": "hi"}]
+        with pytest.raises(ValueError, match="the system prompt and the last message are"):
+            qwen3.stream(qwen3.request(system, max_new_tokens=256, fit_context=True))
+        assert renders == [], "refused without the template or the tokenizer reading megabytes"
+        # A huge old turn is dropped without rendering any conversation that still holds it.
+        history = [{"role": "user", "content": huge}, {"role": "assistant", "content": "ok"}]
+        stream = qwen3.stream(qwen3.request([*history, {"role": "user", "content": "last"}], fit_context=True))
+        assert stream.dropped_turns == 1 and max(renders) <= 2
+        stream.close()
+    finally:
+        del qwen3.render
+    tokens = qwen3.tokenizer(" " * 50_000 + "=" * 50_000 + "\n" * 50_000, add_special_tokens=False)["input_ids"]
+    assert len(tokens) * qwen3.longest_token >= 150_000, "no token stands for more characters than its spelling"
+
+
 def slowly_loading(folder) -> tuple[ModelRegistry, threading.Event]:
     """A registry whose load reports 40 % progress, then waits for the event before loading ``folder``."""
     from llm_backends import load_model

@@ -63,8 +63,10 @@ def send(page, text: str) -> None:
     box.press("Enter")
 
 
-def open_page(browser, url, width=1200):
-    page = browser.new_context(viewport={"width": width, "height": 900}, accept_downloads=True).new_page()
+def open_page(browser, url, width=1200, context=None):
+    """A new tab, in a new browser context (its own storage) unless ``context`` is given."""
+    context = context or browser.new_context(viewport={"width": width, "height": 900}, accept_downloads=True)
+    page = context.new_page()
     page.goto(url)
     page.get_by_placeholder("Type a message…").wait_for(timeout=60_000)
     time.sleep(1.0)
@@ -216,6 +218,50 @@ def test_saved_chats_survive_a_reload_and_reopen_with_their_settings_their_cache
     assert len(saved_titles(page)) == 2, "and changes nothing"
 
 
+def test_tabs_of_one_browser_share_their_saved_chats(page_url, browser):
+    url, _ = page_url
+    context = browser.new_context(viewport={"width": 1200, "height": 900})
+    first, second = open_page(browser, url, context=context), open_page(browser, url, context=context)
+    send(first, "The capital of France is")
+    wait_reply(first, 1)
+    time.sleep(1.0)
+    assert saved_titles(second) == ["The capital of France is"], "the other tab lists it at once"
+    send(second, "Rivers of Europe:")
+    wait_reply(second, 1)
+    time.sleep(1.0)
+    expected = ["Rivers of Europe:", "The capital of France is"]
+    assert saved_titles(first) == saved_titles(second) == expected, "a save does not drop the other tab's chat"
+    first.locator("#chat-list label", has_text="Rivers of Europe:").click()
+    time.sleep(1.0)
+    first.get_by_text("Rename, delete, export, import").click()
+    first.get_by_role("button", name="Delete", exact=True).click()
+    time.sleep(1.0)
+    assert saved_titles(second) == ["The capital of France is"], "a delete reaches the other tab"
+    second.get_by_role("button", name="New chat").click()
+    send(second, "Mountains of Asia:")
+    wait_reply(second, 1)
+    second.reload()
+    second.get_by_placeholder("Type a message…").wait_for(timeout=60_000)
+    time.sleep(1.5)
+    second.screenshot(path=str(SHOTS / "browser-two-tabs.png"), full_page=True)
+    assert saved_titles(second) == ["Mountains of Asia:", "The capital of France is"], "and the stored list agrees"
+    context.close()
+
+
+def test_a_reload_during_a_reply_keeps_the_message_in_the_saved_chat(page_url, browser):
+    url, _ = page_url
+    page = open_page(browser, url)
+    page.get_by_text("System prompt and sampling").click()
+    page.get_by_label("Temperature (0 = greedy)").first.fill("0")  # the base model's reply runs on (see below)
+    send(page, "Describe a day at the beach.")
+    page.locator("button.stop-button").wait_for(state="visible", timeout=10_000)
+    page.reload()
+    page.get_by_placeholder("Type a message…").wait_for(timeout=60_000)
+    time.sleep(1.5)
+    assert saved_titles(page) == ["Describe a day at the beach."]
+    assert "Describe a day at the beach." in page.locator("#chat").inner_text(), "the open chat shows it again"
+
+
 def test_after_an_edit_the_reply_can_be_stopped_and_is_marked_stopped_with_its_stats(page_url, browser):
     url, _ = page_url
     page = open_page(browser, url)
@@ -322,6 +368,7 @@ def test_a_thinking_budget_cuts_the_reasoning_which_opens_on_a_click_while_stats
 
 def test_the_operator_loads_a_model_from_the_models_folder_and_frees_it(qwen_page_url, browser):
     page = open_page(browser, qwen_page_url)
+    other = open_page(browser, qwen_page_url)  # another visitor's page shows each change within app.WATCH_S
     panel = page.locator("#operator")
     assert panel.is_visible(), "the one person at a local server is its operator"
     source = page.get_by_label("Load a model")
@@ -335,8 +382,11 @@ def test_the_operator_loads_a_model_from_the_models_folder_and_frees_it(qwen_pag
     assert "gemma3" in page.locator("#model-info").inner_text()
     assert not page.get_by_label("Thinking budget (tokens, 0 = no limit)").is_visible(), "Gemma does not think"
     page.screenshot(path=str(SHOTS / "browser-operator-loaded.png"), full_page=True)
+    other.locator("#model-info", has_text="gemma3").wait_for(timeout=10_000)
+    assert other.locator("#model-picker input").input_value() == "tiny-gemma3"
     page.get_by_role("button", name="Free the current model").click()
     page.get_by_text("No model is loaded").wait_for(timeout=10_000)
+    other.locator("#model-info", has_text="No model is loaded").wait_for(timeout=10_000)
     page.locator("#model-picker input").click()
     page.get_by_role("option").first.click()
     page.get_by_text("Now serving").last.wait_for(timeout=30_000)
