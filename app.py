@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import logging
 import os
 import re
@@ -519,6 +520,8 @@ def stats_line(stats, stopped: bool = False) -> str:
     """What the reply cost, and whether its prompt was found in the session's cache or read anew."""
     if stats.prompt_tokens is None:
         prompt = "prompt size not reported by the server"
+    elif stats.cached_tokens is None:  # a remote model: its upstream's cache is its own
+        prompt = f"{stats.prompt_tokens} prompt tokens"
     elif stats.cached_tokens:
         where = {"host": " (from host RAM)", "disk": " (read from disk)", "shared": " (a shared prefix)"}.get(
             stats.cache_tier, ""
@@ -888,44 +891,70 @@ DOWNLOAD_JS = """(text, title) => {
 }"""
 
 # Tabs of one browser share one list of saved chats. Each tab holds its own copy (Gradio's BrowserState) and writes
-# it whole, so a tab that saved with a stale copy dropped what the others had saved. Now a tab that saves tells the
-# others which chats it changed or deleted; they apply that to their copy (a click on the hidden #chat-sync button
-# runs ``CHAT_SYNC_JS`` and then the server's listing) before their next save. In the page's head: it is there
+# it whole, so a tab that saved with a stale copy dropped what the others had saved. Now each step that changes
+# the chats also gives what it changed, as [id, record or null, version] (``chat_history.changes``, into the hidden
+# #chat-changes box); the tab tells the others, and every tab keeps the newest version of each chat it has heard
+# of. Whenever its copy lacks one (a change arrived, or a step's result was computed from a copy taken before it
+# did), a click on the hidden #chat-sync button lays them over the copy (CHAT_SYNC_JS) and the server lists it,
+# and shows the open chat again where another tab changed it and no reply is running here. A chat missing from a
+# copy is never taken as deleted; an older version never replaces a newer one. In the page's head: it is there
 # before the saved chats are first read.
 CHAT_SYNC_HEAD = """<script>
 window.llmChats = (() => {
   const channel = "BroadcastChannel" in window ? new BroadcastChannel("llm-chat-saved") : null;
-  let seen = {};  // id -> the record as JSON, as this tab last saw it
-  const pending = [];  // [id, record as JSON or null (deleted)] from other tabs, not applied yet
-  const asText = (chats) =>
-    Object.fromEntries(Object.entries(chats || {}).map(([id, record]) => [id, JSON.stringify(record)]));
-  if (channel) channel.onmessage = (event) => {
-    if (!Array.isArray(event.data)) return;
-    pending.push(...event.data);
-    document.querySelector("#chat-sync")?.click();
+  const known = {};  // id -> [version, record or null (deleted)]: the newest this tab has heard of
+  let loaded = false, pending = null;
+  const tries = {};
+  const version = (record) => (record && typeof record.v === "number" ? record.v : 0);
+  const learn = (changes) => {
+    let news = false;
+    for (const change of Array.isArray(changes) ? changes : []) {
+      const [id, record, v] = Array.isArray(change) ? change : [];
+      if (typeof id !== "string" || typeof v !== "number" || (record !== null && typeof record !== "object")) continue;
+      if (!known[id] || known[id][0] < v) { known[id] = [v, record]; news = true; }
+    }
+    return news;
   };
+  const merged = (chats) => {
+    const out = {...(chats || {})}, changed = [];
+    for (const [id, [v, record]] of Object.entries(known)) {
+      const mine = out[id];
+      if (record === null) {
+        if (mine && version(mine) <= v) { delete out[id]; changed.push(id); }
+      } else if (!mine || version(mine) < v) { out[id] = record; changed.push(id); }
+    }
+    return [out, changed];
+  };
+  const sync = () => document.querySelector("#chat-sync")?.click();
+  if (channel) channel.onmessage = (event) => { if (learn(event.data) && loaded) sync(); };
   return {
-    saved(chats) {
-      const now = asText(chats), changes = [];
-      for (const [id, record] of Object.entries(now)) if (seen[id] !== record) changes.push([id, record]);
-      for (const id of Object.keys(seen)) if (!(id in now)) changes.push([id, null]);
-      seen = now;
-      if (changes.length && channel) channel.postMessage(changes);
+    told(text) {  // a step of this tab changed these chats
+      let changes = [];
+      try { changes = JSON.parse(text || "[]"); } catch (e) { return; }
+      if (learn(changes) && channel) channel.postMessage(changes);
     },
-    apply(chats) {
-      const merged = {...(chats || {})};
-      for (const [id, record] of pending.splice(0)) {
-        if (record === null) delete merged[id];
-        else merged[id] = JSON.parse(record);
-      }
-      seen = asText(merged);
-      return merged;
+    check(chats) {  // this tab's copy was read or replaced: anything newer it lacks? (Looked at once the step's
+      loaded = true;  // own changes, which Gradio may hand over just after its copy, are known.)
+      clearTimeout(pending);
+      pending = setTimeout(() => {
+        const changed = merged(chats)[1];
+        const key = JSON.stringify(changed.map((id) => [id, known[id][0]]));
+        tries[key] = (tries[key] || 0) + 1;  // a copy the server keeps refusing is not sent again and again
+        if (changed.length && tries[key] <= 10) sync();
+      }, 50);
+    },
+    apply(chats, chatId) {
+      const [out, changed] = merged(chats);
+      const stop = document.querySelector("#message button.stop-button");
+      const busy = !!stop && stop.offsetParent !== null;
+      return [out, chatId, JSON.stringify({ids: changed, busy})];
     },
   };
 })();
 </script>"""
-CHAT_SYNC_JS = "(chats, chatId) => [window.llmChats ? window.llmChats.apply(chats) : chats, chatId]"
-CHAT_SAVED_JS = "(chats) => { window.llmChats?.saved(chats); }"
+CHAT_SYNC_JS = "(chats, chatId, _) => window.llmChats ? window.llmChats.apply(chats, chatId) : [chats, chatId, '{}']"
+CHAT_CHECK_JS = "(chats) => { window.llmChats?.check(chats); }"
+CHAT_TOLD_JS = "(text) => { window.llmChats?.told(text); }"
 
 
 # The page's own small steps (show a message, save a chat): no queue, no spinner, not part of the API.
@@ -949,7 +978,9 @@ class ChatPanel:
     export: gr.Button
     export_text: gr.Textbox
     importer: gr.UploadButton
-    sync: gr.Button  # hidden: clicked by CHAT_SYNC_HEAD's script when another tab saved
+    sync: gr.Button  # hidden: clicked by CHAT_SYNC_HEAD's script when this tab's copy lacks a newer version
+    changes: gr.Textbox  # hidden: what the last step changed in the chats (JSON), for the other tabs
+    incoming: gr.Textbox  # hidden: what CHAT_SYNC_JS laid over the copy, and whether a reply runs here
 
     @property
     def locked(self) -> list:
@@ -977,6 +1008,8 @@ def history_panel(secret: str) -> dict:
                 parts["importer"] = gr.UploadButton("Import JSON", size="sm", file_types=[".json"], type="binary")
             parts["export_text"] = gr.Textbox(visible=False)
         parts["sync"] = gr.Button("Sync", visible="hidden", elem_id="chat-sync")
+        parts["changes"] = gr.Textbox(visible="hidden", elem_id="chat-changes")
+        parts["incoming"] = gr.Textbox(visible="hidden")
     return parts
 
 
@@ -1052,14 +1085,14 @@ def wire_chat(panel: ChatPanel, replies: Replies, controls: dict, config: AppCon
         reload or a closed tab during the reply keeps it), Stop offered; nothing if it is empty."""
         text = text_of(text).strip()
         if not text and not files:  # nothing to send: the page stays as it is (a turn under way keeps its flag)
-            return (*[gr.skip()] * (len(panel.locked) + 4), gr.skip())
+            return (*[gr.skip()] * (len(panel.locked) + 5), gr.skip())
         replies.announce(request)
         chat_id = valid_chat_id(chat_id) or chat_history.new_chat_id()
         content = [*({"path": path} for path in files), text] if files else text
         history = [*history, {"role": "user", "content": content}]
-        chats, shown = save(history, chat_id, chats, *values)
+        chats, shown, changed = save(history, chat_id, chats, *values)
         box, picker, *locked = busy(True, **textbox)
-        return (box, {**picker, **shown}, *locked, history, chat_id, chats, True)
+        return (box, {**picker, **shown}, *locked, history, chat_id, chats, changed, True)
 
     def send(message, history, chat_id, chats, request: gr.Request, *values):
         message = message or {}
@@ -1088,23 +1121,25 @@ def wire_chat(panel: ChatPanel, replies: Replies, controls: dict, config: AppCon
         return history[: users[-1]], {"text": text_of(content), "files": files_of(content)}
 
     def save(history, chat_id, chats, *values):
-        chat_id = valid_chat_id(chat_id)
+        """The chats with the open chat saved (deleted where it has no message left), their list, and what
+        changed (for the other tabs)."""
+        before, chat_id = chats, valid_chat_id(chat_id)
         if chat_id and any(m.get("role") == "user" for m in history):
             chats = chat_history.upsert(chats, chat_id, history, settings_of(values))
         elif chat_id:
             chats = chat_history.delete(chats, chat_id)
-        return chats, listing(chats, chat_id)
+        return chats, listing(chats, chat_id), changes_text(before, chats)
 
     def finish(asked: bool, history, chat_id, chats, *values):
         if not asked:
-            return [gr.skip()] * (len(panel.locked) + 3)
+            return [gr.skip()] * (len(panel.locked) + 4)
         return (*busy(False), *save(history, chat_id, chats, *values))
 
     def recover(asked: bool, history, chat_id, chats, *values):
         """After a reply that failed (its error shown): the page unlocked, the unanswered message back in the box
         to change or send again, and the chat saved as it was before it."""
         if not asked:
-            return [gr.skip()] * (len(panel.locked) + 4)
+            return [gr.skip()] * (len(panel.locked) + 5)
         users = [i for i, m in enumerate(history) if m.get("role") == "user"]
         last = users[-1] if users else len(history)
         content = history[last].get("content") if users else ""
@@ -1112,7 +1147,7 @@ def wire_chat(panel: ChatPanel, replies: Replies, controls: dict, config: AppCon
         box = {"text": text_of(content), "files": files_of(content)}
         return (*busy(False, value=box), history, *save(history, chat_id, chats, *values))
 
-    turn = [panel.textbox, *panel.locked, panel.chatbot, panel.chat_id, panel.chats, go]
+    turn = [panel.textbox, *panel.locked, panel.chatbot, panel.chat_id, panel.chats, panel.changes, go]
     saved = [panel.chatbot, panel.chat_id, panel.chats, *settings]
     for trigger, fn, inputs in (
         (panel.textbox.submit, send, [panel.textbox, *saved]),
@@ -1126,15 +1161,21 @@ def wire_chat(panel: ChatPanel, replies: Replies, controls: dict, config: AppCon
             concurrency_limit=config.concurrency,
             api_visibility="undocumented",
         )
-        answered.success(finish, [go, *saved], [panel.textbox, *panel.locked, panel.chats, panel.picker], **quick)
+        finished = [panel.textbox, *panel.locked, panel.chats, panel.picker, panel.changes]
+        answered.success(finish, [go, *saved], finished, **quick)
         # Without this a failed reply (a bad setting, a prompt too long, no model) left the page locked, Stop only.
-        unlocked = [panel.textbox, *panel.locked, panel.chatbot, panel.chats, panel.picker]
+        unlocked = [panel.textbox, *panel.locked, panel.chatbot, panel.chats, panel.picker, panel.changes]
         answered.failure(recover, [go, *saved], unlocked, **quick)
     panel.textbox.stop(replies.stop, None, None, **quick)
     panel.chatbot.undo(undo, [panel.chatbot], [panel.chatbot, panel.textbox], **quick).then(
-        save, saved, [panel.chats, panel.picker], **quick
+        save, saved, [panel.chats, panel.picker, panel.changes], **quick
     )
     wire_history(panel, replies, controls)
+
+
+def changes_text(before, after) -> str:
+    """What a step changed in the saved chats, as the page's other tabs take it (CHAT_SYNC_HEAD)."""
+    return json.dumps(chat_history.changes(before, after), ensure_ascii=False)
 
 
 def listing(chats: dict, chat_id) -> dict:
@@ -1164,16 +1205,16 @@ def wire_history(panel: ChatPanel, replies: Replies, controls: dict) -> None:
     def delete(chat_id, chats, request: gr.Request):
         replies.end(request)  # the open chat's reply, if one is running, writes into the cache freed here
         replies.forget_chat(request, chat_id)
-        chats = chat_history.delete(chats, chat_id)
-        return "", chats, listing(chats, None), [], ""
+        before, chats = chats, chat_history.delete(chats, chat_id)
+        return "", chats, listing(chats, None), [], "", changes_text(before, chats)
 
     def rename(chat_id, title, chats):
         try:
-            chats = chat_history.rename(chats, chat_id, title)
+            before, chats = chats, chat_history.rename(chats, chat_id, title)
         except ValueError as e:
             gr.Warning(f"Could not rename the chat: {e}")
-            return gr.skip(), gr.skip()
-        return chats, listing(chats, chat_id)
+            return gr.skip(), gr.skip(), gr.skip()
+        return chats, listing(chats, chat_id), changes_text(before, chats)
 
     def export(chat_id, history, chats, *values):
         if not history:
@@ -1192,31 +1233,46 @@ def wire_history(panel: ChatPanel, replies: Replies, controls: dict) -> None:
             )
         except ValueError as e:
             gr.Warning(f"Could not import the chat: {e}")
-            return [gr.skip()] * (len(opened) + 1)
+            return [gr.skip()] * (len(opened) + 2)
         chat_id = chat_history.new_chat_id()
-        chats = chat_history.upsert(chats, chat_id, messages, imported, title=title)
-        return chats, chat_id, messages, listing(chats, chat_id), title, *saved_settings(controls, imported)
+        before, chats = chats, chat_history.upsert(chats, chat_id, messages, imported, title=title)
+        shown = listing(chats, chat_id)
+        return chats, chat_id, messages, shown, title, *saved_settings(controls, imported), changes_text(before, chats)
 
     opened = [panel.chat_id, panel.chatbot, panel.picker, panel.title, *settings]
     panel.new_chat.click(lambda: ("", [], gr.update(value=None), ""), None, opened[:4], **quick)
     reopen = lambda chat_id, chats: opened_chat(controls, chat_id, chats)  # noqa: E731
     panel.picker.input(reopen, [panel.picker, panel.chats], opened, **quick)
-    panel.rename.click(rename, [panel.chat_id, panel.title, panel.chats], [panel.chats, panel.picker], **told)
-    removed = [panel.chat_id, panel.chats, panel.picker, panel.chatbot, panel.title]
+    renamed = [panel.chats, panel.picker, panel.changes]
+    panel.rename.click(rename, [panel.chat_id, panel.title, panel.chats], renamed, **told)
+    removed = [panel.chat_id, panel.chats, panel.picker, panel.chatbot, panel.title, panel.changes]
     panel.delete.click(delete, [panel.chat_id, panel.chats], removed, **quick)
     panel.chatbot.clear(delete, [panel.chat_id, panel.chats], removed, **quick)
     panel.export.click(
         export, [panel.chat_id, panel.chatbot, panel.chats, *settings], [panel.export_text, panel.title], **told
     ).then(None, [panel.export_text, panel.title], None, js=DOWNLOAD_JS, **quick)
-    panel.importer.upload(import_, [panel.importer, panel.chats], [panel.chats, *opened], **told)
+    panel.importer.upload(import_, [panel.importer, panel.chats], [panel.chats, *opened, panel.changes], **told)
 
-    def synced(chats, chat_id):
+    def synced(chats, chat_id, incoming):
+        """The copy with the newer versions laid over it (CHAT_SYNC_JS), its list, and the open chat shown again
+        where another tab changed it and no reply runs in this one."""
         chats = chat_history.saved(chats)
-        return chats, listing(chats, chat_id)
+        try:
+            incoming = json.loads(incoming or "{}")
+        except ValueError:
+            incoming = {}
+        record = chats.get(chat_id) if valid_chat_id(chat_id) else None
+        changed = isinstance(incoming, dict) and chat_id in (incoming.get("ids") or ()) and not incoming.get("busy")
+        shown = (
+            chat_history.shown_messages(record["messages"], page_file, MISSING_IMAGE) if record and changed else None
+        )
+        return chats, listing(chats, chat_id), gr.skip() if shown is None else shown
 
-    # Another tab's saves and deletes, applied to this tab's copy (CHAT_SYNC_HEAD); this tab's, told to the others.
-    panel.sync.click(synced, [panel.chats, panel.chat_id], [panel.chats, panel.picker], js=CHAT_SYNC_JS, **quick)
-    panel.chats.change(None, [panel.chats], None, js=CHAT_SAVED_JS, **quick)
+    # Newer versions from other tabs laid over this tab's copy; this tab's changes told to the others (CHAT_SYNC_HEAD).
+    synced_to = [panel.chats, panel.picker, panel.chatbot]
+    panel.sync.click(synced, [panel.chats, panel.chat_id, panel.incoming], synced_to, js=CHAT_SYNC_JS, **quick)
+    panel.chats.change(None, [panel.chats], None, js=CHAT_CHECK_JS, **quick)
+    panel.changes.change(None, [panel.changes], None, js=CHAT_TOLD_JS, **quick)
 
 
 def operator_panel(config: AppConfig) -> dict:
@@ -1336,6 +1392,11 @@ def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
             model = registry.wait_ready(timeout=MODEL_WAIT_S)
         except RuntimeError:
             return (gr.update(), *[gr.update()] * 6, info_text(registry), gr.Timer(active=True))
+        shown = controls_for(model, chat_id, chats)
+        return (gr.update(value=registry.current_id), *shown, info_text(registry), gr.Timer(active=True))
+
+    def controls_for(model, chat_id, chats) -> list:
+        """The family's defaults for ``model``, with the open chat's own settings over them."""
         own = settings_in_range(controls, (chat_history.saved(chats).get(chat_id) or {}).get("settings"))
         defaults = family_controls(model)
         shown = [
@@ -1345,24 +1406,20 @@ def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
         thinking = defaults[3]
         if "thinking" in own and model.capabilities.thinking:
             thinking = gr.update(visible=True, value=bool(own["thinking"]))
-        return (
-            gr.update(value=registry.current_id),
-            *shown,
-            thinking,
-            *defaults[4:],
-            info_text(registry),
-            gr.Timer(active=True),
-        )
+        return [*shown, thinking, *defaults[4:]]
+
+    built_with = list(registry.ids)  # what every visitor's list offers (the operator's own tab lists more)
 
     def watch(shown):
-        """What another tab's operator did, shown here as a switch in this tab would show it: another model (its
-        family's defaults), none, or one loading (its progress)."""
+        """What another tab's operator did, shown here as a switch in the operator's tab shows it: another model
+        (its family's defaults), none, or one loading (its progress). Only the model's id travels each tick."""
         if registry.loading is not None:
             return (*[gr.skip()] * 7, info_text(registry))
         if shown == registry.current_id:
             return [gr.skip()] * 8
         model = registry.model
-        listed = gr.update(choices=registry.ids, value=registry.current_id)
+        offered = [*dict.fromkeys([*built_with, *([registry.current_id] if registry.current_id else [])])]
+        listed = gr.update(choices=offered, value=registry.current_id)
         return (listed, *(family_controls(model) if model else [gr.skip()] * 6), info_text(registry))
 
     with gr.Blocks(title="Local LLM chat", fill_height=True) as demo:

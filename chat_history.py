@@ -1,8 +1,9 @@
 """Saved chats as the page keeps them in the browser, and their export to (import from) OpenAI's messages.
 
-A chat record is plain JSON: ``{"title", "named", "messages", "settings", "updated"}`` under its id, where ``messages``
-are the chat's messages as the page shows them (thinking, stats and notices included, as titled messages) and
-``settings`` the page's controls for it (system prompt, sampling). A user message's images are file parts
+A chat record is plain JSON: ``{"title", "named", "messages", "settings", "updated", "v"}`` under its id (``v``:
+the record's version, the server's clock in µs when it was last written: exact in JavaScript's numbers), where
+``messages`` are the chat's messages as the page shows them (thinking, stats and notices included, as titled
+messages) and ``settings`` the page's controls for it (system prompt, sampling). A user message's images are file parts
 (paths in the server's upload folder). The export is what another tool reads: ``{"title", "messages": [OpenAI
 messages, system prompt first], "settings"}`` with images as ``image_url`` data: URLs; an import takes that, or a
 bare list of OpenAI messages.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -26,6 +28,19 @@ MAX_IMPORT_BYTES = 16 * 2**20  # room for a few images as data: URLs
 MAX_TITLE = 80
 CHAT_ID = re.compile(r"[0-9a-f]{32}")
 ROLES = ("system", "user", "assistant")
+
+
+_last_version = 0
+_version_lock = threading.Lock()
+
+
+def _version() -> int:
+    """A record's version: this server's clock in µs, and always above the last one given (two saves in one µs
+    are still ordered)."""
+    global _last_version
+    with _version_lock:
+        _last_version = max(time.time_ns() // 1000, _last_version + 1)
+        return _last_version
 
 
 def new_chat_id() -> str:
@@ -105,6 +120,7 @@ def upsert(chats: dict | None, chat_id: str, messages: list[dict], settings: dic
         "messages": messages,
         "settings": settings,
         "updated": time.time(),
+        "v": _version(),
     }
     sizes = {key: len(json.dumps(record, ensure_ascii=False).encode()) for key, record in chats.items()}
     total = sum(sizes.values())
@@ -126,7 +142,7 @@ def rename(chats: dict | None, chat_id: str, title: str) -> dict:
         raise ValueError(f"a chat's name has at most {MAX_TITLE} characters")
     if chat_id not in chats:
         raise ValueError("open a saved chat first (a chat is saved once it has a message)")
-    chats[chat_id] = {**chats[chat_id], "title": title, "named": True}
+    chats[chat_id] = {**chats[chat_id], "title": title, "named": True, "v": _version()}
     return chats
 
 
@@ -134,6 +150,16 @@ def delete(chats: dict | None, chat_id: str | None) -> dict:
     chats = saved(chats)
     chats.pop(chat_id, None)
     return chats
+
+
+def changes(before: dict | None, after: dict | None) -> list[list]:
+    """What a step did to the saved chats, as ``[id, record, version]`` (record None: deleted), for the page's
+    other tabs: each keeps the newest version of each chat it has heard of, so a copy that missed a change
+    (taken before it arrived) never undoes it, and a chat missing from a copy is never taken as deleted."""
+    before, after = saved(before), saved(after)
+    now = _version()
+    put = [[key, record, record.get("v", 0)] for key, record in after.items() if before.get(key) != record]
+    return put + [[key, None, now] for key in before if key not in after]
 
 
 def choices(chats: dict | None) -> list[tuple[str, str]]:

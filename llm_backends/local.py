@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import atexit
 import functools
+import itertools
+import json
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -44,6 +46,31 @@ def _characters(messages: Sequence[dict], prompt: str | None = None) -> int:
         parts = [content] if isinstance(content, str) else content if isinstance(content, list) else ()
         total += sum(len(part) for part in parts if isinstance(part, str))
     return total
+
+
+def _folding(tokenizer) -> int:
+    """How many characters the tokenizer's normalizer may turn into one: 1 where it has none or only replaces one
+    character by others (Gemma's " " -> "▁"), else 4 (NFC composes a letter and its marks; Hangul jamo fold 3:1)."""
+
+    def keeps_length(spec) -> bool:
+        if spec is None:
+            return True
+        kind = spec.get("type")
+        if kind == "Sequence":
+            return all(keeps_length(part) for part in spec.get("normalizers", ()))
+        if kind == "Replace":
+            return len((spec.get("pattern") or {}).get("String", "..")) == 1 and bool(spec.get("content"))
+        return kind in ("Prepend", "Lowercase")
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    normalizer = getattr(backend, "normalizer", None)
+    if backend is not None and normalizer is None:
+        return 1
+    try:
+        spec = json.loads(normalizer.__getstate__())
+    except (AttributeError, TypeError, ValueError):
+        return 4
+    return 1 if keeps_length(spec) else 4
 
 
 def restore_points(turns: int) -> int:
@@ -107,8 +134,9 @@ class LocalModel(ChatModel):
         # Templates that know tools (Qwen 3's) render them; for others tools.inline writes them into turns.
         self.template_has_tools = "tools" in (self.chat_template or "")
         # No token stands for more characters than its own spelling has (byte-level and SentencePiece vocabularies
-        # spell each character, space or byte with at least one character): fit() refuses text no context holds.
-        self.longest_token = max(map(len, tokenizer.get_vocab()), default=1) or 1
+        # spell each character, space or byte with at least one character), times what the tokenizer's normalizer
+        # can fold into one character: fit() refuses text no context holds.
+        self.longest_token = (max(map(len, tokenizer.get_vocab()), default=1) or 1) * _folding(tokenizer)
 
     def render(self, messages, *, enable_thinking: bool | None = None, tools=None) -> list[int]:
         """The prompt's token ids: the whole conversation through the chat template, ready for the reply,
@@ -189,7 +217,6 @@ class LocalModel(ChatModel):
         head = request.messages[:1] if request.messages[0]["role"] == "system" else ()
         body = request.messages[len(head) :]
         starts = [i for i, m in enumerate(body) if m["role"] == "user" and i > 0]  # where a later turn begins
-        kept = [*head, *body[starts[-1] :]] if starts else request.messages  # what always stays
 
         def too_long(size: str) -> ValueError:
             what = "the system prompt and the last message are" if head else "the last message alone is"
@@ -198,17 +225,20 @@ class LocalModel(ChatModel):
                 f"{context} tokens: shorten {'them' if head else 'it'}"
             )
 
-        if _characters(kept) > most:
-            raise too_long(f"{_characters(kept)} characters")
+        # Characters from each message to the end: one pass, however many turns (a cut is then one lookup).
+        from_here = list(itertools.accumulate(map(_characters, ([m] for m in reversed(body)))))[::-1] + [0]
+        head_size = _characters(head)
+        if head_size + from_here[starts[-1] if starts else 0] > most:
+            raise too_long(f"{head_size + from_here[starts[-1] if starts else 0]} characters")
         tried = None  # the tokens of the shortest prompt tried
-        if _characters(request.messages) <= most:
+        if head_size + from_here[0] <= most:
             ids = render(request.messages)
             if len(ids) + room <= context:
                 return ids, 0
             tried = len(ids)
         # Drop `low..high` turns; dropping all but the last is always the shortest. Cuts that keep more characters
         # than could fit are not tried.
-        fewest = next((k for k, at in enumerate(starts) if _characters([*head, *body[at:]]) <= most), len(starts))
+        fewest = next((k for k, at in enumerate(starts) if head_size + from_here[at] <= most), len(starts))
         low, high, best = fewest + 1, len(starts), None
         while low <= high:
             middle = (low + high) // 2

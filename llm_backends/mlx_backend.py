@@ -86,7 +86,7 @@ class MLXCacheEntry(CacheEntry):
         # where a version keeps them elsewhere, a restore would be silently wrong: keep no restore points.
         if any(not _trimmable_forever(layer) and len(layer.state) < 6 for layer in self.cache):
             return
-        states = tuple(None if _trimmable_forever(layer) else _copy_arrays(layer.state) for layer in self.cache)
+        states = tuple(None if _trimmable_forever(layer) else _copy_arrays(_live(layer)) for layer in self.cache)
         kept = [c for c in self.checkpoints if c.length != len(self.ids)]
         saved = None if logits is None else logits.detach().clone()
         kept.append(MLXCheckpoint(len(self.ids), states, saved))
@@ -105,7 +105,7 @@ class MLXCacheEntry(CacheEntry):
     def payload(self, restore_points: int = 2, clone: bool = True) -> dict:
         """The token ids, each layer's mlx-lm state and the last restore points, as torch tensors and numbers
         (what the disk tier writes): new tensors always (``clone`` is for the transformers entry's own)."""
-        layers = [None if layer.empty() else _to_disk(layer.state) for layer in self.cache]
+        layers = [None if layer.empty() else _to_disk(_live(layer)) for layer in self.cache]
         kept = self.checkpoints[-restore_points:] if restore_points else []
         points = [
             {"length": c.length, "states": [None if s is None else _to_disk(s) for s in c.states], "logits": c.logits}
@@ -140,7 +140,7 @@ class MLXCacheEntry(CacheEntry):
         cache = self.make_cache()
         for layer, source in zip(cache, self.cache, strict=True):
             if not source.empty():
-                layer.state = _copy_arrays(source.state)
+                layer.state = _copy_arrays(_live(source))
         return MLXCacheEntry(
             make_cache=self.make_cache,
             max_checkpoints=self.max_checkpoints,
@@ -155,6 +155,24 @@ def _trimmable_forever(layer) -> bool:
     from mlx_lm.models.cache import KVCache
 
     return type(layer) is KVCache
+
+
+def _live(layer) -> tuple:
+    """``layer``'s mlx-lm state with its buffers cut to the positions it holds. Past them a buffer has room that may
+    still hold tokens trimmed away: another turn's, or in a kept system prompt the whole conversation of the person
+    who sent it, which a copy would lend to others and a payload write to disk. (A rotating layer that has wrapped
+    holds its whole buffer.)"""
+    state = layer.state
+    if state[0] is None:
+        return state
+    if _trimmable_forever(layer):
+        keys, values, offset = state
+        return keys[..., :offset, :], values[..., :offset, :], offset
+    if len(state) == 6 and state[2] < state[4]:  # keys, values, offset, keep, max size, write index: not wrapped
+        keys, values, *rest = state
+        used = rest[-1]
+        return (keys[..., :used, :], values[..., :used, :], *rest)
+    return state
 
 
 def _copy_arrays(state):

@@ -234,15 +234,18 @@ def create_completion(chat_model: ChatModel, prompt, *, model=None, stream=False
 
 
 def usage(stats) -> dict | None:
-    """OpenAI's usage object, or None where the upstream of a remote model did not count the prompt."""
+    """OpenAI's usage object, or None where the upstream of a remote model did not count the prompt; without
+    ``prompt_tokens_details`` where the cache's share is not known."""
     if stats is None or stats.prompt_tokens is None:
         return None
-    return {
+    counted = {
         "prompt_tokens": stats.prompt_tokens,
         "completion_tokens": stats.completion_tokens,
         "total_tokens": stats.prompt_tokens + stats.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": stats.cached_tokens or 0},
     }
+    if stats.cached_tokens is not None:  # a remote model's upstream count is not passed on (remote._stats)
+        counted["prompt_tokens_details"] = {"cached_tokens": stats.cached_tokens}
+    return counted
 
 
 def _token_entry(text: str, logprob: float, raw: bytes | None) -> dict:

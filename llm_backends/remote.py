@@ -9,9 +9,11 @@ prefix caching can use it, without its name or its caller's identity.
 
 from __future__ import annotations
 
-import hashlib
+import hmac
 import json
+import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -28,6 +30,18 @@ from .request import ChatRequest, SessionKey
 
 PREFIX = "openai:"
 WHOLE_REPLY_TIMEOUT = 600.0
+# What a broken or hostile upstream can make this process hold: a whole reply, one line of a stream, an error body.
+MAX_REPLY_BYTES = 64 * 2**20
+MAX_LINE_BYTES = 8 * 2**20
+MAX_ERROR_BYTES = 64 * 2**10
+MAX_ERROR_CHARS = 500
+# A stream that sends more text events than the tokens asked for (each event is at least one token) ignored the
+# limit: it is ended there, with this many events to spare.
+EXTRA_EVENTS = 16
+# The session travels upstream as an HMAC under a key of this process: the upstream's logs cannot be searched
+# for guessable session names.
+_SESSION_KEY = secrets.token_bytes(32)
+log = logging.getLogger(__name__)
 
 
 class RemoteError(BackendError):
@@ -35,11 +49,24 @@ class RemoteError(BackendError):
 
 
 def parse_target(target: str | None) -> tuple[str, str]:
-    """``<base-url>#<model>`` -> (base url, model name); ValueError when malformed."""
+    """``<base-url>#<model>`` -> (base url without a user or password, model name); ValueError when malformed."""
+    base, name, _ = _parts(target)
+    return base, name
+
+
+def _parts(target: str | None) -> tuple[str, str, httpx.BasicAuth | None]:
+    """The base url, the model name, and the HTTP Basic credentials the url carried (``http://user:pass@host``),
+    which are sent as such and never shown: the url is shown in the model list, its info and its errors."""
     base, sep, name = (target or "").partition("#")
     if not sep or not name or not base.startswith(("http://", "https://")):
-        raise ValueError(f"a remote model is written openai:<http(s) base url>#<model name>, not {PREFIX}{target}")
-    return base.rstrip("/"), name
+        shown = (target or "").partition("#")[2] or "a malformed address"
+        raise ValueError(f"a remote model is written openai:<http(s) base url>#<model name>, not {shown!r}")
+    try:
+        url = httpx.URL(base)
+    except (httpx.InvalidURL, ValueError) as e:
+        raise ValueError(f"the remote model {name!r} has a malformed base url") from e
+    auth = httpx.BasicAuth(url.username, url.password) if url.username or url.password else None
+    return str(url.copy_with(username=None, password=None)).rstrip("/"), name, auth
 
 
 def label(target: str | None) -> str:
@@ -76,7 +103,7 @@ class RemoteChatModel(ChatModel):
     def __init__(self, target: str, *, timeout: float = 60.0, api_key: str | None = None, check: bool = True):
         if target.startswith(PREFIX):
             target = target[len(PREFIX) :]
-        self.base_url, self.model_name = parse_target(target)
+        self.base_url, self.model_name, self._auth = _parts(target)
         self.timeout = timeout
         key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
         self._headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -84,7 +111,7 @@ class RemoteChatModel(ChatModel):
             name=self.model_name,
             family=None,
             backend="openai",
-            source=PREFIX + target,
+            source=f"{PREFIX}{self.base_url}#{self.model_name}",
             device=self.base_url,
             quantization="upstream",
         )
@@ -93,12 +120,18 @@ class RemoteChatModel(ChatModel):
 
     def _check(self) -> None:
         try:
-            response = httpx.get(f"{self.base_url}/models", headers=self._headers, timeout=self.timeout)
+            response = httpx.get(
+                f"{self.base_url}/models", headers=self._headers, auth=self._auth, timeout=self.timeout
+            )
         except httpx.HTTPError as e:
             raise ModelLoadError(f"cannot reach {self.base_url}: {e}") from e
         if response.status_code != 200:
-            raise ModelLoadError(f"{self.base_url}/models answered {response.status_code}: {response.text[:200]}")
-        ids = [m.get("id") for m in response.json().get("data", [])]
+            raise ModelLoadError(f"{self.base_url}/models answered {response.status_code}{_error_text(response)}")
+        try:
+            listed = response.json().get("data", [])
+            ids = [m.get("id") for m in listed]
+        except (ValueError, AttributeError, TypeError) as e:
+            raise ModelLoadError(f"{self.base_url}/models did not answer with an OpenAI model list") from e
         if ids and self.model_name not in ids:
             raise ModelLoadError(f"{self.base_url} does not serve {self.model_name!r}; it serves {', '.join(ids)}")
 
@@ -163,6 +196,8 @@ class _Connection:
     def __init__(self, model: RemoteChatModel, path: str, body: dict, cancel: threading.Event, *, whole: bool):
         self.base_url, self.timeout = model.base_url, model.timeout
         self._request = (f"{model.base_url}{path}", body, model._headers)
+        self._auth = model._auth
+        self._max_events = body.get("max_tokens", 0) + EXTRA_EVENTS if body.get("max_tokens") else None
         # A whole reply may take minutes to arrive: its read timeout is generous, and closing still ends it.
         self._timeout = httpx.Timeout(model.timeout)
         if whole:
@@ -187,7 +222,7 @@ class _Connection:
         url, body, headers = self._request
         if self._cancel.is_set():
             raise httpx.ReadError("closed before the request was sent")
-        return self._client.stream("POST", url, json=body, headers=headers)
+        return self._client.stream("POST", url, json=body, headers=headers, auth=self._auth)
 
     def _answered(self, response) -> None:
         _raise_for_status(self.base_url, response)
@@ -201,54 +236,91 @@ class _Connection:
         reply = None
         with closing(self._client), self._errors(), self._open() as response:
             self._answered(response)
-            reply = json.loads(response.read())
+            reply = json.loads(_read(response, MAX_REPLY_BYTES, self.base_url))
         if reply is None:  # closed while waiting
             yield Chunk(finish_reason="cancelled", stats=_stats(None, 0, started, None, None, time.perf_counter()))
             return
-        choice = (reply.get("choices") or [{}])[0]
-        message = choice.get("message") or {}
-        text = message.get("content") or choice.get("text") or ""
-        text += "".join(_call_text(c) for c in message.get("tool_calls") or [])
+        yield self._reply_chunk(reply, started)
+
+    def _reply_chunk(self, reply, started: float) -> Chunk:
+        """A whole reply (``choices[0].message`` or ``.text``) as one chunk; RemoteError for an error or a reply
+        of another shape."""
+        _raise_for_error(self.base_url, _object(reply, self.base_url))
+        choices = _field(reply, "choices", list, self.base_url) or [{}]
+        choice = _object(choices[0], self.base_url)
+        message = _field(choice, "message", dict, self.base_url) or {}
+        text = _text(message, "content", self.base_url) or _text(choice, "text", self.base_url)
+        calls = _field(message, "tool_calls", list, self.base_url) or []
+        text += "".join(_call_text(_object(c, self.base_url)) for c in calls)
+        reasoning = _text(message, "reasoning_content", self.base_url) or _text(message, "reasoning", self.base_url)
         end = time.perf_counter()
-        yield Chunk(
+        return Chunk(
             text=text,
-            reasoning=message.get("reasoning_content") or message.get("reasoning") or "",
-            finish_reason=choice.get("finish_reason") or "stop",
-            stats=_stats(reply.get("usage"), 0, started, end, end, end),
+            reasoning=reasoning,
+            finish_reason=_text(choice, "finish_reason", self.base_url) or "stop",
+            stats=_stats(_field(reply, "usage", dict, self.base_url), 0, started, end, end, end),
             logprobs=_logprobs(choice.get("logprobs")),
         )
 
     def streamed(self) -> Iterator[Chunk]:
         started = time.perf_counter()
         first = last = None
-        finish, usage, deltas = None, None, 0
+        finish, usage, deltas, pieces = None, None, 0, 0  # pieces: text, reasoning and tool-call pieces
         calls: dict[int, dict] = {}  # tool calls arrive in pieces: name first, arguments in fragments
         with closing(self._client), self._errors(), self._open() as response:
             self._answered(response)
-            for line in response.iter_lines():
+            heard = time.monotonic()  # comments and empty lines (keep-alives) do not count as an answer
+            lines = _lines(response, self.base_url)
+            while True:
+                try:
+                    line = next(lines, None)
+                except httpx.TimeoutException:
+                    if finish is None:
+                        raise
+                    break  # finished, but neither [DONE] nor the end of the connection came: the reply is whole
+                if line is None or self._cancel.is_set():
+                    break
+                if line.startswith("{") and not first and finish is None:  # a whole reply: it did not stream
+                    parts, size = [line], len(line)
+                    for more in lines:
+                        parts.append(more)
+                        size += len(more) + 1
+                        if size > MAX_REPLY_BYTES:
+                            raise RemoteError(f"{self.base_url} sent a reply larger than {MAX_REPLY_BYTES >> 20} MiB")
+                    yield self._reply_chunk(json.loads("\n".join(parts)), started)
+                    return
                 if not line.startswith("data:"):
+                    if time.monotonic() - heard > self.timeout:
+                        if finish is not None:
+                            break
+                        raise httpx.ReadTimeout("only keep-alives")
                     continue
+                heard = time.monotonic()
                 data = line[5:].strip()
                 if data == "[DONE]":
                     break
-                event = json.loads(data)
-                usage = event.get("usage") or usage
-                for choice in event.get("choices", []):
-                    delta = choice.get("delta") or {}
-                    text = delta.get("content") or choice.get("text") or ""
-                    reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
-                    for piece in delta.get("tool_calls") or []:
-                        call = calls.setdefault(piece.get("index", 0), {"name": "", "arguments": ""})
-                        function = piece.get("function") or {}
-                        call["name"] += function.get("name") or ""
-                        call["arguments"] += function.get("arguments") or ""
-                    finish = choice.get("finish_reason") or finish
+                event = _object(json.loads(data), self.base_url)
+                _raise_for_error(self.base_url, event)
+                usage = _field(event, "usage", dict, self.base_url) or usage
+                for choice in _field(event, "choices", list, self.base_url) or []:
+                    choice = _object(choice, self.base_url)
+                    delta = _field(choice, "delta", dict, self.base_url) or {}
+                    text = _text(delta, "content", self.base_url) or _text(choice, "text", self.base_url)
+                    reasoning = _text(delta, "reasoning_content", self.base_url) or _text(
+                        delta, "reasoning", self.base_url
+                    )
+                    for piece in _field(delta, "tool_calls", list, self.base_url) or []:
+                        _add_call_piece(calls, _object(piece, self.base_url), self.base_url)
+                        pieces += 1
+                    finish = _text(choice, "finish_reason", self.base_url) or finish
                     if text or reasoning:
                         last = time.perf_counter()
                         first = first or last
                         deltas += 1
+                        pieces += 1
                         yield Chunk(text=text, reasoning=reasoning, logprobs=_logprobs(choice.get("logprobs")))
-                if self._cancel.is_set():
+                if self._max_events is not None and pieces >= self._max_events and finish is None:
+                    finish = "length"  # the upstream went past the tokens asked for
                     break
         if self._cancel.is_set():
             finish = "cancelled"
@@ -262,12 +334,108 @@ class _Connection:
 
 def _raise_for_status(base_url: str, response) -> None:
     if response.status_code != 200:
-        raise RemoteError(f"{base_url} answered {response.status_code}: {_error_message(response.read())}")
+        raise RemoteError(f"{base_url} answered {response.status_code}{_error_text(response)}")
+
+
+def _error_text(response) -> str:
+    """ ": <the upstream's error message>" where it sent one in OpenAI's shape (cut short), else nothing: a page
+    or a traceback it sent instead may hold its internals, so that goes to this server's log only."""
+    if response.is_stream_consumed:  # read whole already (a plain request)
+        raw = response.content[:MAX_ERROR_BYTES]
+    else:
+        raw = bytearray()
+        for piece in response.iter_bytes():
+            raw += piece
+            if len(raw) > MAX_ERROR_BYTES:
+                break
+        raw = bytes(raw[:MAX_ERROR_BYTES])
+    try:
+        message = json.loads(raw)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = None
+    if not isinstance(message, str):
+        log.warning("upstream error %s: %r", response.status_code, raw[:MAX_ERROR_CHARS])
+        return ""
+    return ": " + _shortened(message)
+
+
+def _shortened(message: str) -> str:
+    return message if len(message) <= MAX_ERROR_CHARS else message[: MAX_ERROR_CHARS - 1] + "…"
+
+
+def _raise_for_error(base_url: str, reply: dict) -> None:
+    """An error sent in a reply's body (vLLM, and this project's server, end a failed stream with one)."""
+    error = reply.get("error")
+    if error is not None:
+        message = error.get("message") if isinstance(error, dict) else error
+        shown = _shortened(message) if isinstance(message, str) else "no message"
+        raise RemoteError(f"{base_url} failed while answering: {shown}")
+
+
+def _malformed(base_url: str) -> RemoteError:
+    return RemoteError(f"{base_url} sent a reply that is not in OpenAI's shape")
+
+
+def _object(value, base_url: str) -> dict:
+    if not isinstance(value, dict):
+        raise _malformed(base_url)
+    return value
+
+
+def _field(value: dict, name: str, kind: type, base_url: str):
+    """``value[name]``, None where absent or null; RemoteError where it is not a ``kind``."""
+    found = value.get(name)
+    if found is not None and not isinstance(found, kind):
+        raise _malformed(base_url)
+    return found
+
+
+def _text(value: dict, name: str, base_url: str) -> str:
+    return _field(value, name, str, base_url) or ""
+
+
+def _add_call_piece(calls: dict[int, dict], piece: dict, base_url: str) -> None:
+    """A streamed tool call's piece into ``calls``: by its ``index``, or, from servers that send none, a new call
+    whenever the piece brings an id other than the last call's."""
+    index = piece.get("index")
+    if not isinstance(index, int):
+        last = max(calls, default=None)
+        fresh = piece.get("id") is not None and (last is None or calls[last].get("id") != piece.get("id"))
+        index = (0 if last is None else last + 1) if fresh else (0 if last is None else last)
+    call = calls.setdefault(index, {"name": "", "arguments": "", "id": piece.get("id")})
+    function = _field(piece, "function", dict, base_url) or {}
+    call["name"] += _text(function, "name", base_url)
+    call["arguments"] += _text(function, "arguments", base_url)
+
+
+def _read(response, limit: int, base_url: str) -> bytes:
+    body = bytearray()
+    for piece in response.iter_bytes():
+        body += piece
+        if len(body) > limit:
+            raise RemoteError(f"{base_url} sent a reply larger than {limit >> 20} MiB")
+    return bytes(body)
+
+
+def _lines(response, base_url: str) -> Iterator[str]:
+    """The stream's lines, none longer than MAX_LINE_BYTES (httpx's own would hold a line of any size)."""
+    pending = bytearray()
+    for piece in response.iter_bytes():
+        pending += piece
+        while (cut := pending.find(b"\n")) >= 0:
+            line = bytes(pending[:cut]).rstrip(b"\r")
+            del pending[: cut + 1]
+            yield line.decode("utf-8", errors="replace")
+        if len(pending) > MAX_LINE_BYTES:
+            raise RemoteError(f"{base_url} sent a line longer than {MAX_LINE_BYTES >> 20} MiB")
+    if pending:
+        yield bytes(pending).decode("utf-8", errors="replace")
 
 
 def _call_text(call: dict) -> str:
-    function = call.get("function") or {}
-    return tools.call_text(function.get("name", ""), function.get("arguments") or "{}")
+    function = call.get("function") if isinstance(call.get("function"), dict) else {}
+    name, arguments = function.get("name"), function.get("arguments")
+    return tools.call_text(name if isinstance(name, str) else "", arguments if isinstance(arguments, str) else "{}")
 
 
 def _openai_tool_choice(choice: str | None):
@@ -315,19 +483,21 @@ class _HTTPErrors:
         if isinstance(error, httpx.HTTPError):
             raise RemoteError(f"cannot reach {self.base_url}: {error}") from error
         if isinstance(error, ValueError):
-            raise RemoteError(f"{self.base_url} sent a reply that is not valid JSON: {error}") from error
+            raise RemoteError(f"{self.base_url} sent a reply that is not valid JSON") from error
         return False
 
 
 def _stats(usage: dict | None, deltas: int, started: float, first, last, end: float) -> Stats:
     """The upstream's own figures; where it sent none (some servers omit usage when streaming), the prompt's
-    size is unknown (None) and the completion is counted in deltas."""
+    size is unknown (None) and the completion is counted in deltas. Its ``cached_tokens`` is not passed on: an
+    upstream's prefix cache is shared by everyone who uses it (vLLM's and SGLang's are), so the count would tell
+    one person what another person's prompts begin with."""
     usage = usage or {}
-    details = usage.get("prompt_tokens_details") or {}
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens", deltas)
     return Stats.timed(
-        prompt_tokens=usage.get("prompt_tokens"),
-        cached_tokens=details.get("cached_tokens") or (0 if "prompt_tokens" in usage else None),
-        completion_tokens=usage.get("completion_tokens", deltas),
+        prompt_tokens=prompt if isinstance(prompt, int) else None,
+        cached_tokens=None,
+        completion_tokens=completion if isinstance(completion, int) else deltas,
         started=started,
         first=first,
         last=last,
@@ -336,11 +506,4 @@ def _stats(usage: dict | None, deltas: int, started: float, first, last, end: fl
 
 
 def _opaque(session: SessionKey) -> str:
-    return hashlib.sha256(repr(session).encode()).hexdigest()[:24]
-
-
-def _error_message(raw: bytes) -> str:
-    try:
-        return json.loads(raw)["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        return raw[:300].decode(errors="replace")
+    return hmac.new(_SESSION_KEY, repr(session).encode(), "sha256").hexdigest()[:24]

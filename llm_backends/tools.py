@@ -40,7 +40,7 @@ class ToolCall:
 def call_text(name: str, arguments) -> str:
     """One call as the model writes it (``arguments`` a dict or JSON text)."""
     args = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-    return f'{OPEN}\n{{"name": "{name}", "arguments": {args}}}\n{CLOSE}'
+    return f'{OPEN}\n{{"name": {json.dumps(name, ensure_ascii=False)}, "arguments": {args}}}\n{CLOSE}'
 
 
 def inline(messages: list[dict], tools: list[dict] | None) -> list[dict]:

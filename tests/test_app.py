@@ -232,6 +232,36 @@ def test_text_no_context_could_hold_is_refused_or_cut_before_it_is_rendered(qwen
     assert len(tokens) * qwen3.longest_token >= 150_000, "no token stands for more characters than its spelling"
 
 
+def test_counting_characters_is_one_pass_however_many_turns(qwen3, monkeypatch):
+    from llm_backends import local
+
+    visited = []  # messages read by the character counts
+    characters = local._characters
+    monkeypatch.setattr(
+        local, "_characters", lambda messages, *rest: visited.append(len(messages)) or characters(messages, *rest)
+    )
+    turn = "word " * (qwen3.info.context_length * qwen3.longest_token // 5 // 500)  # 1,000 of them hold 2 contexts
+    messages = [{"role": "user", "content": turn}, {"role": "assistant", "content": "ok"}] * 1000
+    stream = qwen3.stream(qwen3.request([*messages, {"role": "user", "content": "last"}], fit_context=True))
+    stream.close()
+    assert stream.dropped_turns >= 500 and sum(visited) <= 2 * len(messages) + 10, sum(visited)
+
+
+def test_a_normalizer_that_folds_characters_widens_the_bound():
+    from tokenizers import Tokenizer, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    from llm_backends.local import _folding
+
+    raw = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    raw.normalizer = normalizers.NFC()  # Qwen's: a letter and its marks become one character
+    assert _folding(PreTrainedTokenizerFast(tokenizer_object=raw)) == 4
+    raw.normalizer = normalizers.Replace(" ", "\u2581")  # Gemma's: one for one
+    assert _folding(PreTrainedTokenizerFast(tokenizer_object=raw)) == 1
+    raw.normalizer = None
+    assert _folding(PreTrainedTokenizerFast(tokenizer_object=raw)) == 1
+
+
 def slowly_loading(folder) -> tuple[ModelRegistry, threading.Event]:
     """A registry whose load reports 40 % progress, then waits for the event before loading ``folder``."""
     from llm_backends import load_model

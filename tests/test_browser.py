@@ -218,33 +218,59 @@ def test_saved_chats_survive_a_reload_and_reopen_with_their_settings_their_cache
     assert len(saved_titles(page)) == 2, "and changes nothing"
 
 
-def test_tabs_of_one_browser_share_their_saved_chats(page_url, browser):
+# Makes a tab's requests to the server's steps arrive `delay` ms late, as on a slow link.
+SLOW_STEPS = """(delay) => { const plain = window.fetch;
+  window.fetch = async (...args) => {
+    if (String(args[0]).includes("/run/predict")) await new Promise((done) => setTimeout(done, delay));
+    return plain(...args);
+  };
+}"""
+
+
+def test_tabs_of_one_browser_share_their_saved_chats_and_the_open_chat(page_url, browser):
     url, _ = page_url
     context = browser.new_context(viewport={"width": 1200, "height": 900})
-    first, second = open_page(browser, url, context=context), open_page(browser, url, context=context)
-    send(first, "The capital of France is")
+    first = open_page(browser, url, context=context)
+    send(first, "Turn one")
     wait_reply(first, 1)
+    second = open_page(browser, url, context=context)  # opens the chat opened last: the same one
+    assert "Turn one" in second.locator("#chat").inner_text()
+    send(first, "Turn two")
+    wait_reply(first, 2)
     time.sleep(1.0)
-    assert saved_titles(second) == ["The capital of France is"], "the other tab lists it at once"
-    send(second, "Rivers of Europe:")
-    wait_reply(second, 1)
-    time.sleep(1.0)
-    expected = ["Rivers of Europe:", "The capital of France is"]
-    assert saved_titles(first) == saved_titles(second) == expected, "a save does not drop the other tab's chat"
+    assert "Turn two" in second.locator("#chat").inner_text(), "the other tab shows the open chat's new turn"
+    send(second, "Turn three")
+    wait_reply(second, 3)
+
+    # The second tab's steps now arrive 1.5 s late: its next save is computed from a copy that lacks the first
+    # tab's new chat, which must neither be dropped nor reported deleted.
+    second.evaluate(SLOW_STEPS, 1500)
+    first.get_by_role("button", name="New chat").click()
+    time.sleep(0.5)
+    send(first, "Rivers of Europe:")
+    wait_reply(first, 1)
+    send(second, "Turn four")
+    wait_reply(second, 4)
+    time.sleep(4.0)
+    expected = ["Turn one", "Rivers of Europe:"]
+    assert saved_titles(first) == saved_titles(second) == expected, "a stale copy's save drops nothing"
     first.locator("#chat-list label", has_text="Rivers of Europe:").click()
     time.sleep(1.0)
     first.get_by_text("Rename, delete, export, import").click()
     first.get_by_role("button", name="Delete", exact=True).click()
+    deadline = time.time() + 10
+    while saved_titles(second) != ["Turn one"] and time.time() < deadline:
+        time.sleep(0.2)
+    assert saved_titles(second) == ["Turn one"], "a delete reaches the other tab"
+    first.close()
+    second.close()
+    third = open_page(browser, url, context=context)
+    third.screenshot(path=str(SHOTS / "browser-two-tabs.png"), full_page=True)
+    assert saved_titles(third) == ["Turn one"], "and what is stored agrees"
+    third.locator("#chat-list label", has_text="Turn one").click()
     time.sleep(1.0)
-    assert saved_titles(second) == ["The capital of France is"], "a delete reaches the other tab"
-    second.get_by_role("button", name="New chat").click()
-    send(second, "Mountains of Asia:")
-    wait_reply(second, 1)
-    second.reload()
-    second.get_by_placeholder("Type a message…").wait_for(timeout=60_000)
-    time.sleep(1.5)
-    second.screenshot(path=str(SHOTS / "browser-two-tabs.png"), full_page=True)
-    assert saved_titles(second) == ["Mountains of Asia:", "The capital of France is"], "and the stored list agrees"
+    shown = third.locator("#chat").inner_text()
+    assert all(f"Turn {n}" in shown for n in ("one", "two", "three", "four")), "no tab's turn was overwritten"
     context.close()
 
 

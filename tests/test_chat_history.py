@@ -196,3 +196,16 @@ def test_an_exported_photo_keeps_its_own_encoding_and_a_text_model_gets_a_note_f
     _, messages, _ = import_chat(json.dumps(many), KNOWN, app.imported_image, max_images=3)
     paths = chat_history.files_of(messages[0]["content"])
     assert len(set(paths)) == 1 and paths[0].endswith(".jpg"), "the same image is stored once, as it came"
+
+
+def test_a_steps_changes_name_only_what_it_changed_with_versions_that_order_them():
+    one, two = chat_history.new_chat_id(), chat_history.new_chat_id()
+    before = chat_history.upsert({}, one, [{"role": "user", "content": "a"}], {})
+    before = chat_history.upsert(before, two, [{"role": "user", "content": "b"}], {})
+    after = chat_history.rename(before, one, "Renamed")
+    ((changed, record, version),) = chat_history.changes(before, after)
+    assert changed == one and record["title"] == "Renamed" and version == record["v"] > before[one]["v"]
+    stale = {one: before[one]}  # a copy taken before `two` was saved: `two` is not reported deleted
+    assert [c[0] for c in chat_history.changes(stale, chat_history.upsert(stale, one, [], {}))] == [one]
+    ((deleted, nothing, when),) = chat_history.changes(after, chat_history.delete(after, two))
+    assert deleted == two and nothing is None and when > record["v"]

@@ -176,3 +176,32 @@ def test_mlx_sessions_survive_a_restart_through_the_disk_tier_and_answer_exactly
     other.messages = list(c.messages)
     other.ask("And the mountains?")
     assert transformers.cache_info()["hits"]["disk"] == 0, "another backend never reads MLX's files"
+
+
+def test_mlx_copies_and_stored_states_hold_none_of_the_tokens_cut_away(mlx_qwen3):
+    """mlx-lm's buffers keep room past their tokens; a cut leaves the cut tokens there. The kept system prompt is
+    a copy of its sender's cache cut back, so another person's session started from it held the sender's whole
+    conversation in its buffers (and wrote it to disk)."""
+    import mlx.core as mx
+
+    system = {"role": "system", "content": "You are the help desk of a small shop. Answer briefly. " * 3}
+    alice, bob = SessionKey("api", "alice-mlx", "c1"), SessionKey("api", "bob-mlx", "c1")
+
+    def ask(session, text):
+        messages = [system, {"role": "user", "content": text}]
+        request = mlx_qwen3.request(messages, session=session, temperature=0, max_new_tokens=4, thinking=False)
+        return list(mlx_qwen3.stream(request))[-1].stats
+
+    ask(alice, "My account number is 12345678. " * 20)
+    assert ask(bob, "Hi").cached_tokens > 0, "bob starts from the kept system prompt"
+    store = mlx_qwen3.sessions
+    kept = [system_entry.entry for system_entry in store._systems.values()]
+    assert kept
+    for entry in [*kept, store._entries[bob]]:
+        held = len(entry.ids)
+        for layer in entry.cache:
+            assert layer.offset <= held and not mx.any(layer.keys[..., layer.offset :, :]).item(), "only zeros past"
+        for layer in entry.payload()["layers"]:
+            assert layer is None or layer[0]["array"].shape[2] <= held, "what goes to disk holds its tokens only"
+    mlx_qwen3.clear_sessions(alice)
+    mlx_qwen3.clear_sessions(bob)
