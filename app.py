@@ -901,7 +901,8 @@ DOWNLOAD_JS = """(text, title) => {
 # before the saved chats are first read.
 CHAT_SYNC_HEAD = """<script>
 window.llmChats = (() => {
-  const channel = "BroadcastChannel" in window ? new BroadcastChannel("llm-chat-saved") : null;
+  const name = "llm-chat-saved:" + location.pathname;  // apps behind one origin at other paths stay apart
+  const channel = "BroadcastChannel" in window ? new BroadcastChannel(name) : null;
   const known = {};  // id -> [version, record or null (deleted)]: the newest this tab has heard of
   let loaded = false, pending = null;
   const tries = {};
@@ -911,7 +912,8 @@ window.llmChats = (() => {
     for (const change of Array.isArray(changes) ? changes : []) {
       const [id, record, v] = Array.isArray(change) ? change : [];
       if (typeof id !== "string" || typeof v !== "number" || (record !== null && typeof record !== "object")) continue;
-      if (!known[id] || known[id][0] < v) { known[id] = [v, record]; news = true; }
+      const [was, held] = known[id] || [-1, undefined];
+      if (was < v || (was === v && record === null && held !== null)) { known[id] = [v, record]; news = true; }
     }
     return news;
   };
@@ -1253,23 +1255,28 @@ def wire_history(panel: ChatPanel, replies: Replies, controls: dict) -> None:
     ).then(None, [panel.export_text, panel.title], None, js=DOWNLOAD_JS, **quick)
     panel.importer.upload(import_, [panel.importer, panel.chats], [panel.chats, *opened, panel.changes], **told)
 
-    def synced(chats, chat_id, incoming):
+    def synced(chats, chat_id, incoming, request: gr.Request):
         """The copy with the newer versions laid over it (CHAT_SYNC_JS), its list, and the open chat shown again
-        where another tab changed it and no reply runs in this one."""
+        where another tab changed it and no reply runs in this one, or closed where another tab deleted it (its
+        reply ended: saved again, it would come back in every tab)."""
         chats = chat_history.saved(chats)
         try:
             incoming = json.loads(incoming or "{}")
         except ValueError:
             incoming = {}
         record = chats.get(chat_id) if valid_chat_id(chat_id) else None
-        changed = isinstance(incoming, dict) and chat_id in (incoming.get("ids") or ()) and not incoming.get("busy")
-        shown = (
-            chat_history.shown_messages(record["messages"], page_file, MISSING_IMAGE) if record and changed else None
-        )
-        return chats, listing(chats, chat_id), gr.skip() if shown is None else shown
+        incoming = incoming if isinstance(incoming, dict) else {}
+        changed = valid_chat_id(chat_id) is not None and chat_id in (incoming.get("ids") or ())
+        if changed and record is None:
+            replies.end(request)
+            return chats, listing(chats, None), [], "", ""
+        if changed and not incoming.get("busy"):
+            shown = chat_history.shown_messages(record["messages"], page_file, MISSING_IMAGE)
+            return chats, listing(chats, chat_id), shown, gr.skip(), gr.skip()
+        return chats, listing(chats, chat_id), gr.skip(), gr.skip(), gr.skip()
 
     # Newer versions from other tabs laid over this tab's copy; this tab's changes told to the others (CHAT_SYNC_HEAD).
-    synced_to = [panel.chats, panel.picker, panel.chatbot]
+    synced_to = [panel.chats, panel.picker, panel.chatbot, panel.chat_id, panel.title]
     panel.sync.click(synced, [panel.chats, panel.chat_id, panel.incoming], synced_to, js=CHAT_SYNC_JS, **quick)
     panel.chats.change(None, [panel.chats], None, js=CHAT_CHECK_JS, **quick)
     panel.changes.change(None, [panel.changes], None, js=CHAT_TOLD_JS, **quick)

@@ -157,9 +157,10 @@ def changes(before: dict | None, after: dict | None) -> list[list]:
     other tabs: each keeps the newest version of each chat it has heard of, so a copy that missed a change
     (taken before it arrived) never undoes it, and a chat missing from a copy is never taken as deleted."""
     before, after = saved(before), saved(after)
-    now = _version()
     put = [[key, record, record.get("v", 0)] for key, record in after.items() if before.get(key) != record]
-    return put + [[key, None, now] for key in before if key not in after]
+    # A removal carries the removed record's version: a newer one saved meanwhile elsewhere (unseen by a stale copy
+    # that trimmed it away) survives it.
+    return put + [[key, None, before[key].get("v", 0)] for key in before if key not in after]
 
 
 def choices(chats: dict | None) -> list[tuple[str, str]]:

@@ -35,8 +35,11 @@ MAX_REPLY_BYTES = 64 * 2**20
 MAX_LINE_BYTES = 8 * 2**20
 MAX_ERROR_BYTES = 64 * 2**10
 MAX_ERROR_CHARS = 500
-# A stream that sends more text events than the tokens asked for (each event is at least one token) ignored the
-# limit: it is ended there, with this many events to spare.
+# How long an upstream may keep a stream alive with comments only (queued, or thinking unseen behind a proxy).
+KEEP_ALIVE_LIMIT = 600.0
+# A stream that sends far more events than the tokens asked for ignored the limit: it is ended there. Engines send
+# a token or more per event; a proxy may cut a token into a few.
+EVENTS_PER_TOKEN = 4
 EXTRA_EVENTS = 16
 # The session travels upstream as an HMAC under a key of this process: the upstream's logs cannot be searched
 # for guessable session names.
@@ -197,7 +200,8 @@ class _Connection:
         self.base_url, self.timeout = model.base_url, model.timeout
         self._request = (f"{model.base_url}{path}", body, model._headers)
         self._auth = model._auth
-        self._max_events = body.get("max_tokens", 0) + EXTRA_EVENTS if body.get("max_tokens") else None
+        asked = body.get("max_tokens")
+        self._max_events = asked * EVENTS_PER_TOKEN + EXTRA_EVENTS if asked else None
         # A whole reply may take minutes to arrive: its read timeout is generous, and closing still ends it.
         self._timeout = httpx.Timeout(model.timeout)
         if whole:
@@ -290,7 +294,7 @@ class _Connection:
                     yield self._reply_chunk(json.loads("\n".join(parts)), started)
                     return
                 if not line.startswith("data:"):
-                    if time.monotonic() - heard > self.timeout:
+                    if time.monotonic() - heard > max(self.timeout, KEEP_ALIVE_LIMIT):
                         if finish is not None:
                             break
                         raise httpx.ReadTimeout("only keep-alives")
@@ -397,13 +401,14 @@ def _text(value: dict, name: str, base_url: str) -> str:
 def _add_call_piece(calls: dict[int, dict], piece: dict, base_url: str) -> None:
     """A streamed tool call's piece into ``calls``: by its ``index``, or, from servers that send none, a new call
     whenever the piece brings an id other than the last call's."""
-    index = piece.get("index")
+    index, given = piece.get("index"), piece.get("id") or None  # "" is no id
+    function = _field(piece, "function", dict, base_url) or {}
     if not isinstance(index, int):
         last = max(calls, default=None)
-        fresh = piece.get("id") is not None and (last is None or calls[last].get("id") != piece.get("id"))
+        named = bool(_text(function, "name", base_url)) and last is not None and bool(calls[last]["name"])
+        fresh = (given is not None and (last is None or calls[last].get("id") != given)) or (given is None and named)
         index = (0 if last is None else last + 1) if fresh else (0 if last is None else last)
-    call = calls.setdefault(index, {"name": "", "arguments": "", "id": piece.get("id")})
-    function = _field(piece, "function", dict, base_url) or {}
+    call = calls.setdefault(index, {"name": "", "arguments": "", "id": given})
     call["name"] += _text(function, "name", base_url)
     call["arguments"] += _text(function, "arguments", base_url)
 

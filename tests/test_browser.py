@@ -274,6 +274,27 @@ def test_tabs_of_one_browser_share_their_saved_chats_and_the_open_chat(page_url,
     context.close()
 
 
+def test_a_chat_deleted_in_one_tab_is_closed_in_another_that_has_it_open_and_never_comes_back(page_url, browser):
+    url, _ = page_url
+    context = browser.new_context(viewport={"width": 1200, "height": 900})
+    first = open_page(browser, url, context=context)
+    send(first, "Secret plans")
+    wait_reply(first, 1)
+    second = open_page(browser, url, context=context)  # the same chat, open
+    second.get_by_text("Rename, delete, export, import").click()
+    second.get_by_role("button", name="Delete", exact=True).click()
+    deadline = time.time() + 10
+    while "Secret plans" in first.locator("#chat").inner_text() and time.time() < deadline:
+        time.sleep(0.2)
+    assert "Secret plans" not in first.locator("#chat").inner_text(), "the other tab closes the deleted chat"
+    send(first, "Something else")
+    wait_reply(first, 1)
+    time.sleep(1.0)
+    third = open_page(browser, url, context=context)
+    assert saved_titles(third) == ["Something else"], "the deleted chat was not saved again"
+    context.close()
+
+
 def test_a_reload_during_a_reply_keeps_the_message_in_the_saved_chat(page_url, browser):
     url, _ = page_url
     page = open_page(browser, url)

@@ -208,4 +208,12 @@ def test_a_steps_changes_name_only_what_it_changed_with_versions_that_order_them
     stale = {one: before[one]}  # a copy taken before `two` was saved: `two` is not reported deleted
     assert [c[0] for c in chat_history.changes(stale, chat_history.upsert(stale, one, [], {}))] == [one]
     ((deleted, nothing, when),) = chat_history.changes(after, chat_history.delete(after, two))
-    assert deleted == two and nothing is None and when > record["v"]
+    assert deleted == two and nothing is None and when == after[two]["v"]
+
+
+def test_a_removal_carries_the_removed_records_version_so_a_newer_save_elsewhere_survives_it():
+    chat = chat_history.new_chat_id()
+    stale = chat_history.upsert({}, chat, [{"role": "user", "content": "a"}], {})
+    newer = chat_history.upsert(stale, chat, [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], {})
+    ((removed, nothing, version),) = chat_history.changes(stale, chat_history.delete(stale, chat))
+    assert nothing is None and version == stale[chat]["v"] < newer[chat]["v"]

@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from llm_backends import remote
 from llm_backends.remote import MAX_LINE_BYTES, RemoteChatModel, RemoteError, label
 from llm_backends.request import SessionKey
 
@@ -107,18 +108,31 @@ def test_a_password_in_the_upstream_address_is_sent_as_basic_auth_and_never_show
     assert "boom" in str(error.value) and not any("s3cret" in text or "admin" in text for text in shown), shown
 
 
-def test_an_upstream_that_never_answers_or_never_stops_cannot_hold_a_reply(upstream):
+def test_an_upstream_that_never_answers_or_never_stops_cannot_hold_a_reply(upstream, monkeypatch):
     def keep_alives(handler, body):
         handler.start_stream()
-        for _ in range(40):
+        for _ in range(25):
             handler.send(b": keep-alive\n\n")
             time.sleep(0.1)
+        handler.send(event({"content": "late but fine"}, finish="stop") + b"data: [DONE]\n\n")
 
     Scripted.script = keep_alives
+    chunks = streamed(model_at(upstream, timeout=1))  # a proxy that pings while the model is queued or thinking
+    assert "".join(c.text for c in chunks) == "late but fine" and chunks[-1].finish_reason == "stop"
+    monkeypatch.setattr(remote, "KEEP_ALIVE_LIMIT", 1.0)
     started = time.perf_counter()
     with pytest.raises(RemoteError, match="did not answer within"):
         streamed(model_at(upstream, timeout=1))
-    assert time.perf_counter() - started < 3, "keep-alives alone are not an answer"
+    assert time.perf_counter() - started < 3, "keep-alives alone are an answer only so long"
+
+    def letters(handler, body):  # a proxy that cuts tokens into characters
+        handler.start_stream()
+        for letter in "Hello world, this is fine.":
+            handler.send(event({"content": letter}))
+        handler.send(event({}, finish="stop") + b"data: [DONE]\n\n")
+
+    Scripted.script = letters
+    assert "".join(c.text for c in streamed(model_at(upstream), max_new_tokens=8)) == "Hello world, this is fine."
 
     def endless(handler, body):
         handler.start_stream()
@@ -127,7 +141,7 @@ def test_an_upstream_that_never_answers_or_never_stops_cannot_hold_a_reply(upstr
 
     Scripted.script = endless
     chunks = streamed(model_at(upstream), max_new_tokens=5)
-    assert chunks[-1].finish_reason == "length" and len([c for c in chunks if c.text]) <= 5 + 16
+    assert chunks[-1].finish_reason == "length" and len([c for c in chunks if c.text]) <= 5 * 4 + 16
 
     def one_huge_line(handler, body):
         handler.start_stream()
@@ -173,10 +187,11 @@ def test_the_upstreams_internals_and_malformed_replies_become_short_readable_err
             streamed(model_at(upstream))
 
 
-def test_streamed_tool_calls_without_an_index_stay_separate_calls(upstream):
+@pytest.mark.parametrize("ids", [("a", "b"), ("", "")])
+def test_streamed_tool_calls_without_an_index_stay_separate_calls(upstream, ids):
     pieces = [
-        {"id": "a", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}},
-        {"id": "b", "function": {"name": "get_time", "arguments": '{"tz": '}},
+        {"id": ids[0], "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}},
+        {"id": ids[1], "function": {"name": "get_time", "arguments": '{"tz": '}},
         {"function": {"arguments": '"CET"}'}},
     ]
 
