@@ -227,14 +227,21 @@ SLOW_STEPS = """(delay) => { const plain = window.fetch;
 }"""
 
 
-def test_tabs_of_one_browser_share_their_saved_chats_and_the_open_chat(page_url, browser):
-    url, _ = page_url
+def two_tabs_on_one_chat(browser, url, message: str) -> tuple:
+    """A browser context with two tabs: the first sends ``message``; the second, opened after the reply, opens the
+    chat opened last (the same one)."""
     context = browser.new_context(viewport={"width": 1200, "height": 900})
     first = open_page(browser, url, context=context)
-    send(first, "Turn one")
+    send(first, message)
     wait_reply(first, 1)
-    second = open_page(browser, url, context=context)  # opens the chat opened last: the same one
-    assert "Turn one" in second.locator("#chat").inner_text()
+    second = open_page(browser, url, context=context)
+    assert message in second.locator("#chat").inner_text()
+    return context, first, second
+
+
+def test_tabs_of_one_browser_share_their_saved_chats_and_the_open_chat(page_url, browser):
+    url, _ = page_url
+    context, first, second = two_tabs_on_one_chat(browser, url, "Turn one")
     send(first, "Turn two")
     wait_reply(first, 2)
     time.sleep(1.0)
@@ -276,11 +283,7 @@ def test_tabs_of_one_browser_share_their_saved_chats_and_the_open_chat(page_url,
 
 def test_a_chat_deleted_in_one_tab_is_closed_in_another_that_has_it_open_and_never_comes_back(page_url, browser):
     url, _ = page_url
-    context = browser.new_context(viewport={"width": 1200, "height": 900})
-    first = open_page(browser, url, context=context)
-    send(first, "Secret plans")
-    wait_reply(first, 1)
-    second = open_page(browser, url, context=context)  # the same chat, open
+    context, first, second = two_tabs_on_one_chat(browser, url, "Secret plans")
     second.get_by_text("Rename, delete, export, import").click()
     second.get_by_role("button", name="Delete", exact=True).click()
     deadline = time.time() + 10
