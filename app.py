@@ -360,8 +360,11 @@ class ChatSettings:
             raise ValueError(f"expected at most {len(names)} settings ({', '.join(names)}), got {len(values)}")
         return cls(**dict(zip(names, values, strict=False)))
 
-    def request(self, model: ChatModel, messages: list[dict], session: SessionKey) -> ChatRequest:
-        """The reply's request; oldest turns are dropped to fit. A control still at the default the page shows
+    def request(
+        self, model: ChatModel, messages: list[dict], session: SessionKey, continue_final: bool = False
+    ) -> ChatRequest:
+        """The reply's request (``continue_final``: going on with the last message, an answer); oldest turns are
+        dropped to fit. A control still at the default the page shows
         for it is sent as unset, so the default keeps one owner (build_request, or a remote upstream)."""
         thinking = bool(self.thinking) if model.capabilities.thinking else None
         mode_default = shown_defaults(model, None)["thinking"]
@@ -385,6 +388,7 @@ class ChatSettings:
             if thinking and model.family is not None and (self.thinking_budget or 0) > 0
             else None,
             fit_context=True,
+            continue_final=continue_final or None,
         )
 
 
@@ -508,12 +512,16 @@ def imported_image(url, where: str) -> str:
     return str(path)
 
 
-def to_messages(system_prompt: str, history: list[dict], message, images: bool = True) -> list[dict]:
+def to_messages(
+    system_prompt: str, history: list[dict], message, images: bool = True, continuing: bool = False
+) -> list[dict]:
     """The conversation as the model sees it: titled messages (thinking, stats, notices) are the page's own;
-    ``message`` is the new user message's content (text, or parts with images). For a model that reads text
-    only (``images`` False) earlier images become a note, so a chat that had them goes on after a switch."""
+    ``message`` is the new user message's content (text, or parts with images; ``continuing``: none, the history
+    ends with an answer to continue). For a model that reads text only (``images`` False) earlier images become
+    a note, so a chat that had them goes on after a switch."""
     image = page_image if images else (lambda path: {"type": "text", "text": TEXT_ONLY_IMAGE})
-    return [*openai_messages(history, system_prompt, image), {"role": "user", "content": message}]
+    new = [] if continuing else [{"role": "user", "content": message}]
+    return [*openai_messages(history, system_prompt, image), *new]
 
 
 def stats_line(stats, stopped: bool = False) -> str:
@@ -550,6 +558,9 @@ PAGE_CSS = """
 """
 
 
+THINKING = "💭 Thinking"  # the title of a reply's reasoning in the chat
+
+
 def note(title: str) -> gr.ChatMessage:
     """A page-only line in the chat (stats, notices): titled, so it is never sent back to the model."""
     return gr.ChatMessage(role="assistant", content="", metadata={"title": title, "status": "done"})
@@ -562,7 +573,7 @@ def reply_messages(
     None while it still does), the answer, the stats line (marked when Stop ended the reply)."""
     shown = list(notes)
     if reasoning:
-        thought = {"title": "💭 Thinking", "status": "pending"}
+        thought = {"title": THINKING, "status": "pending"}
         if thought_s is not None:
             thought.update(status="done", duration=max(0.1, round(thought_s, 1)))
         shown.append(gr.ChatMessage(role="assistant", content=reasoning, metadata=thought))
@@ -608,6 +619,23 @@ class Replies:
         for reply in self._reply(content, earlier, tab, cache, settings):
             yield [*earlier, message, *reply]
 
+    def continue_in_chat(self, history, chat_id, request: gr.Request, *settings_values):
+        """The page's Continue: the chat's last answer (cut off by the token limit or Stop) goes on where it
+        ended, in the same message; its notices and thinking stay, its stats line is the continuation's."""
+        found = chat_history.last_answer(history or [])
+        if found is None:
+            return
+        start, at = found
+        tab = page_session(request, self.exposed)
+        cache = self.chat_session(request, chat_id)
+        settings = ChatSettings.from_inputs(settings_values)
+        # Its thinking stays; its notices (turns left out, an error) are the old reply's and go.
+        earlier = history[:start]
+        kept = [m for m in history[start:at] if (m.get("metadata") or {}).get("title") == THINKING]
+        answer = text_of(history[at].get("content"))
+        for reply in self._reply(None, history[: at + 1], tab, cache, settings, answer=answer):
+            yield [*earlier, *kept, *reply]
+
     def chat_session(self, request: gr.Request, chat_id) -> SessionKey:
         """The cache of a chat the page made, under the person the tab belongs to (the tab's own without one)."""
         tab = page_session(request, self.exposed)
@@ -619,31 +647,38 @@ class Replies:
             self._chats.setdefault(tab, set()).add(session)
         return session
 
-    def _reply(self, message, history: list[dict], tab: SessionKey, cache: SessionKey, settings: ChatSettings):
+    def _reply(
+        self, message, history: list[dict], tab: SessionKey, cache: SessionKey, settings: ChatSettings, answer=None
+    ):
+        """The reply's messages as they grow: to ``message`` after ``history``, or (``answer`` given) going on
+        with that answer, the history's last message."""
+        continuing = answer is not None
         if self.registry.model is None:
-            yield [note("⏳ Waiting for the model to load (the header shows its progress)…")]
+            waiting = note("⏳ Waiting for the model to load (the header shows its progress)…")
+            yield [waiting, *([gr.ChatMessage(role="assistant", content=answer)] if answer else [])]
         try:
             model = self.registry.wait_ready(timeout=MODEL_WAIT_S)
         except RuntimeError as e:
             raise gr.Error(str(e)) from e
         if not self._begin(tab):  # Stop was pressed before the reply started
-            yield reply_messages([], "", "", None, stopped=True)
+            yield reply_messages([], answer or "", "", None, stopped=True)
             return
-        messages = to_messages(settings.system_prompt, history, message, model.capabilities.images)
+        messages = to_messages(settings.system_prompt, history, message, model.capabilities.images, continuing)
         try:
-            stream = model.stream(settings.request(model, messages, cache))
+            stream = model.stream(settings.request(model, messages, cache, continue_final=continuing))
         except ValueError as e:  # the input is wrong: a message box, and the chat stays as it was
             self._release(tab, None)
             raise gr.Error(str(e)) from e
         except Exception as e:
             self._release(tab, None)
             log.exception("could not start a reply")
-            yield [note(f"⚠️ could not start the reply ({type(e).__name__}); see the server log")]
+            failure = note(f"⚠️ could not start the reply ({type(e).__name__}); see the server log")
+            yield reply_messages([failure], answer, "", None) if continuing else [failure]
             return
         stream = self.registry.metrics.track(stream, "page")
         if not self._hold(tab, stream):  # Stop was pressed while the reply was being prepared
             stream.close()
-            yield reply_messages([], "", "", None, stopped=True)
+            yield reply_messages([], answer or "", "", None, stopped=True)
             return
         notes = []
         if stream.dropped_turns:
@@ -653,7 +688,7 @@ class Replies:
                     f"model's context of {model.info.context_length} tokens"
                 )
             )
-        answer, reasoning, started, thought_s = "", "", time.perf_counter(), None
+        answer, reasoning, started, thought_s = answer or "", "", time.perf_counter(), None
         try:
             for chunk in stream:
                 answer += chunk.text
@@ -970,6 +1005,7 @@ class ChatPanel:
 
     chatbot: gr.Chatbot
     textbox: gr.MultimodalTextbox
+    go_on: gr.Button  # Continue the answer
     chat_id: gr.BrowserState
     chats: gr.BrowserState
     picker: gr.Radio
@@ -987,7 +1023,7 @@ class ChatPanel:
     @property
     def locked(self) -> list:
         """What may not change while a reply streams into the open chat."""
-        return [self.picker, self.new_chat, self.rename, self.delete, self.importer]
+        return [self.picker, self.new_chat, self.rename, self.delete, self.importer, self.go_on]
 
 
 def history_panel(secret: str) -> dict:
@@ -1015,10 +1051,13 @@ def history_panel(secret: str) -> dict:
     return parts
 
 
-def chat_area() -> tuple[gr.Chatbot, gr.MultimodalTextbox]:
+def chat_area() -> tuple[gr.Chatbot, gr.MultimodalTextbox, gr.Button]:
     chatbot = gr.Chatbot(
         label="Chat", height=520, buttons=["copy"], editable="user", latex_delimiters=LATEX, elem_id="chat"
     )
+    with gr.Row():
+        # An answer cut off by the token limit or Stop goes on where it ended (as if the limit had been larger).
+        go_on = gr.Button("↪ Continue the answer", size="sm", scale=0, min_width=180, elem_id="continue")
     # The attach button is offered once the loaded model is known to read images (family_controls).
     textbox = gr.MultimodalTextbox(
         placeholder="Type a message…",
@@ -1032,7 +1071,7 @@ def chat_area() -> tuple[gr.Chatbot, gr.MultimodalTextbox]:
         max_lines=8,
         elem_id="message",
     )
-    return chatbot, textbox
+    return chatbot, textbox, go_on
 
 
 def settings_of(values: Sequence) -> dict:
@@ -1069,11 +1108,15 @@ def wire_chat(panel: ChatPanel, replies: Replies, controls: dict, config: AppCon
         if asked:
             yield from replies.respond_in_chat(history, chat_id, request, *values)
 
+    def go_on_reply(asked: bool, history, chat_id, request: gr.Request, *values):
+        if asked:
+            yield from replies.continue_in_chat(history, chat_id, request, *values)
+
     if config.on_spaces and os.environ.get("SPACE_ID"):
         try:
             import spaces
 
-            reply = spaces.GPU(duration=120)(reply)
+            reply, go_on_reply = spaces.GPU(duration=120)(reply), spaces.GPU(duration=120)(go_on_reply)
         except ImportError:
             pass
 
@@ -1168,6 +1211,29 @@ def wire_chat(panel: ChatPanel, replies: Replies, controls: dict, config: AppCon
         # Without this a failed reply (a bad setting, a prompt too long, no model) left the page locked, Stop only.
         unlocked = [panel.textbox, *panel.locked, panel.chatbot, panel.chats, panel.picker, panel.changes]
         answered.failure(recover, [go, *saved], unlocked, **quick)
+    going = gr.State(False)  # whether Continue's first step found an answer to continue
+
+    def go_on(history, request: gr.Request):
+        """Continue's first step: Stop offered, nothing if the chat does not end with an answer."""
+        found = chat_history.last_answer(history or [])
+        if found is None or not text_of(history[found[1]].get("content")).strip():
+            gr.Warning("Nothing to continue: the chat does not end with an answer.")
+            return [gr.skip()] * (len(panel.locked) + 1) + [False]
+        replies.announce(request)
+        return [*busy(True), True]
+
+    # Queued (unlike the page's other quick steps) so that its warning reaches the page.
+    warned = {**quick, "queue": True, "concurrency_limit": None}
+    continued = panel.go_on.click(go_on, [panel.chatbot], [panel.textbox, *panel.locked, going], **warned).then(
+        go_on_reply,
+        [going, panel.chatbot, panel.chat_id, *settings],
+        [panel.chatbot],
+        concurrency_limit=config.concurrency,
+        api_visibility="undocumented",
+    )
+    # Saved as it ends, failed or not (a failed start changed nothing in the chat).
+    finished = [panel.textbox, *panel.locked, panel.chats, panel.picker, panel.changes]
+    continued.then(finish, [going, *saved], finished, **quick)
     panel.textbox.stop(replies.stop, None, None, **quick)
     panel.chatbot.undo(undo, [panel.chatbot], [panel.chatbot, panel.textbox], **quick).then(
         save, saved, [panel.chats, panel.picker, panel.changes], **quick
@@ -1432,10 +1498,10 @@ def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
     with gr.Blocks(title="Local LLM chat", fill_height=True) as demo:
         history = history_panel(config.page_secret or chat_history.page_secret(cache_root()))
         dropdown, info = model_header(registry)
-        chatbot, textbox = chat_area()
+        chatbot, textbox, go_on = chat_area()
         controls = settings_panel(registry)
         operator = operator_panel(config)
-        panel = ChatPanel(chatbot=chatbot, textbox=textbox, **history)
+        panel = ChatPanel(chatbot=chatbot, textbox=textbox, go_on=go_on, **history)
         wire_chat(panel, replies, controls, config)
         settings = [controls[f.name] for f in fields(ChatSettings)]
         api_chat(replies, settings, config.concurrency)

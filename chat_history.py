@@ -91,6 +91,22 @@ def is_page_note(message: dict) -> bool:
     return bool((message.get("metadata") or {}).get("title"))
 
 
+def last_answer(messages: list[dict]) -> tuple[int, int] | None:
+    """Where the chat's last reply begins (after its user message) and the index of its answer, where the chat
+    ends with an answer (only page notes after it); None otherwise."""
+    at = len(messages) - 1
+    while at >= 0 and is_page_note(messages[at]):
+        at -= 1
+    if at < 0 or messages[at].get("role") != "assistant":
+        return None
+    start = at
+    while start > 0 and messages[start - 1].get("role") != "user":
+        start -= 1
+    if start == 0 or any(not is_page_note(m) for m in messages[start:at]):
+        return None
+    return start, at
+
+
 def title_for(messages: list[dict]) -> str:
     first = next((text_of(m.get("content")) for m in messages if m.get("role") == "user"), "")
     words = " ".join(first.split())

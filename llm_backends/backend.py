@@ -171,8 +171,10 @@ class ChatModel(ABC):
         enable_thinking=None,
         thinking_budget=None,
         stop=None,
+        continue_final_message=None,
     ) -> ChatStream:
-        """Streams the model's reply to ``messages`` (the last one from the user) as Chunk objects.
+        """Streams the model's reply to ``messages`` (the last one from the user) as Chunk objects; with
+        ``continue_final_message`` the last message is an assistant's answer, and the reply is what follows it.
 
         Unset sampling fields take the family's recommended values. Raises ValueError for bad input before
         any work starts and before the session is touched. With ``session_id`` (a Python caller's own name)
@@ -193,6 +195,7 @@ class ChatModel(ABC):
             thinking=enable_thinking,
             thinking_budget=thinking_budget,
             stop=stop,
+            continue_final=continue_final_message,
         )
         return self.stream(request)
 

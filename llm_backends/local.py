@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import atexit
 import functools
+import hashlib
 import itertools
 import json
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from array import array
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from functools import partial
 
@@ -36,6 +39,65 @@ from .text_stream import ReplyText
 REPLY_ROOM = 1024
 # The context assumed for a checkpoint whose config does not say (the loaders' one fallback).
 FALLBACK_CONTEXT = 8192
+# Stands for the answer to continue while the template renders (private-use characters: no template writes them),
+# so the answer follows exactly as sent, whatever the template would trim or reshape in a finished turn.
+CONTINUE_MARK = "\ue000continue\ue000"
+# Cut-off answers remembered as the model's own tokens (for an exact continue_final_message): per person (so no
+# one else's replies push a person's out), and in all (bytes of their tokens and text).
+CUT_PER_PRINCIPAL = 16
+CUT_BYTES = 64 * 2**20
+
+
+class CutAnswers:
+    """Per session, its last answer that ended short (max tokens, Stop): a hash of the prompt it followed, the
+    model's own tokens and the text they were shown as. Sessions are grouped by principal, at most
+    CUT_PER_PRINCIPAL each (one person's sessions push out only their own), and the people least recently heard
+    from go first when all of them pass CUT_BYTES. A clear forgets, and keeps streams running meanwhile from
+    writing back what it forgot."""
+
+    def __init__(self):
+        self._by_principal: OrderedDict[str, OrderedDict[SessionKey, tuple[bytes, array, str]]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, session: SessionKey | None) -> tuple[bytes, array, str] | None:
+        with self._lock:
+            return self._by_principal.get(session.principal, {}).get(session) if session is not None else None
+
+    def put(self, session: SessionKey, record: tuple[bytes, array, str] | None, valid: Callable[[], bool]) -> None:
+        """Keeps (``record`` given) or forgets the session's cut-off answer; keeps nothing unless ``valid()``,
+        asked under this object's lock (the session was not cleared meanwhile)."""
+        with self._lock:
+            own = self._by_principal.get(session.principal)
+            if own is not None and session in own:
+                self._bytes -= _size(own.pop(session))
+            if record is None or not valid():
+                return
+            own = self._by_principal.setdefault(session.principal, OrderedDict())
+            self._by_principal.move_to_end(session.principal)
+            own[session] = record
+            self._bytes += _size(record)
+            while len(own) > CUT_PER_PRINCIPAL:
+                self._bytes -= _size(own.popitem(last=False)[1])
+            while self._bytes > CUT_BYTES and self._by_principal:
+                oldest = next(iter(self._by_principal.values()))
+                self._bytes -= _size(oldest.popitem(last=False)[1])
+                if not oldest:
+                    self._by_principal.popitem(last=False)
+
+    def forget(self, session: SessionKey | None = None) -> None:
+        with self._lock:
+            if session is None:
+                self._by_principal.clear()
+                self._bytes = 0
+                return
+            own = self._by_principal.get(session.principal)
+            if own is not None and session in own:
+                self._bytes -= _size(own.pop(session))
+
+
+def _size(record: tuple[bytes, array, str]) -> int:
+    return len(record[0]) + record[1].itemsize * len(record[1]) + 4 * len(record[2])
 
 
 def _characters(messages: Sequence[dict], prompt: str | None = None) -> int:
@@ -127,6 +189,9 @@ class LocalModel(ChatModel):
         user_turn = BASE_MODEL_TURN if base else family.user_turn
         self.user_turn_ids = tuple(tokenizer(user_turn, add_special_tokens=False)["input_ids"]) if user_turn else ()
         self.engine = Engine(runner, stop_ids=self.stop_ids)
+        # Continuing a cut-off answer reads the model's own tokens, not a new tokenization of its text, so a
+        # continued answer is the one a larger max_tokens would have given.
+        self._cut = CutAnswers()
         self.sessions = SessionStore(max_cache_bytes, max_sessions, disk_tier, host_tier)
         if disk_tier is not None:  # what is still in memory when the process ends goes to disk too
             atexit.register(self.sessions.persist)
@@ -138,11 +203,25 @@ class LocalModel(ChatModel):
         # can fold into one character: fit() refuses text no context holds.
         self.longest_token = (max(map(len, tokenizer.get_vocab()), default=1) or 1) * _folding(tokenizer)
 
-    def render(self, messages, *, enable_thinking: bool | None = None, tools=None) -> list[int]:
+    def render(
+        self, messages, *, enable_thinking: bool | None = None, tools=None, continue_final: bool = False
+    ) -> list[int]:
         """The prompt's token ids: the whole conversation through the chat template, ready for the reply,
-        with ``tools`` offered to the model. Each image's tokens are its pseudo ids (``images.py``)."""
+        with ``tools`` offered to the model. Each image's tokens are its pseudo ids (``images.py``). With
+        ``continue_final`` the last message (an assistant's answer) is left open, its text as sent."""
+        head, answer = self._render_parts(messages, enable_thinking, tools, continue_final)
+        return head + self._answer_ids(answer)
+
+    def _answer_ids(self, answer: str) -> list[int]:
+        return list(self.tokenizer(answer, add_special_tokens=False)["input_ids"]) if answer else []
+
+    def _render_parts(self, messages, enable_thinking, tools, continue_final: bool) -> tuple[list[int], str]:
+        """The ids of everything before the reply, and (``continue_final``) the answer's text that follows them."""
         kwargs = {"enable_thinking": enable_thinking} if self.family.can_think else {}
         pictures = image_parts.images_of(messages)
+        answer = messages[-1]["content"] if continue_final else ""
+        if continue_final:
+            messages = [*messages[:-1], {**messages[-1], "content": CONTINUE_MARK}]
         messages = [self._template_message(m) for m in messages]
         if self.template_has_tools:
             if tools:
@@ -151,14 +230,25 @@ class LocalModel(ChatModel):
             messages = tool_calls.inline(messages, list(tools or ()))
         try:
             text = self.tokenizer.apply_chat_template(
-                messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True, **kwargs
+                messages,
+                chat_template=self.chat_template,
+                tokenize=False,
+                add_generation_prompt=not continue_final,
+                **kwargs,
             )
         except (TemplateError, RecursionError) as e:  # "roles must alternate", tools nested too deep: the input's
             raise ValueError(f"the model's chat template refused the conversation: {e}") from e
+        if continue_final:
+            if text.count(CONTINUE_MARK) != 1:
+                raise ValueError(
+                    "the model's chat template does not write the last answer as sent: it cannot be continued"
+                )
+            text, answer = _open_answer(text[: text.index(CONTINUE_MARK)], answer)
         if self.image_format is None:
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]), answer
         text = self.image_format.expand(text, len(pictures))
-        return self.image_format.mark(list(self.tokenizer(text, add_special_tokens=False)["input_ids"]), pictures)
+        ids = self.image_format.mark(list(self.tokenizer(text, add_special_tokens=False)["input_ids"]), pictures)
+        return ids, answer
 
     def _template_message(self, message: dict) -> dict:
         """A message as chat templates read it: content with images as typed parts (Gemma 3's template writes
@@ -179,7 +269,9 @@ class LocalModel(ChatModel):
             return list(self.tokenizer(request.prompt, add_special_tokens=not starts_with_bos)["input_ids"])
         # Tools stay in the prompt with tool_choice "none" (as vLLM does): the prefix, and so the cache, stays
         # the same across a tool round trip; "none" only means no call is parsed or forced.
-        return self.render(messages, enable_thinking=request.thinking, tools=request.tools)
+        return self.render(
+            messages, enable_thinking=request.thinking, tools=request.tools, continue_final=request.continue_final
+        )
 
     def count_tokens(self, request: ChatRequest) -> int:
         return len(self._render(request, request.messages))
@@ -265,11 +357,21 @@ class LocalModel(ChatModel):
         prompt_ids, dropped = self.fit(request)
         if not prompt_ids:
             raise ValueError("the prompt has no tokens")
+        answer = request.messages[-1]["content"] if request.continue_final else ""
+        if answer:  # as the template leaves it open (_open_answer)
+            probe = [{"role": "user", "content": "?"}, request.messages[-1]]
+            answer = self._render_parts(probe, request.thinking, None, True)[1]
+        answer_at = len(prompt_ids) - len(self._answer_ids(answer))
+        lead = ""  # what the answer as sent lacks of the model's own (a space at its end that a page trimmed)
+        if request.continue_final and not dropped:
+            prompt_ids, answer_at, lead = self._own_answer(request, prompt_ids, answer_at, answer)
         left = self.info.context_length - len(prompt_ids)
         params = replace(request.sampling, max_new_tokens=min(request.sampling.max_new_tokens, left))
         grammar = self.grammars.for_request(request.response_format, request.tools, request.tool_choice)
-        # Raw text, and a base model asked in its plain transcript, are continued as written: no reasoning split.
-        think_ids = None if request.prompt is not None or self.capabilities.base_model else self.think_ids
+        # Raw text, a base model asked in its plain transcript and a continued answer are continued as written: no
+        # reasoning split.
+        as_written = request.prompt is not None or request.continue_final
+        think_ids = None if as_written or self.capabilities.base_model else self.think_ids
         constraint = None
         if grammar is not None:
             wait_for = think_ids[1] if think_ids and request.thinking else None
@@ -283,7 +385,9 @@ class LocalModel(ChatModel):
             think_ids=think_ids,
             thinking=bool(request.thinking) and think_ids is not None,
             stop=request.stop if request.prompt is not None else request.stop + self.template_stops,
-            raw=request.prompt is not None,
+            raw=as_written,
+            after=prompt_ids[answer_at:],
+            before=answer + lead,
         )
         cancel = threading.Event()
         generate = partial(
@@ -305,9 +409,35 @@ class LocalModel(ChatModel):
             prompt_ids,
             partial(self.operator_tokens, request, prompt_ids),
             arrival,
+            (answer_at, answer, lead),
         )
         # A stream closed unread (its client left at once) is no longer waited for.
         return ChatStream(chunks, cancel, prompt_tokens=len(prompt_ids), dropped_turns=dropped, on_close=arrival.close)
+
+    def _own_answer(
+        self, request: ChatRequest, prompt_ids: list[int], at: int, answer: str
+    ) -> tuple[list[int], int, str]:
+        """The prompt, where the answer to continue begins in it, and what the reply adds before its new text.
+
+        Where the answer is this session's last one, cut off after exactly this conversation and sent back with
+        the same text (give or take spaces at its ends: a page trims them), the prompt is the one that answer
+        followed and the model's own tokens, and the reply starts with the spaces the sent text lacks at its end.
+        Else the answer as rendered. A new tokenization of the text may differ from the model's (a word it wrote
+        in two pieces, a newline the page does not show, the template's own spacing), and would read on from a
+        context the answer never had (``_remember``)."""
+        kept = self._cut.get(request.session)
+        if kept is None or kept[2].strip() != answer.strip():
+            return prompt_ids, at, ""
+        kept_end, sent_end = kept[2][len(kept[2].rstrip()) :], answer[len(answer.rstrip()) :]
+        if not kept_end.startswith(sent_end):
+            return prompt_ids, at, ""
+        before = self.render(request.messages[:-1], enable_thinking=request.thinking, tools=request.tools)
+        own = before + kept[1].tolist()
+        if kept[0] != _digest(before) or len(own) + min(request.sampling.max_new_tokens, REPLY_ROOM) > (
+            self.info.context_length
+        ):
+            return prompt_ids, at, ""
+        return own, len(before), kept_end[len(sent_end) :]
 
     def operator_tokens(self, request: ChatRequest, prompt_ids: Sequence[int] | None = None) -> int:
         """How many of the prompt's first tokens are the operator's words (the template's head and the system
@@ -363,9 +493,12 @@ class LocalModel(ChatModel):
         prompt_ids: list[int],
         shareable,
         arrival: Arrival,
+        answer: tuple[int, str, str],
     ) -> Iterator[Chunk]:
         """The reply's chunks; ``generate(entry)`` starts the decode. The session's cache is checked out only
-        once the stream is read, and checked back in however the stream ends."""
+        once the stream is read, and checked back in however the stream ends. ``answer``: where in the prompt
+        the answer begins, its text and what the reply adds before its new text (a continued answer's; else the
+        prompt's end, "" and "")."""
         try:
             if session is None:
                 lease, entry = None, self.engine.new_entry()
@@ -378,6 +511,8 @@ class LocalModel(ChatModel):
         tokens = None
         first = last = None
         pending: list[TokenLogprob] = []
+        shown, thought, lead = [], False, answer[2]
+        record = None  # the cut-off answer to remember, once the reply has ended
         try:
             run = generate(entry)
             tokens = iter(run)
@@ -390,6 +525,10 @@ class LocalModel(ChatModel):
                 if run.top_logprobs is not None and reply.is_answer(token):
                     pending.append(self._token_logprob(token, *run.logprobs[-1]))
                 text, reasoning = reply.push(token)
+                if lead and text:
+                    text, lead = lead + text, ""
+                shown.append(text)
+                thought = thought or bool(reasoning)
                 if text or reasoning:
                     yield Chunk(text=text, reasoning=reasoning, logprobs=tuple(pending) if text else ())
                     if text:
@@ -401,6 +540,12 @@ class LocalModel(ChatModel):
                     finish = "cancelled"
                     break
             finish = finish or run.finish_reason
+            text, reasoning = reply.flush()
+            text = lead + text if text else text
+            if finish in ("length", "cancelled") and run.completion_ids and not (thought or reasoning):
+                at, before, _ = answer
+                own = array("q", [*run.prompt_ids[at:], *run.completion_ids])
+                record = (_digest(run.prompt_ids[:at]), own, "".join([before, *shown, text]))
         except (MemoryError, RuntimeError) as e:
             if isinstance(e, RuntimeError) and "out of memory" not in str(e).lower():
                 raise
@@ -413,8 +558,10 @@ class LocalModel(ChatModel):
             if tokens is not None:
                 tokens.close()
             if lease is not None:
+                # Before the lease ends: a clear of the session since its checkout has taken the lease, and then
+                # nothing is remembered (clear_sessions forgets after the store's clear).
+                self._cut.put(session, record, partial(self.sessions.holds, lease))
                 self.sessions.checkin(lease, entry)
-        text, reasoning = reply.flush()
         stats = Stats.timed(
             prompt_tokens=len(run.prompt_ids),
             cached_tokens=run.cached_tokens,
@@ -434,6 +581,22 @@ class LocalModel(ChatModel):
         if self.sessions.tier is not None:
             atexit.unregister(self.sessions.persist)  # written now; kept, the exit hook would hold every session
         self.sessions.release()
+        self._cut.forget()
 
     def clear_sessions(self, session: SessionKey | None = None) -> None:
-        self.sessions.clear(session)
+        self.sessions.clear(session)  # first: a stream that ends meanwhile then finds its lease gone (_chunks)
+        self._cut.forget(session)
+
+
+def _open_answer(head: str, answer: str) -> tuple[str, str]:
+    """The rendered text before an answer to continue, and the answer: a space the template writes before an
+    answer (the base-model transcript's "Answer: ") goes with the answer, where tokenizers put a word's space
+    and where the model wrote it, and gives way to the answer's own (as the template's trim of it would)."""
+    spaces = head[len(head.rstrip(" ")) :]
+    if not spaces:
+        return head, answer
+    return head[: -len(spaces)], answer if answer[:1].isspace() else spaces + answer
+
+
+def _digest(ids: Sequence[int]) -> bytes:
+    return hashlib.sha256(array("q", ids).tobytes()).digest()

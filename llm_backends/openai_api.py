@@ -35,6 +35,8 @@ CHAT_FIELDS = SAMPLING | {
     "tool_choice",
     "logprobs",
     "top_logprobs",
+    "continue_final_message",
+    "add_generation_prompt",
 }
 COMPLETION_FIELDS = SAMPLING | {"prompt", "model", "stream", "logprobs"}
 
@@ -154,9 +156,14 @@ def chat_request(model, body: dict, *, session: SessionKey | None = None, fetch_
     if isinstance(template_kwargs, dict) and set(template_kwargs) - {"enable_thinking"}:
         unknown = ", ".join(sorted(set(template_kwargs) - {"enable_thinking"}))
         raise ValueError(f"chat_template_kwargs supports enable_thinking only, not {unknown}")
+    continuing = body.get("continue_final_message")
+    if body.get("add_generation_prompt") not in (None, not continuing):
+        # vLLM's pair: a new assistant turn is opened, or the last answer continued; never both, never neither.
+        raise ValueError("add_generation_prompt must be the opposite of continue_final_message (or left out)")
     stream = wants_stream(body)
     request = model.request(
         body.get("messages"),
+        continue_final=continuing,
         session=session,
         thinking=_thinking(body),
         thinking_budget=body.get("thinking_budget"),

@@ -173,6 +173,8 @@ class RemoteChatModel(ChatModel):
         body = {k: v for k, v in fields.items() if v is not None}
         if request.thinking is not None and request.prompt is None:
             body["chat_template_kwargs"] = {"enable_thinking": request.thinking}
+        if request.continue_final:  # vLLM's and SGLang's fields; a server without them refuses the request
+            body.update(continue_final_message=True, add_generation_prompt=False)
         if request.stream:
             body.update(stream=True, stream_options={"include_usage": True})
         return body

@@ -70,6 +70,8 @@ class ChatRequest:
     ``logprobs`` None: none; N: each answer token's log-probability and its N likeliest alternatives.
     ``thinking_budget``: at most this many tokens of reasoning, after which the model is told to answer (None:
     no limit; always None when the reply does not think).
+    ``continue_final``: the last message is the assistant's unfinished answer, continued as written (vLLM's
+    ``continue_final_message``): no new turn is opened, and the reply is the text that follows it.
     """
 
     messages: tuple[dict, ...]
@@ -85,6 +87,7 @@ class ChatRequest:
     tool_choice: str | None = None
     logprobs: int | None = None
     thinking_budget: int | None = None
+    continue_final: bool = False
 
 
 def build_request(
@@ -109,6 +112,7 @@ def build_request(
     tool_choice=None,
     logprobs=None,
     thinking_budget=None,
+    continue_final=None,
     images: bool = False,
     fetch_image_urls: bool = False,
 ) -> ChatRequest:
@@ -121,6 +125,13 @@ def build_request(
     """
     if session is not None and not isinstance(session, SessionKey):
         raise ValueError(f"session must be a SessionKey, not {type(session).__name__}")
+    continue_final = _flag("continue_final_message", continue_final) or False
+    if continue_final and prompt is not None:
+        raise ValueError("continue_final_message needs messages; a raw prompt is always continued as written")
+    if continue_final and (
+        check_response_format(response_format) is not None or tool_choice not in (None, "auto", "none")
+    ):
+        raise ValueError("continue_final_message cannot be combined with response_format or a forced tool_choice")
     if prompt is not None:
         if messages is not None:
             raise ValueError("send either messages or a prompt, not both")
@@ -128,7 +139,7 @@ def build_request(
             raise ValueError("prompt must be a non-empty string")
         clean = ()
     else:
-        clean = check_messages(messages, fetch_image_urls=fetch_image_urls)
+        clean = check_messages(messages, fetch_image_urls=fetch_image_urls, continue_final=continue_final)
         if not images and any(not isinstance(m["content"], str) for m in clean):
             raise ValueError(
                 "the loaded model reads text only: send text, or load a vision model (Gemma 3 4B and larger)"
@@ -175,7 +186,8 @@ def build_request(
         tools=checked_tools,
         tool_choice=tool_calls.check_tool_choice(tool_choice, checked_tools),
         logprobs=_optional(_integer, "top_logprobs", logprobs, 0, MAX_TOP_LOGPROBS),
-        thinking_budget=budget if thinking is not False else None,
+        thinking_budget=budget if thinking is not False and not continue_final else None,
+        continue_final=continue_final,
     )
 
 
@@ -196,9 +208,10 @@ def check_response_format(response_format) -> dict | None:
     raise ValueError("response_format.type must be text, json_object or json_schema")
 
 
-def check_messages(messages, *, fetch_image_urls: bool = False) -> tuple[dict, ...]:
+def check_messages(messages, *, fetch_image_urls: bool = False, continue_final: bool = False) -> tuple[dict, ...]:
     """The messages reduced to what templates read (role, content; an assistant's tool_calls, a tool result's
-    tool_call_id); raises ValueError on any malformed one.
+    tool_call_id); raises ValueError on any malformed one. The last message is the user's (or a tool's result),
+    or with ``continue_final`` an assistant's text answer to continue.
 
     Content may be OpenAI's list of parts: text parts are joined into one string; a user message's image parts
     (``image_url`` with a data: URL, or ``image`` with a PIL image or encoded bytes; a PIL image alone also
@@ -238,7 +251,13 @@ def check_messages(messages, *, fetch_image_urls: bool = False) -> tuple[dict, .
                 raise ValueError(f"messages[{i}] is a tool result without a tool_call_id string")
             entry["tool_call_id"] = message["tool_call_id"]
         clean.append(entry)
-    if clean[-1]["role"] not in ("user", "tool"):
+    if continue_final:
+        last = clean[-1]
+        if last["role"] != "assistant" or "tool_calls" in last or not isinstance(last["content"], str):
+            raise ValueError("continue_final_message needs the last message to be the assistant's text answer")
+        if not any(m["role"] == "user" for m in clean[:-1]):
+            raise ValueError("continue_final_message needs a user message before the answer to continue")
+    elif clean[-1]["role"] not in ("user", "tool"):
         raise ValueError(f"the last message must be from the user (or a tool's result), not {clean[-1]['role']!r}")
     return tuple(clean)
 

@@ -370,6 +370,11 @@ class SessionStore:
         length = min(best_length, len(prompt_ids) - 1)
         return (best, length) if length >= MIN_SHARED else (None, 0)
 
+    def holds(self, lease: int) -> bool:
+        """Whether ``lease`` is still out: its session was not cleared since its checkout."""
+        with self._lock:
+            return lease in self._leases
+
     def checkin(self, lease: int, entry: CacheEntry) -> None:
         """Puts an entry back unless its session was cleared meanwhile; then evicts to the budget (to the host
         and disk tiers, where there are). The first time a whole system prompt is held, its states are kept for

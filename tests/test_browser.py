@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -339,6 +340,52 @@ def test_after_an_edit_the_reply_can_be_stopped_and_is_marked_stopped_with_its_s
     stop.click()
     assert "Stopped" in wait_reply(page, 1)
     page.screenshot(path=str(SHOTS / "browser-stopped-after-retry.png"), full_page=True)
+
+
+def answer_text(page) -> str:
+    """The open chat's last answer as the page shows it (not its notes)."""
+    return page.locator("#chat .message-row.bot-row").last.locator(".message:not(.thought)").last.inner_text()
+
+
+def test_continue_goes_on_with_a_cut_off_answer_as_a_larger_limit_would_and_from_the_cache(page_url, browser):
+    url, _ = page_url
+    page = open_page(browser, url)
+    page.get_by_text("System prompt and sampling").click()
+    page.get_by_label("Temperature (0 = greedy)").first.fill("0")
+    limit = page.get_by_label("Max new tokens").first
+    limit.fill("32")
+    send(page, "Explain how a car engine works, step by step, in detail.")
+    wait_reply(page, 1)
+    whole = answer_text(page)
+    page.get_by_role("button", name="New chat").click()
+    limit.fill("16")
+    send(page, "Explain how a car engine works, step by step, in detail.")
+    wait_reply(page, 1)
+    cut = answer_text(page)
+    assert whole.startswith(cut) and cut != whole
+    go_on = page.get_by_role("button", name="Continue the answer")
+    go_on.click()
+    time.sleep(0.5)
+    deadline = time.time() + 60
+    while (not go_on.is_enabled() or answer_text(page) == cut) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.8)  # the last step saves the chat
+    page.screenshot(path=str(SHOTS / "browser-continued.png"), full_page=True)
+    assert answer_text(page) == whole, "16 + 16 tokens are the 32-token answer"
+    stats = page.locator("#chat .thought-group", has_text="first token")
+    assert stats.count() == 1, "one stats line: the continuation's"
+    line = stats.first.inner_text()
+    prompt, cached = map(int, re.search(r"(\d+) prompt tokens, (\d+) from cache", line).groups())
+    assert cached == prompt - 1, f"all but the last token of the cut answer come from the cache: {line}"
+    page.reload()
+    page.get_by_placeholder("Type a message…").wait_for(timeout=60_000)
+    time.sleep(1.5)
+    assert answer_text(page) == whole, "the continued answer is saved"
+    page.get_by_role("button", name="New chat").click()
+    time.sleep(0.5)
+    go_on.click()
+    time.sleep(0.8)
+    assert "Nothing to continue" in page.content() and go_on.is_enabled()
 
 
 def test_a_reply_that_fails_unlocks_the_page_and_gives_the_message_back(page_url, browser):

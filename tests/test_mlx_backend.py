@@ -205,3 +205,19 @@ def test_mlx_copies_and_stored_states_hold_none_of_the_tokens_cut_away(mlx_qwen3
             assert layer is None or layer[0]["array"].shape[2] <= held, "what goes to disk holds its tokens only"
     mlx_qwen3.clear_sessions(alice)
     mlx_qwen3.clear_sessions(bob)
+
+
+def test_mlx_a_continued_answer_is_the_longer_answer(mlx_gemma3):
+    ask = [{"role": "user", "content": "Explain how a car engine works, step by step, in detail."}]
+
+    def answer(messages, max_tokens, user=None, **fields):
+        out = mlx_gemma3.create(messages, max_tokens=max_tokens, temperature=0, user=user, **fields)
+        return out["choices"][0]["message"]["content"], out["usage"]
+
+    whole, _ = answer(ask, 24)
+    start, _ = answer(ask, 9, "mlx-continue")
+    more, usage = answer(
+        [*ask, {"role": "assistant", "content": start}], 15, "mlx-continue", continue_final_message=True
+    )
+    assert start + more == whole
+    assert usage["prompt_tokens_details"]["cached_tokens"] == usage["prompt_tokens"] - 1

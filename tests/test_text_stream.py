@@ -95,3 +95,19 @@ def test_thinking_without_the_opening_tag_is_still_reasoning(tokenizer):
 def test_thinking_off_drops_an_empty_think_block(tokenizer):
     answer, reasoning = route(tokenizer, ["<think>", "\n\n", "</think>", "\n\nParis."], False)
     assert (answer, reasoning) == ("Paris.", "")
+
+
+@pytest.mark.parametrize(
+    "before, pieces, shown, hit",
+    [
+        ("4\n", ["Quest", "ion:", " more"], "", True),  # begun in what was shown, ended in the new text
+        ("4\nQues", ["tion: x"], "", True),
+        ("4", ["\nQuestion:"], "", True),
+        ("Question: 4", [" and 5"], " and 5", False),  # wholly in what was shown: not the new text's
+        ("4\n", ["Quiet"], "Quiet", False),
+    ],
+)
+def test_a_stop_string_may_begin_in_the_text_shown_before(before, pieces, shown, hit):
+    stop = StopStrings(["\nQuestion:"], before)
+    out = "".join(stop.push(piece) for piece in pieces) + stop.flush()
+    assert (out, stop.hit) == (shown, hit)
