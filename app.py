@@ -351,7 +351,11 @@ class ChatSettings:
     repetition_penalty: float
     seed: int | None
     thinking: bool
-    thinking_budget: int = 0  # max reasoning tokens, 0 = no limit (last, so older /chat callers still fit)
+    # The later ones have defaults, so older /chat callers (and chats saved before them) still fit.
+    thinking_budget: int = 0  # max reasoning tokens, 0 = no limit
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     @classmethod
     def from_inputs(cls, values: Sequence) -> ChatSettings:
@@ -381,6 +385,9 @@ class ChatSettings:
             top_k=changed("top_k", int(self.top_k)),
             max_new_tokens=changed("max_new_tokens", int(self.max_new_tokens)),
             repetition_penalty=changed("repetition_penalty", float(self.repetition_penalty)),
+            min_p=changed("min_p", float(self.min_p)),
+            presence_penalty=changed("presence_penalty", float(self.presence_penalty)),
+            frequency_penalty=changed("frequency_penalty", float(self.frequency_penalty)),
             seed=None if self.seed in (None, "", -1) else int(self.seed),
             thinking=None if thinking == mode_default else thinking,
             # Remote upstreams have no budget field: a budget left from a local model is not sent to one.
@@ -404,6 +411,9 @@ SETTING_KINDS = {
     "seed": (*NUMBER, type(None)),
     "thinking": (bool,),
     "thinking_budget": NUMBER,
+    "min_p": NUMBER,
+    "presence_penalty": NUMBER,
+    "frequency_penalty": NUMBER,
 }
 assert set(SETTING_KINDS) == {f.name for f in fields(ChatSettings)}, "each setting has its kinds"
 
@@ -414,6 +424,9 @@ PLACEHOLDERS = {
     "top_k": 0,
     "max_new_tokens": DEFAULT_MAX_NEW_TOKENS,
     "repetition_penalty": 1.0,
+    "min_p": 0.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
 }
 PROBE = ({"role": "user", "content": "?"},)
 
@@ -431,6 +444,9 @@ def shown_defaults(model: ChatModel, thinking: bool | None) -> dict:
         "top_k": sampling.top_k or 0,
         "max_new_tokens": sampling.max_new_tokens,
         "repetition_penalty": sampling.repetition_penalty or 1.0,
+        "min_p": sampling.min_p or 0.0,
+        "presence_penalty": sampling.presence_penalty or 0.0,
+        "frequency_penalty": sampling.frequency_penalty or 0.0,
         "thinking": bool(request.thinking),
     }
 
@@ -883,6 +899,31 @@ def settings_panel(registry: ModelRegistry) -> dict[str, gr.components.Component
                 1.0, 2.0, value=shown["repetition_penalty"], step=0.05, label="Repetition penalty"
             )
             controls["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1 = random)")
+        with gr.Row():
+            controls["min_p"] = gr.Slider(
+                0,
+                1,
+                value=shown["min_p"],
+                step=0.01,
+                label="Min-p (0 = off)",
+                info="Drops tokens less likely than this share of the likeliest.",
+            )
+            controls["presence_penalty"] = gr.Slider(
+                -2,
+                2,
+                value=shown["presence_penalty"],
+                step=0.1,
+                label="Presence penalty",
+                info="Lowers a token once it is in the answer.",
+            )
+            controls["frequency_penalty"] = gr.Slider(
+                -2,
+                2,
+                value=shown["frequency_penalty"],
+                step=0.1,
+                label="Frequency penalty",
+                info="Lowers a token each time it is in the answer.",
+            )
     with gr.Row(equal_height=True):
         controls["thinking"] = gr.Checkbox(
             value=shown["thinking"],

@@ -119,6 +119,7 @@ class ChatModel(ABC):
     info: ModelInfo
     family: Family | None = None
     capabilities: Capabilities = Capabilities()
+    vocab_size: int | None = None  # the token ids a request may name (logit_bias); None where unknown
 
     @abstractmethod
     def stream(self, request: ChatRequest) -> ChatStream:
@@ -154,6 +155,7 @@ class ChatModel(ABC):
             family=self.family,
             context_length=self.info.context_length,
             images=self.capabilities.images,
+            vocab_size=self.vocab_size,
             **fields,
         )
 
@@ -168,6 +170,10 @@ class ChatModel(ABC):
         top_k=None,
         repetition_penalty=None,
         seed=None,
+        min_p=None,
+        presence_penalty=None,
+        frequency_penalty=None,
+        logit_bias=None,
         enable_thinking=None,
         thinking_budget=None,
         stop=None,
@@ -192,6 +198,10 @@ class ChatModel(ABC):
             top_k=top_k,
             repetition_penalty=repetition_penalty,
             seed=seed,
+            min_p=min_p,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
+            logit_bias=logit_bias,
             thinking=enable_thinking,
             thinking_budget=thinking_budget,
             stop=stop,

@@ -17,10 +17,10 @@ from typing import Protocol
 
 import torch
 
-from . import cpu_kernels
 from . import images as image_tokens
 from .batching import Arrival
 from .request import SamplingParams
+from .sampling import Sampler
 from .session_cache import CacheEntry
 
 # Prompt tokens read per piece while other replies decode: on the 2-core machine of docs/benchmarks.md a piece
@@ -56,34 +56,6 @@ class Runner(Protocol):
     def arrival(self) -> Arrival:
         """Announces a new reply, from its request on (``batching.Arrival``): ``bind`` it to the reply's cache
         entry, ``close`` it when the reply ends; a batcher waits a moment for the reply's first step."""
-
-
-def sample_next(
-    logits: torch.Tensor,
-    params: SamplingParams,
-    seen_ids: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-) -> int:
-    """Picks the next token id from one position's logits (1-D)."""
-    logits = logits.float()
-    if params.repetition_penalty not in (None, 1.0) and seen_ids is not None and seen_ids.numel():
-        scores = logits.gather(0, seen_ids)
-        penalty = params.repetition_penalty
-        logits = logits.scatter(0, seen_ids, torch.where(scores < 0, scores * penalty, scores / penalty))
-    if params.temperature == 0:
-        return cpu_kernels.argmax(logits)
-    logits = logits / params.temperature
-    if params.top_k:
-        candidates, candidate_ids = torch.topk(logits, min(params.top_k, logits.numel()))
-    else:
-        candidates, candidate_ids = torch.sort(logits, descending=True)
-    if params.top_p < 1.0:
-        probs = torch.softmax(candidates, dim=-1)
-        # Keep the smallest head whose mass reaches top_p (the first token is always kept).
-        outside = (torch.cumsum(probs, dim=-1) - probs) > params.top_p
-        candidates = candidates.masked_fill(outside, float("-inf"))
-    choice = torch.multinomial(torch.softmax(candidates, dim=-1), 1, generator=generator)
-    return int(candidate_ids[choice])
 
 
 class Engine:
@@ -140,11 +112,15 @@ class Engine:
         logprobs: int | None = None,
         boundaries: Sequence[int] = (),
         images: Mapping | None = None,
+        answer_ids: Sequence[int] = (),
     ) -> DecodeRun:
         """A reply's decode; ``boundaries`` are positions in the prompt where turns begin (restore points),
-        ``images`` what the prompt's image tokens name (key -> ``images.Image``)."""
+        ``images`` what the prompt's image tokens name (key -> ``images.Image``), ``answer_ids`` the end of the
+        prompt that is an answer the reply continues (``sampling.Sampler``)."""
         cancel = cancel or threading.Event()
-        return DecodeRun(self, list(prompt_ids), entry, params, cancel, constraint, logprobs, tuple(boundaries), images)
+        return DecodeRun(
+            self, list(prompt_ids), entry, params, cancel, constraint, logprobs, tuple(boundaries), images, answer_ids
+        )
 
 
 class Constraint(Protocol):
@@ -209,6 +185,7 @@ class DecodeRun:
         logprobs: int | None = None,
         boundaries: tuple[int, ...] = (),
         images: Mapping | None = None,
+        answer_ids: Sequence[int] = (),
     ):
         if not prompt_ids:
             raise ValueError("the prompt has no tokens")
@@ -224,6 +201,7 @@ class DecodeRun:
         self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
         self.boundaries = boundaries
         self.images = images
+        self.answer_ids = tuple(answer_ids)
         self.cached_tokens = 0
         self.completion_ids: list[int] = []
         self.finish_reason: str | None = None
@@ -241,20 +219,15 @@ class DecodeRun:
         if logits is None:
             self.finish_reason = "cancelled"
             return
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=logits.device).manual_seed(params.seed)
-        seen, best = None, None
-        if params.repetition_penalty not in (None, 1.0):
-            # Image tokens (negative pseudo ids) are no vocabulary entries: only text is penalised.
-            seen = torch.tensor([t for t in self.prompt_ids if t >= 0], dtype=torch.long, device=logits.device)
+        sampler = Sampler(params, logits.device, self.prompt_ids, self.answer_ids)
+        best = None
         # The plain greedy pick is the argmax of the logits themselves: the runner may pick it in its shared pass.
-        greedy = params.temperature == 0 and seen is None and self.constraint is None
+        greedy = sampler.plain_greedy and self.constraint is None
         with engine.runner.decoding():
             while True:
                 with torch.inference_mode():
                     scores = logits if self.constraint is None else self.constraint.mask(logits)
-                    token = best if best is not None else sample_next(scores, params, seen, generator)
+                    token = best if best is not None else sampler.pick(scores)
                     if self.top_logprobs is not None:
                         self.logprobs.append(_logprobs(logits, token, self.top_logprobs))
                 if self.constraint is not None:
@@ -270,8 +243,7 @@ class DecodeRun:
                 if self.cancel.is_set():
                     self.finish_reason = "cancelled"
                     return
-                if seen is not None:
-                    seen = torch.cat([seen, torch.tensor([token], device=seen.device)])
+                sampler.said(token)
                 logits, best = engine.runner.decode(self.entry, token, greedy=greedy)
 
 

@@ -162,6 +162,7 @@ class LocalModel(ChatModel):
         image_format: image_parts.ImageFormat | None = None,
     ):
         self.model = model  # the library's own model object, for inspection (hooks, memory)
+        self.vocab_size = vocab_size
         self.tokenizer = tokenizer
         # Per model (a cache on the class would keep every model it saw alive): few system prompts recur.
         self._operator_ids = functools.lru_cache(maxsize=64)(self._operator_ids_uncached)
@@ -399,6 +400,7 @@ class LocalModel(ChatModel):
             logprobs=request.logprobs,
             boundaries=self.turn_boundaries(prompt_ids, request) if request.prompt is None else (),
             images=image_parts.by_key(image_parts.images_of(request.messages)),
+            answer_ids=prompt_ids[answer_at:],
         )
         chunks = self._chunks(
             generate,

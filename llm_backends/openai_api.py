@@ -16,11 +16,24 @@ from .chunks import Chunk
 from .request import ChatRequest, SessionKey, build_request
 
 # Accepted for compatibility; only their neutral values are supported.
-NEUTRAL = {"n": 1, "frequency_penalty": 0, "presence_penalty": 0, "logit_bias": None}
+NEUTRAL = {"n": 1}
 COMPLETION_NEUTRAL = {**NEUTRAL, "best_of": 1, "echo": False, "suffix": None}
 # Fields OpenAI documents as hints or bookkeeping: accepted, and nothing to honour (``user`` names a session).
 HINTS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key", "safety_identifier"}
-SAMPLING = {"temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop", "max_tokens", "stream_options"}
+SAMPLING = {
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "seed",
+    "stop",
+    "max_tokens",
+    "stream_options",
+}
 CHAT_FIELDS = SAMPLING | {
     "messages",
     "model",
@@ -94,7 +107,11 @@ def _sampling(body: dict, max_tokens) -> dict:
         "temperature": body.get("temperature"),
         "top_p": body.get("top_p"),
         "top_k": body.get("top_k"),
+        "min_p": body.get("min_p"),
         "repetition_penalty": body.get("repetition_penalty"),
+        "presence_penalty": body.get("presence_penalty"),
+        "frequency_penalty": body.get("frequency_penalty"),
+        "logit_bias": body.get("logit_bias"),
         "seed": body.get("seed"),
         "stop": body.get("stop"),
     }

@@ -154,7 +154,12 @@ class RemoteChatModel(ChatModel):
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,
             "top_k": sampling.top_k,
+            "min_p": sampling.min_p,
             "repetition_penalty": sampling.repetition_penalty,
+            "presence_penalty": sampling.presence_penalty,
+            "frequency_penalty": sampling.frequency_penalty,
+            # JSON object keys are strings.
+            "logit_bias": {str(token): bias for token, bias in sampling.logit_bias} or None,
             "seed": sampling.seed,
             "stop": list(request.stop) or None,
             "user": None if request.session is None else _opaque(request.session),

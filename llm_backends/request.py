@@ -9,6 +9,7 @@ upstream server applies its own.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -21,13 +22,16 @@ ROLES = ("system", "user", "assistant", "tool")
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 1024  # per stop string: each is matched against the reply's end at every token
 MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 1024  # entries; each is added to the logits at every step
 SPACES = ("page", "api", "python", "seed")
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens. ``temperature == 0`` is greedy; ``top_k`` None disables it. A field that is None
-    in a request to a remote model is left to the upstream server."""
+    """How to pick tokens (``sampling.Sampler`` says in which order). ``temperature == 0`` is greedy; ``top_k``
+    None disables it; ``min_p``, ``presence_penalty`` and ``frequency_penalty`` at None or 0 and an empty
+    ``logit_bias`` ((token id, bias) pairs) change nothing. A field that is None in a request to a remote model
+    is left to the upstream server."""
 
     max_new_tokens: int
     temperature: float | None = None
@@ -35,6 +39,10 @@ class SamplingParams:
     top_k: int | None = None
     repetition_penalty: float | None = None
     seed: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -102,6 +110,10 @@ def build_request(
     top_k=None,
     repetition_penalty=None,
     seed=None,
+    min_p=None,
+    presence_penalty=None,
+    frequency_penalty=None,
+    logit_bias=None,
     thinking=None,
     stop=None,
     fit_context: bool = False,
@@ -115,6 +127,7 @@ def build_request(
     continue_final=None,
     images: bool = False,
     fetch_image_urls: bool = False,
+    vocab_size: int | None = None,
 ) -> ChatRequest:
     """The validated request; raises ValueError naming the first bad field, before anything is touched.
 
@@ -122,6 +135,7 @@ def build_request(
     fills it, and ``max_new_tokens`` defaults to DEFAULT_MAX_NEW_TOKENS. ``top_k=0`` switches top-k off.
     Pass ``messages=None`` and a ``prompt`` string for a raw completion. Image parts are accepted only with
     ``images`` (the model reads them); http(s) image URLs are fetched only with ``fetch_image_urls``.
+    ``logit_bias`` names token ids below ``vocab_size`` (where the model's is known).
     """
     if session is not None and not isinstance(session, SessionKey):
         raise ValueError(f"session must be a SessionKey, not {type(session).__name__}")
@@ -166,6 +180,10 @@ def build_request(
             _number, "repetition_penalty", default(repetition_penalty, "repetition_penalty"), 0.0, 10.0, low_open=True
         ),
         seed=_optional(_integer, "seed", seed, 0, 2**63 - 1),
+        min_p=_optional(_number, "min_p", min_p, 0.0, 1.0),
+        presence_penalty=_optional(_number, "presence_penalty", presence_penalty, -2.0, 2.0),
+        frequency_penalty=_optional(_number, "frequency_penalty", frequency_penalty, -2.0, 2.0),
+        logit_bias=check_logit_bias(logit_bias, vocab_size),
     )
     budget = _optional(_integer, "thinking_budget", thinking_budget, 1, limit)
     if budget is not None and family is not None and not family.can_think:
@@ -189,6 +207,31 @@ def build_request(
         thinking_budget=budget if thinking is not False and not continue_final else None,
         continue_final=continue_final,
     )
+
+
+def check_logit_bias(logit_bias, vocab_size: int | None = None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``logit_bias`` ({token id: bias}; the ids may be strings, as JSON keys are) as sorted (id, bias)
+    pairs, zeros left out; ValueError for anything else, or an id at or past ``vocab_size``."""
+    if logit_bias is None:
+        return ()
+    if not isinstance(logit_bias, Mapping):
+        raise ValueError("logit_bias must be an object mapping token ids to biases between -100 and 100")
+    if len(logit_bias) > MAX_LOGIT_BIAS:
+        raise ValueError(f"logit_bias holds {len(logit_bias)} entries; at most {MAX_LOGIT_BIAS} are allowed")
+    pairs = {}
+    for key, value in logit_bias.items():
+        token = key
+        if isinstance(key, str) and re.fullmatch(r"[0-9]{1,10}", key):
+            token = int(key)
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+            raise ValueError(f"logit_bias keys must be token ids (non-negative integers), not {key!r}")
+        if vocab_size is not None and token >= vocab_size:
+            raise ValueError(f"logit_bias names token {token}; this model's ids are below {vocab_size}")
+        if token in pairs:
+            raise ValueError(f"logit_bias names token {token} twice")
+        bias = _number(f"logit_bias[{token}]", value, -100.0, 100.0)
+        pairs[token] = bias
+    return tuple(sorted((token, bias) for token, bias in pairs.items() if bias))
 
 
 def check_response_format(response_format) -> dict | None:

@@ -169,10 +169,12 @@ def test_saved_chats_survive_a_reload_and_reopen_with_their_settings_their_cache
     page = open_page(browser, url)
     page.get_by_text("System prompt and sampling").click()
     page.get_by_label("System prompt").fill("You answer in one short sentence.")
+    page.get_by_label("Presence penalty").first.fill("1.5")
     send(page, "The capital of France is")
     wait_reply(page, 1)
     page.get_by_role("button", name="New chat").click()
     page.get_by_label("System prompt").fill("")
+    page.get_by_label("Presence penalty").first.fill("0")
     send(page, "Rivers of Europe:")
     wait_reply(page, 1)
     assert saved_titles(page) == ["Rivers of Europe:", "The capital of France is"]
@@ -187,6 +189,7 @@ def test_saved_chats_survive_a_reload_and_reopen_with_their_settings_their_cache
     assert "The capital of France is" in page.locator("#chat").inner_text()
     page.get_by_text("System prompt and sampling").click()
     assert page.get_by_label("System prompt").input_value() == "You answer in one short sentence."
+    assert page.get_by_label("Presence penalty").first.input_value() == "1.5"
     send(page, "And of Italy?")
     assert "from cache" in wait_reply(page, 2), "the reopened chat's next turn reuses its cache"
     page.screenshot(path=str(SHOTS / "browser-saved-chats.png"), full_page=True)
@@ -204,6 +207,7 @@ def test_saved_chats_survive_a_reload_and_reopen_with_their_settings_their_cache
     assert download.value.suggested_filename == "Capitals.json" and body["title"] == "Capitals"
     assert [m["role"] for m in body["messages"]] == ["system", "user", "assistant", "user", "assistant"]
     assert body["messages"][0]["content"] == "You answer in one short sentence."
+    assert body["settings"]["presence_penalty"] == 1.5
     assert not any("first token" in m["content"] for m in body["messages"]), "no page notes in the export"
 
     page.get_by_role("button", name="Delete", exact=True).click()

@@ -355,6 +355,9 @@ def test_the_chat_api_parameters_follow_chat_settings(qwen3_dir):
         "seed": "Seed (-1 = random)",
         "thinking": "Thinking (reasoning shown collapsed, never sent back to the model)",
         "thinking_budget": "Thinking budget (tokens, 0 = no limit)",
+        "min_p": "Min-p (0 = off)",
+        "presence_penalty": "Presence penalty",
+        "frequency_penalty": "Frequency penalty",
     }
     assert labels == [expected[f.name] for f in settings]
 

@@ -109,6 +109,9 @@ def test_wrong_or_missing_key_is_401(api):
         ({"messages": HELLO, "tool_choice": {"type": "function", "function": "f"}}, 400, "tool_choice"),
         ({"messages": HELLO, "stop": ["z" * 2000]}, 400, "stop"),
         ({"messages": HELLO, "tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]}, 400, ""),
+        ({"messages": HELLO, "presence_penalty": 3}, 400, "presence_penalty"),
+        ({"messages": HELLO, "logit_bias": {"10000000": 1}}, 400, "ids are below"),
+        ({"messages": HELLO, "n": 2}, 400, "n other than 1"),
     ],
 )
 def test_bad_requests_get_openai_shaped_errors(api, body, status, needle):
@@ -117,6 +120,33 @@ def test_bad_requests_get_openai_shaped_errors(api, body, status, needle):
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert needle in error["message"] and set(error) == {"message", "type", "param", "code"}
+
+
+def test_the_peers_sampling_settings_reach_the_model_through_the_openai_client(client, api):
+    """min_p, the presence and frequency penalties and logit_bias, as the openai client sends them (logit_bias
+    keys become strings in JSON), give what the Python door gives; a large bias forces its token."""
+    _, registry = api
+    model, name = registry.get(), registry.current_id
+    no_thinking = {"chat_template_kwargs": {"enable_thinking": False}}
+    the = model.tokenizer.encode(" the", add_special_tokens=False)
+    assert len(the) == 1
+    forced = client.chat.completions.create(
+        model=name, messages=HELLO, max_tokens=5, temperature=0, logit_bias={the[0]: 100}, extra_body=no_thinking
+    )
+    assert forced.choices[0].message.content == " the" * 5
+    fields = {"temperature": 0.8, "seed": 11, "min_p": 0.1, "presence_penalty": 1.0, "frequency_penalty": 0.5}
+    over_http = client.chat.completions.create(
+        model=name,
+        messages=HELLO,
+        max_tokens=12,
+        presence_penalty=fields["presence_penalty"],
+        frequency_penalty=fields["frequency_penalty"],
+        temperature=fields["temperature"],
+        seed=fields["seed"],
+        extra_body={**no_thinking, "min_p": fields["min_p"]},
+    )
+    direct = model.create(HELLO, max_tokens=12, enable_thinking=False, **fields)
+    assert over_http.choices[0].message.content == direct["choices"][0]["message"]["content"]
 
 
 def test_a_bad_request_naming_another_model_loads_nothing_and_keeps_every_cache(api, client):

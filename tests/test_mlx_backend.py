@@ -221,3 +221,20 @@ def test_mlx_a_continued_answer_is_the_longer_answer(mlx_gemma3):
     )
     assert start + more == whole
     assert usage["prompt_tokens_details"]["cached_tokens"] == usage["prompt_tokens"] - 1
+
+
+def test_mlx_takes_the_same_sampling_settings(mlx_qwen3):
+    """min_p, the presence and frequency penalties and logit_bias on MLX: a large bias forces its token, the
+    penalised greedy reply differs from the plain one and comes again from the cache, min_p 1 draws greedily."""
+    the = mlx_qwen3.tokenizer.encode(" the", add_special_tokens=False)
+    forced = mlx_qwen3.create(HELLO, max_tokens=4, temperature=0, enable_thinking=False, logit_bias={the[0]: 100})
+    assert forced["choices"][0]["message"]["content"] == " the" * 4
+    fields = {"temperature": 0, "enable_thinking": False, "presence_penalty": 2.0, "frequency_penalty": 2.0}
+    plain = mlx_qwen3.create(HELLO, max_tokens=24, temperature=0, enable_thinking=False)
+    penalised = mlx_qwen3.create(HELLO, max_tokens=24, **fields)
+    again = mlx_qwen3.create(HELLO, max_tokens=24, user="mlx-penalties", **fields)
+    text = penalised["choices"][0]["message"]["content"]
+    assert again["choices"][0]["message"]["content"] == text != plain["choices"][0]["message"]["content"]
+    sampled = mlx_qwen3.create(HELLO, max_tokens=12, temperature=1.0, min_p=1.0, seed=4, enable_thinking=False)
+    greedy = mlx_qwen3.create(HELLO, max_tokens=12, temperature=0, enable_thinking=False)
+    assert sampled["choices"][0]["message"]["content"] == greedy["choices"][0]["message"]["content"]

@@ -226,3 +226,21 @@ def test_the_upstreams_cache_count_is_not_passed_on_and_the_session_name_is_keye
     assert stats.prompt_tokens == 18 and stats.cached_tokens is None, "another person's prompt shows in that count"
     unkeyed = hashlib.sha256(repr(session).encode()).hexdigest()[:24]  # found by trying likely names
     assert bodies[0]["user"] and bodies[0]["user"] != unkeyed
+
+
+def test_the_sampling_settings_go_to_the_upstream_as_set_and_unset_ones_not_at_all(upstream):
+    bodies = []
+
+    def script(handler, body):
+        bodies.append(body)
+        reply = {"choices": [{"message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]}
+        handler.answer(200, json.dumps(reply).encode())
+
+    Scripted.script = script
+    model = model_at(upstream)
+    model.create(ASK, min_p=0.05, presence_penalty=1.5, frequency_penalty=-0.5, logit_bias={"42": -100, 7: 3})
+    model.create(ASK)
+    sent = bodies[0]
+    assert (sent["min_p"], sent["presence_penalty"], sent["frequency_penalty"]) == (0.05, 1.5, -0.5)
+    assert sent["logit_bias"] == {"7": 3.0, "42": -100.0}
+    assert not {"min_p", "presence_penalty", "frequency_penalty", "logit_bias"} & set(bodies[1])

@@ -1,0 +1,113 @@
+"""Picking each next token from one position's logits, as the OpenAI API and vLLM define the settings.
+
+In order: ``logit_bias`` is added; the repetition penalty (transformers' ``repetition_penalty``) scales the
+logits of every token in the prompt and the reply; the presence and frequency penalties (OpenAI's) lower a
+token's logit by ``presence_penalty`` once it is in the reply and by ``frequency_penalty`` each time it is
+there. Then the argmax (temperature 0), or temperature, top-k, top-p and min-p (a token stays if its
+probability is at least ``min_p`` times the likeliest's) and a draw. A ``Sampler`` is built once per reply, so
+a step does no work it could do once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import cpu_kernels
+from .request import SamplingParams
+
+
+class Sampler:
+    """One reply's token picking: ``pick(logits)`` at each step, ``said(token)`` for each token the reply
+    writes. ``prompt_ids`` are what the repetition penalty sees before the reply; ``answer_ids`` the tokens of an
+    answer the reply continues, which count as the reply's own for the presence and frequency penalties (so a
+    continued answer picks as the whole answer would have)."""
+
+    def __init__(
+        self,
+        params: SamplingParams,
+        device: torch.device | str,
+        prompt_ids: Sequence[int] = (),
+        answer_ids: Sequence[int] = (),
+    ):
+        self.params = params
+        self.generator = None
+        if params.seed is not None:
+            self.generator = torch.Generator(device=device).manual_seed(params.seed)
+        self.bias = None
+        if params.logit_bias:
+            ids, values = zip(*params.logit_bias, strict=True)
+            self.bias = (
+                torch.tensor(ids, dtype=torch.long, device=device),
+                torch.tensor(values, dtype=torch.float32, device=device),
+            )
+        # Image tokens (negative pseudo ids) are no vocabulary entries: only text is penalised.
+        self.seen = None
+        if params.repetition_penalty not in (None, 1.0):
+            self.seen = torch.tensor([t for t in prompt_ids if t >= 0], dtype=torch.long, device=device)
+        self.counted = bool(params.presence_penalty or params.frequency_penalty)
+        # What the presence and frequency penalties take off each token's logit, kept up to date one token at a
+        # time; vocabulary-wide, made at the first pick (when the logits' width is known).
+        self.penalties: torch.Tensor | None = None
+        self._present: set[int] = set()
+        self._pending = [t for t in answer_ids if t >= 0] if self.counted else []
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Whether the pick is the argmax of the logits themselves (a runner may pick it in its shared pass)."""
+        return self.params.temperature == 0 and self.seen is None and self.bias is None and not self.counted
+
+    def said(self, token: int) -> None:
+        """The reply wrote ``token``."""
+        if self.seen is not None:
+            self.seen = torch.cat([self.seen, torch.tensor([token], device=self.seen.device)])
+        if self.counted:
+            if self.penalties is None:
+                self._pending.append(token)
+            else:
+                self._count(token)
+
+    def _count(self, token: int) -> None:
+        step = self.params.frequency_penalty or 0.0
+        if token not in self._present:
+            self._present.add(token)
+            step += self.params.presence_penalty or 0.0
+        with torch.inference_mode():  # the tensor was made in the decode loop's inference mode
+            self.penalties[token] += step
+
+    def pick(self, logits: torch.Tensor) -> int:
+        """The next token id from one position's logits (1-D; left as they are)."""
+        params = self.params
+        logits = logits.float()
+        if self.bias is not None:
+            logits = logits.index_add(0, *self.bias)
+        if self.seen is not None and self.seen.numel():
+            scores = logits.gather(0, self.seen)
+            penalty = params.repetition_penalty
+            logits = logits.scatter(0, self.seen, torch.where(scores < 0, scores * penalty, scores / penalty))
+        if self.counted:
+            if self.penalties is None:
+                self.penalties = torch.zeros_like(logits)
+                for token in self._pending:
+                    self._count(token)
+                self._pending = []
+            logits = logits - self.penalties
+        if params.temperature == 0:
+            return cpu_kernels.argmax(logits)
+        logits = logits / params.temperature
+        if params.top_k:
+            candidates, candidate_ids = torch.topk(logits, min(params.top_k, logits.numel()))
+        else:
+            candidates, candidate_ids = torch.sort(logits, descending=True)
+        if params.top_p < 1.0:
+            probs = torch.softmax(candidates, dim=-1)
+            # Keep the smallest head whose mass reaches top_p (the first token is always kept).
+            outside = (torch.cumsum(probs, dim=-1) - probs) > params.top_p
+            candidates = candidates.masked_fill(outside, float("-inf"))
+        if params.min_p:
+            # Relative to the likeliest token, so the cuts above (which keep it) do not move this one.
+            probs = torch.softmax(candidates, dim=-1)
+            candidates = candidates.masked_fill(probs < params.min_p * probs[0], float("-inf"))
+        choice = torch.multinomial(torch.softmax(candidates, dim=-1), 1, generator=self.generator)
+        return int(candidate_ids[choice])
