@@ -14,7 +14,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import gradio as gr
@@ -876,6 +876,14 @@ def model_header(registry: ModelRegistry) -> tuple[gr.Dropdown, gr.Markdown]:
     return dropdown, info
 
 
+# The third row of sampling controls: (setting, low, high, step, label, what it does).
+PENALTY_CONTROLS = (
+    ("min_p", 0, 1, 0.01, "Min-p (0 = off)", "Drops tokens less likely than this share of the likeliest."),
+    ("presence_penalty", -2, 2, 0.1, "Presence penalty", "Lowers a token once it is in the answer."),
+    ("frequency_penalty", -2, 2, 0.1, "Frequency penalty", "Lowers a token each time it is in the answer."),
+)
+
+
 def settings_panel(registry: ModelRegistry) -> dict[str, gr.components.Component]:
     """The system prompt, sampling and thinking controls, by ChatSettings field name. Their first values are
     placeholders until the loaded model's family sets them (``family_controls``)."""
@@ -900,30 +908,8 @@ def settings_panel(registry: ModelRegistry) -> dict[str, gr.components.Component
             )
             controls["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1 = random)")
         with gr.Row():
-            controls["min_p"] = gr.Slider(
-                0,
-                1,
-                value=shown["min_p"],
-                step=0.01,
-                label="Min-p (0 = off)",
-                info="Drops tokens less likely than this share of the likeliest.",
-            )
-            controls["presence_penalty"] = gr.Slider(
-                -2,
-                2,
-                value=shown["presence_penalty"],
-                step=0.1,
-                label="Presence penalty",
-                info="Lowers a token once it is in the answer.",
-            )
-            controls["frequency_penalty"] = gr.Slider(
-                -2,
-                2,
-                value=shown["frequency_penalty"],
-                step=0.1,
-                label="Frequency penalty",
-                info="Lowers a token each time it is in the answer.",
-            )
+            for name, low, high, step, label, info in PENALTY_CONTROLS:
+                controls[name] = gr.Slider(low, high, value=shown[name], step=step, label=label, info=info)
     with gr.Row(equal_height=True):
         controls["thinking"] = gr.Checkbox(
             value=shown["thinking"],
@@ -1122,8 +1108,10 @@ def settings_of(values: Sequence) -> dict:
 
 def saved_settings(controls: dict, settings: dict | None) -> list:
     """Updates putting a saved chat's settings back in the controls (left as they are where it has none, or
-    where the browser's copy holds a value of the wrong type)."""
-    settings = settings_in_range(controls, settings)
+    where the browser's copy holds a value of the wrong type). A chat saved before the later settings existed
+    was made with them at their defaults, which it gets back."""
+    later = {f.name: f.default for f in fields(ChatSettings) if f.default is not MISSING}
+    settings = {**later, **settings_in_range(controls, settings)} if settings else {}
     return [gr.update(value=settings[f.name]) if f.name in settings else gr.update() for f in fields(ChatSettings)]
 
 

@@ -34,6 +34,9 @@ SETTINGS = {
     "greedy + repetition_penalty": {"repetition_penalty": 1.1},
     "sampled (top-k 64, top-p 0.95)": {"temperature": 1.0, "top_k": 64, "top_p": 0.95},
     "sampled + min_p 0.05": {"temperature": 1.0, "top_k": 64, "top_p": 0.95, "min_p": 0.05},
+    "top-k off, top-p 0.95": {"temperature": 1.0, "top_k": 0, "top_p": 0.95},
+    "top-k off, min_p 0.05 alone": {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.05},
+    "temperature alone (top-k off, top-p 1)": {"temperature": 1.0, "top_k": 0, "top_p": 1.0},
 }
 
 

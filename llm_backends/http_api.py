@@ -190,14 +190,15 @@ def add_openai_routes(
             if not isinstance(body.get("messages"), list):
                 raise APIError(400, "messages is required and must be a list", param="messages")
         named = body.get("model")
-        if isinstance(named, str) and registry.resolve(named) in registry.entries.keys() - {registry.current_id}:
+        target = registry.resolve(named) if isinstance(named, str) else None
+        if target in registry.entries.keys() - {registry.current_id}:
             # Loading another model frees this one and every session's cache: only for a request that is sound.
             if kind == "chat":
                 check = partial(openai_api.chat_request, fetch_image_urls=image_urls)
             else:
                 check = openai_api.completion_request
             try:
-                await anyio.to_thread.run_sync(check, openai_api.AnyModel, body)
+                await anyio.to_thread.run_sync(check, openai_api.AnyModel(registry.vocab_size(target)), body)
             except ValueError as e:
                 raise APIError(400, str(e), param=_param_of(str(e))) from e
         model, model_id = await anyio.to_thread.run_sync(model_for, named)

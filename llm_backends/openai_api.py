@@ -227,14 +227,18 @@ def completion_request(model, body: dict, *, session: SessionKey | None = None):
     return request
 
 
+@dataclass(frozen=True)
 class AnyModel:
     """What a request body is checked against before its model is loaded (switching models frees the current one
-    and every session's cache, which bad input must not do): no family, no context limit, images allowed. The
-    model itself checks what depends on it once loaded."""
+    and every session's cache, which bad input must not do): no family, no context limit, images allowed, the
+    model's vocabulary size where known beforehand. The model itself checks what depends on it once loaded."""
 
-    @staticmethod
-    def request(messages, **fields) -> ChatRequest:
-        return build_request(messages, family=None, context_length=None, images=True, **fields)
+    vocab_size: int | None = None
+
+    def request(self, messages, **fields) -> ChatRequest:
+        return build_request(
+            messages, family=None, context_length=None, images=True, vocab_size=self.vocab_size, **fields
+        )
 
 
 def create(chat_model: ChatModel, messages, *, model=None, stream=False, space: str, principal: str, **fields):

@@ -158,8 +158,8 @@ class RemoteChatModel(ChatModel):
             "repetition_penalty": sampling.repetition_penalty,
             "presence_penalty": sampling.presence_penalty,
             "frequency_penalty": sampling.frequency_penalty,
-            # JSON object keys are strings.
-            "logit_bias": {str(token): bias for token, bias in sampling.logit_bias} or None,
+            # JSON object keys are strings; OpenAI's own schema takes whole numbers as biases.
+            "logit_bias": {str(t): int(b) if b.is_integer() else b for t, b in sampling.logit_bias} or None,
             "seed": sampling.seed,
             "stop": list(request.stop) or None,
             "user": None if request.session is None else _opaque(request.session),

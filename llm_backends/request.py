@@ -386,8 +386,12 @@ def check_stop(stop) -> tuple[str, ...]:
 def _number(name: str, value, low: float, high: float, *, low_open: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, not {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, not {value}")
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an integer too large for a float (JSON allows any)
+        finite = False
+    if not finite:
+        raise ValueError(f"{name} must be a finite number in [{low}, {high}]")
     if value < low or (low_open and value == low) or value > high:
         bracket = "(" if low_open else "["
         raise ValueError(f"{name} must be in {bracket}{low}, {high}], not {value}")

@@ -7,12 +7,14 @@ never a path to load.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from .backend import ChatModel
 from .loading import load_model, parse_source
@@ -54,6 +56,7 @@ class ModelRegistry:
         self._ready = threading.Event()
         self._ever_loaded = False
         self._loads = 0  # loads started: a free that waited behind one does not free what it brought
+        self._vocab_sizes: dict[str, int | None] = {}  # of the models loaded so far
         self.metrics = Metrics(lambda: self.model)
 
     def _register(self, source: str | None) -> str:
@@ -104,6 +107,20 @@ class ModelRegistry:
         short = [i for i in self.entries if i.split(" (")[0].split(" @ ")[0] == name]
         return short[0] if len(short) == 1 else name
 
+    def vocab_size(self, model_id: str) -> int | None:
+        """How many token ids ``model_id`` reads, where known without loading it: it was loaded before, or it is
+        a checkpoint folder (its config.json says). None otherwise."""
+        if model_id in self._vocab_sizes:
+            return self._vocab_sizes[model_id]
+        source = self.entries[model_id].source
+        config = Path(source) / "config.json" if source else None
+        try:
+            data = json.loads(config.read_text()) if config is not None and config.is_file() else {}
+        except (OSError, ValueError):
+            return None
+        size = (data.get("text_config") or {}).get("vocab_size") or data.get("vocab_size")
+        return size if isinstance(size, int) and size > 0 else None
+
     def get(self) -> ChatModel:
         """The loaded model; RuntimeError while nothing is loaded yet."""
         model = self.model
@@ -133,6 +150,7 @@ class ModelRegistry:
             finally:
                 self.loading, self.progress = None, None
             previous, self.model, self.current_id = self.model, model, model_id
+            self._vocab_sizes[model_id] = model.vocab_size
             self._ever_loaded = True
             self._ready.set()
         _let_go(previous)

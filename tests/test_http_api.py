@@ -159,6 +159,8 @@ def test_a_bad_request_naming_another_model_loads_nothing_and_keeps_every_cache(
         {"messages": [], "temperature": -1},
         {"messages": HELLO, "temperature": -1},
         {"messages": HELLO, "x": 1},
+        {"messages": HELLO, "logit_bias": {"10000000": 5}},  # past the other model's vocabulary (its config says)
+        {"messages": HELLO, "presence_penalty": 10**400},
     ):
         r = httpx.post(
             f"{base}/v1/chat/completions", json={"model": other, **body}, headers={"Authorization": f"Bearer {KEY}"}

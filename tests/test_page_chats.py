@@ -165,6 +165,18 @@ def test_saved_settings_out_of_their_controls_range_are_left_out():
     assert app.settings_in_range(controls, {"temperature": 1.5}) == {"temperature": 1.5}
 
 
+def test_a_chat_saved_before_the_later_settings_gets_their_defaults_back():
+    """Opening a chat saved before min-p and the penalties existed sets them to their defaults (it was made
+    with them), instead of keeping the previous chat's; a chat without settings leaves the controls alone."""
+    controls = {f.name: type("C", (), {})() for f in app.fields(app.ChatSettings)}
+    old = {"system_prompt": "", "temperature": 0.5, "top_p": 1, "top_k": 0, "max_new_tokens": 64}
+    updates = dict(zip([f.name for f in app.fields(app.ChatSettings)], app.saved_settings(controls, old), strict=True))
+    for name in ("min_p", "presence_penalty", "frequency_penalty", "thinking_budget"):
+        assert updates[name]["value"] == 0, name
+    assert updates["temperature"]["value"] == 0.5 and "value" not in updates["seed"]
+    assert all("value" not in update for update in app.saved_settings(controls, None))
+
+
 def test_undoing_a_turn_ends_its_running_reply(page):
     registry, _ = page
     replies = app.Replies(registry)

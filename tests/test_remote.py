@@ -242,5 +242,7 @@ def test_the_sampling_settings_go_to_the_upstream_as_set_and_unset_ones_not_at_a
     model.create(ASK)
     sent = bodies[0]
     assert (sent["min_p"], sent["presence_penalty"], sent["frequency_penalty"]) == (0.05, 1.5, -0.5)
-    assert sent["logit_bias"] == {"7": 3.0, "42": -100.0}
+    assert sent["logit_bias"] == {"7": 3, "42": -100} and all(type(b) is int for b in sent["logit_bias"].values())
+    model.create(ASK, logit_bias={"5": 0.5})
+    assert bodies[-1]["logit_bias"] == {"5": 0.5}
     assert not {"min_p", "presence_penalty", "frequency_penalty", "logit_bias"} & set(bodies[1])

@@ -60,6 +60,42 @@ def test_min_p_keeps_only_tokens_within_its_share_of_the_likeliest():
     assert {both.pick(logits) for _ in range(200)} == {0, 1}
 
 
+def kept_by_sorting(logits: torch.Tensor, top_p: float, min_p: float) -> dict[int, float]:
+    """The tokens top-p and min-p keep, and their probabilities, worked out the plain way: sort everything."""
+    probs, ids = torch.sort(torch.softmax(logits.double(), dim=-1), descending=True)
+    before = torch.cumsum(probs, dim=-1) - probs
+    keep = (before <= top_p) & (probs >= min_p * probs[0])
+    return dict(zip(ids[keep].tolist(), probs[keep].tolist(), strict=True))
+
+
+@pytest.mark.parametrize("spread", [1.0, 3.0, 8.0])  # from a flat distribution (a huge head) to a peaked one
+@pytest.mark.parametrize("top_p, min_p", [(0.9, 0.0), (0.5, 0.0), (0.999, 0.0), (1.0, 0.05), (0.95, 0.2)])
+def test_top_p_and_min_p_without_top_k_keep_what_a_full_sort_keeps(spread, top_p, min_p):
+    torch.manual_seed(int(spread * 10) + int(top_p * 1000))
+    logits = torch.randn(262_144) * spread
+    ids, weights = Sampler(params(temperature=1.0, top_p=top_p, min_p=min_p), "cpu").candidates(logits)
+    kept = {int(i): float(w) for i, w in zip(ids, weights, strict=True) if w > 0}
+    expected = kept_by_sorting(logits, top_p, min_p)
+    # Float rounding may move a few tokens whose place is within a hair of a cut: a negligible mass.
+    moved = list(set(kept) ^ set(expected))
+    assert float(torch.softmax(logits.double(), -1)[moved].sum()) < 1e-5, (len(kept), len(expected))
+    shared = set(kept) & set(expected)
+    assert all(math.isclose(kept[t], expected[t], rel_tol=1e-4) for t in shared)
+
+
+def test_a_draw_follows_the_weights_and_never_takes_a_token_cut():
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.0, 0.2])
+    sampler = Sampler(params(temperature=1.0, seed=5), "cpu")
+    drawn = Counter(sampler._draw(probs) for _ in range(20_000))
+    assert set(drawn) == {0, 2, 4}
+    for index in (0, 2, 4):
+        assert abs(drawn[index] / 20_000 - float(probs[index])) < 0.015, drawn
+    # Over the whole vocabulary (temperature alone): the same token for the same seed, and likely ones.
+    logits = torch.randn(262_144) * 4
+    first = [Sampler(params(temperature=1.0, seed=9), "cpu").pick(logits) for _ in range(2)]
+    assert first[0] == first[1] and torch.softmax(logits, -1)[first[0]] > 1e-6
+
+
 def test_only_the_plain_argmax_lets_a_runner_pick_in_its_shared_pass():
     assert Sampler(params(), "cpu").plain_greedy
     assert Sampler(params(min_p=0.5), "cpu").plain_greedy  # min_p changes nothing at temperature 0
@@ -79,6 +115,8 @@ def test_only_the_plain_argmax_lets_a_runner_pick_in_its_shared_pass():
         ({"logit_bias": {"-3": 1}}, "token ids"),
         ({"logit_bias": {"5": 101}}, r"logit_bias\[5\] must be in"),
         ({"logit_bias": {"5": float("nan")}}, "finite"),
+        ({"logit_bias": {"5": 10**400}}, "finite"),  # JSON allows an integer no float holds
+        ({"presence_penalty": -(10**400)}, "finite"),
         ({"logit_bias": {"5": True}}, "must be a number"),
         ({"logit_bias": {str(i): 1 for i in range(1025)}}, "at most 1024"),
     ],
