@@ -1223,6 +1223,7 @@ def wire_chat(panel: ChatPanel, replies: Replies, controls: dict, config: AppCon
 
     turn = [panel.textbox, *panel.locked, panel.chatbot, panel.chat_id, panel.chats, panel.changes, go]
     saved = [panel.chatbot, panel.chat_id, panel.chats, *settings]
+    finished = [panel.textbox, *panel.locked, panel.chats, panel.picker, panel.changes]  # what a turn's end sets
     for trigger, fn, inputs in (
         (panel.textbox.submit, send, [panel.textbox, *saved]),
         (panel.chatbot.edit, edit, saved),
@@ -1235,7 +1236,6 @@ def wire_chat(panel: ChatPanel, replies: Replies, controls: dict, config: AppCon
             concurrency_limit=config.concurrency,
             api_visibility="undocumented",
         )
-        finished = [panel.textbox, *panel.locked, panel.chats, panel.picker, panel.changes]
         answered.success(finish, [go, *saved], finished, **quick)
         # Without this a failed reply (a bad setting, a prompt too long, no model) left the page locked, Stop only.
         unlocked = [panel.textbox, *panel.locked, panel.chatbot, panel.chats, panel.picker, panel.changes]
@@ -1261,7 +1261,6 @@ def wire_chat(panel: ChatPanel, replies: Replies, controls: dict, config: AppCon
         api_visibility="undocumented",
     )
     # Saved as it ends, failed or not (a failed start changed nothing in the chat).
-    finished = [panel.textbox, *panel.locked, panel.chats, panel.picker, panel.changes]
     continued.then(finish, [going, *saved], finished, **quick)
     panel.textbox.stop(replies.stop, None, None, **quick)
     panel.chatbot.undo(undo, [panel.chatbot], [panel.chatbot, panel.textbox], **quick).then(
