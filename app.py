@@ -571,6 +571,7 @@ PAGE_CSS = """
 .thought-group > .title:only-child:not(:has(.duration, .loading-spinner)) .arrow { display: none; }
 #chat-list .wrap { flex-direction: column; align-items: stretch; }
 #model-picker input { text-overflow: ellipsis; padding-right: var(--size-8); }
+#version { flex: 0 1 auto !important; width: auto; align-self: center; }
 """
 
 
@@ -1033,6 +1034,11 @@ class ChatPanel:
     chatbot: gr.Chatbot
     textbox: gr.MultimodalTextbox
     go_on: gr.Button  # Continue the answer
+    older: gr.Button  # the version before the shown one, at the fork ``fork_at`` (chat_history.fork)
+    version: gr.Markdown  # which version is shown
+    newer: gr.Button
+    forks: gr.Dropdown  # where the chat has several forks: which one the arrows flip
+    fork_at: gr.State  # that fork's message index (None, or no fork there: the chat's last fork)
     chat_id: gr.BrowserState
     chats: gr.BrowserState
     picker: gr.Radio
@@ -1050,7 +1056,10 @@ class ChatPanel:
     @property
     def locked(self) -> list:
         """What may not change while a reply streams into the open chat."""
-        return [self.picker, self.new_chat, self.rename, self.delete, self.importer, self.go_on]
+        return [
+            *(self.picker, self.new_chat, self.rename, self.delete, self.importer),
+            *(self.go_on, self.older, self.newer, self.forks),
+        ]
 
 
 def history_panel(secret: str) -> dict:
@@ -1078,13 +1087,21 @@ def history_panel(secret: str) -> dict:
     return parts
 
 
-def chat_area() -> tuple[gr.Chatbot, gr.MultimodalTextbox, gr.Button]:
+def chat_area() -> dict[str, gr.components.Component]:
     chatbot = gr.Chatbot(
         label="Chat", height=520, buttons=["copy"], editable="user", latex_delimiters=LATEX, elem_id="chat"
     )
-    with gr.Row():
+    with gr.Row(equal_height=True):
         # An answer cut off by the token limit or Stop goes on where it ended (as if the limit had been larger).
         go_on = gr.Button("↪ Continue the answer", size="sm", scale=0, min_width=180, elem_id="continue")
+        # Versions of a retried answer or an edited message (shown where the chat has some: version_controls).
+        hidden = {"size": "sm", "scale": 0, "min_width": 36, "visible": False}
+        older = gr.Button("◀", elem_id="older-version", **hidden)
+        version = gr.Markdown("", elem_id="version", visible=False, container=False, scale=0, min_width=160)
+        newer = gr.Button("▶", elem_id="newer-version", **hidden)
+        forks = gr.Dropdown(
+            [], show_label=False, container=False, visible=False, scale=0, min_width=200, elem_id="forks"
+        )
     # The attach button is offered once the loaded model is known to read images (family_controls).
     textbox = gr.MultimodalTextbox(
         placeholder="Type a message…",
@@ -1098,7 +1115,8 @@ def chat_area() -> tuple[gr.Chatbot, gr.MultimodalTextbox, gr.Button]:
         max_lines=8,
         elem_id="message",
     )
-    return chatbot, textbox, go_on
+    parts = {"chatbot": chatbot, "textbox": textbox, "go_on": go_on, "older": older, "version": version}
+    return {**parts, "newer": newer, "forks": forks, "fork_at": gr.State(None)}
 
 
 def settings_of(values: Sequence) -> dict:
@@ -1154,19 +1172,23 @@ def wire_chat(panel: ChatPanel, replies: Replies, controls: dict, config: AppCon
         box = gr.update(submit_btn=not yes, stop_btn=yes, interactive=not yes, **textbox)
         return [box, *[gr.update(interactive=not yes)] * len(panel.locked)]
 
-    def begin(request: gr.Request, history: list, chat_id, chats, values, text, files=(), **textbox) -> tuple:
+    def begin(
+        request: gr.Request, history: list, chat_id, chats, values, text, files=(), forks=None, **textbox
+    ) -> tuple:
         """The turn's first step: the person's message (text, then attached images) shown at once and saved (a
-        reload or a closed tab during the reply keeps it), Stop offered; nothing if it is empty."""
+        reload or a closed tab during the reply keeps it), Stop offered; nothing if it is empty. ``forks``: the
+        chat's versions where a retry or an edit set one aside (None: as saved)."""
         text = text_of(text).strip()
         if not text and not files:  # nothing to send: the page stays as it is (a turn under way keeps its flag)
-            return (*[gr.skip()] * (len(panel.locked) + 5), gr.skip())
+            return (*[gr.skip()] * (len(panel.locked) + 5), gr.skip(), gr.skip())
+        flips = len(history) if forks is not None else gr.skip()  # a retry or an edit: the arrows flip its fork
         replies.announce(request)
         chat_id = valid_chat_id(chat_id) or chat_history.new_chat_id()
         content = [*({"path": path} for path in files), text] if files else text
         history = [*history, {"role": "user", "content": content}]
-        chats, shown, changed = save(history, chat_id, chats, *values)
+        chats, shown, changed = store(history, chat_id, chats, values, forks)
         box, picker, *locked = busy(True, **textbox)
-        return (box, {**picker, **shown}, *locked, history, chat_id, chats, changed, True)
+        return (box, {**picker, **shown}, *locked, history, chat_id, chats, changed, True, flips)
 
     def send(message, history, chat_id, chats, request: gr.Request, *values):
         message = message or {}
@@ -1175,16 +1197,24 @@ def wire_chat(panel: ChatPanel, replies: Replies, controls: dict, config: AppCon
         text = message.get("text", "")
         return begin(request, history, chat_id, chats, values, text, [f for f in files if f], value=None)
 
+    def set_aside(chat_id, chats, at: int) -> list | None:
+        """The chat's versions with its saved tail from message ``at`` on kept as an earlier one (the page's own
+        copy of the message already holds an edit's new text)."""
+        record = chat_history.saved(chats).get(valid_chat_id(chat_id) or "")
+        return None if record is None else chat_history.fork(record["messages"], chat_history.forks_of(record), at)
+
     def edit(history, chat_id, chats, data: gr.EditData, request: gr.Request, *values):
         index = data.index[0] if isinstance(data.index, (list, tuple)) else data.index
         kept = files_of(history[index].get("content")) if index < len(history) else []  # the text is what changed
-        return begin(request, history[:index], chat_id, chats, values, data.value, kept)
+        forks = set_aside(chat_id, chats, index)
+        return begin(request, history[:index], chat_id, chats, values, data.value, kept, forks)
 
     def retry(history, chat_id, chats, data: gr.RetryData, request: gr.Request, *values):
         users = [i for i, m in enumerate(history[: data.index + 1]) if m.get("role") == "user"]
         last = users[-1] if users else len(history)
         content = history[last].get("content") if users else ""
-        return begin(request, history[:last], chat_id, chats, values, content, files_of(content))
+        forks = set_aside(chat_id, chats, last) if users else None
+        return begin(request, history[:last], chat_id, chats, values, content, files_of(content), forks)
 
     def undo(history, request: gr.Request):
         replies.end(request)  # a reply still running for the undone turn would go on to its token limit
@@ -1195,11 +1225,14 @@ def wire_chat(panel: ChatPanel, replies: Replies, controls: dict, config: AppCon
         return history[: users[-1]], {"text": text_of(content), "files": files_of(content)}
 
     def save(history, chat_id, chats, *values):
+        return store(history, chat_id, chats, values)
+
+    def store(history, chat_id, chats, values, forks=None):
         """The chats with the open chat saved (deleted where it has no message left), their list, and what
-        changed (for the other tabs)."""
+        changed (for the other tabs). ``forks``: its versions (None: those saved that still fit)."""
         before, chat_id = chats, valid_chat_id(chat_id)
         if chat_id and any(m.get("role") == "user" for m in history):
-            chats = chat_history.upsert(chats, chat_id, history, settings_of(values))
+            chats = chat_history.upsert(chats, chat_id, history, settings_of(values), forks=forks)
         elif chat_id:
             chats = chat_history.delete(chats, chat_id)
         return chats, listing(chats, chat_id), changes_text(before, chats)
@@ -1211,17 +1244,27 @@ def wire_chat(panel: ChatPanel, replies: Replies, controls: dict, config: AppCon
 
     def recover(asked: bool, history, chat_id, chats, *values):
         """After a reply that failed (its error shown): the page unlocked, the unanswered message back in the box
-        to change or send again, and the chat saved as it was before it."""
+        to change or send again, and the chat saved as it was before it: a failed retry or edit shows the version
+        it would have replaced (and leaves the box empty where that version asks the same)."""
         if not asked:
             return [gr.skip()] * (len(panel.locked) + 5)
         users = [i for i, m in enumerate(history) if m.get("role") == "user"]
         last = users[-1] if users else len(history)
         content = history[last].get("content") if users else ""
-        history = history[:last]
         box = {"text": text_of(content), "files": files_of(content)}
-        return (*busy(False, value=box), history, *save(history, chat_id, chats, *values))
+        record = chat_history.saved(chats).get(valid_chat_id(chat_id) or "")
+        back = chat_history.drop_shown(history, chat_history.forks_of(record, history), last) if record else None
+        if back is None:
+            history, forks = history[:last], None
+        else:
+            history, forks = back
+            again = history[last].get("content")
+            if (text_of(again), files_of(again)) == (box["text"], box["files"]):
+                box = {"text": "", "files": []}
+            history = chat_history.shown_messages(history, page_file, MISSING_IMAGE)
+        return (*busy(False, value=box), history, *store(history, chat_id, chats, values, forks))
 
-    turn = [panel.textbox, *panel.locked, panel.chatbot, panel.chat_id, panel.chats, panel.changes, go]
+    turn = [panel.textbox, *panel.locked, panel.chatbot, panel.chat_id, panel.chats, panel.changes, go, panel.fork_at]
     saved = [panel.chatbot, panel.chat_id, panel.chats, *settings]
     finished = [panel.textbox, *panel.locked, panel.chats, panel.picker, panel.changes]  # what a turn's end sets
     for trigger, fn, inputs in (
@@ -1266,7 +1309,60 @@ def wire_chat(panel: ChatPanel, replies: Replies, controls: dict, config: AppCon
     panel.chatbot.undo(undo, [panel.chatbot], [panel.chatbot, panel.textbox], **quick).then(
         save, saved, [panel.chats, panel.picker, panel.changes], **quick
     )
+
+    def flip(step: int, fork_at, chat_id, chats, *values):
+        """The open chat showing another version at the fork the arrows flip, saved so."""
+        record = chat_history.saved(chats).get(valid_chat_id(chat_id) or "")
+        forks = chat_history.forks_of(record)
+        place = chat_history.versions(forks, fork_at)
+        try:
+            messages, forks = chat_history.switch(record["messages"], forks, place[0], step)
+        except (TypeError, ValueError):  # no fork (another tab changed the chat), or none that way
+            return [gr.skip()] * 5
+        messages = chat_history.shown_messages(messages, page_file, MISSING_IMAGE)
+        # The arrows stay on this fork, also where the version shown now holds later forks.
+        return messages, *store(messages, chat_id, chats, values, forks), place[0]
+
+    flipped = [panel.chatbot, panel.chats, panel.picker, panel.changes, panel.fork_at]
+    for button, step in ((panel.older, -1), (panel.newer, 1)):
+        inputs = [panel.fork_at, panel.chat_id, panel.chats, *settings]
+        button.click(lambda *a, step=step: flip(step, *a), inputs, flipped, **quick)
+    shown = [panel.older, panel.version, panel.newer, panel.forks]
+    # The arrows flip the fork picked in the menu; after a retry or an edit (which sets fork_at) or in another
+    # chat, the last one.
+    pick = lambda at, chat_id, chats: (at, *version_controls(chat_id, chats, at))  # noqa: E731
+    panel.forks.input(pick, [panel.forks, panel.chat_id, panel.chats], [panel.fork_at, *shown], **quick)
+    panel.chats.change(version_controls, [panel.chat_id, panel.chats, panel.fork_at], shown, **quick)
+    panel.chat_id.change(lambda *a: pick(None, *a), [panel.chat_id, panel.chats], [panel.fork_at, *shown], **quick)
     wire_history(panel, replies, controls)
+
+
+def version_controls(chat_id, chats, fork_at) -> list:
+    """The version arrows, which version is shown, and where the chat has several forks a menu of them (the
+    arrows flip ``fork_at``'s, or the last); all hidden where it has none."""
+    record = chat_history.saved(chats).get(valid_chat_id(chat_id) or "")
+    forks = chat_history.forks_of(record)
+    place = chat_history.versions(forks, fork_at)
+    if place is None:
+        return [gr.update(visible=False)] * 4
+    at, shown, total = place
+    messages = record["messages"]
+    label = f"version {shown} of {total}"
+    if len(forks) == 1 and any(isinstance(m, dict) and m.get("role") == "user" for m in messages[at + 1 :]):
+        label += f" from {quoted(messages[at])}"  # versions of an earlier message than the last
+    menu = gr.update(visible=len(forks) > 1, choices=[(f"of {quoted(messages[f['at']])}", f["at"]) for f in forks])
+    return [
+        gr.update(visible=True),
+        gr.update(visible=True, value=label),
+        gr.update(visible=True),
+        {**menu, "value": at},
+    ]
+
+
+def quoted(message: dict, size: int = 24) -> str:
+    """A message's first words, quoted (where a chat's versions part)."""
+    words = " ".join(text_of(message.get("content")).split())
+    return f"“{words[:size]}…”" if len(words) > size else f"“{words}”"
 
 
 def changes_text(before, after) -> str:
@@ -1526,10 +1622,11 @@ def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
     with gr.Blocks(title="Local LLM chat", fill_height=True) as demo:
         history = history_panel(config.page_secret or chat_history.page_secret(cache_root()))
         dropdown, info = model_header(registry)
-        chatbot, textbox, go_on = chat_area()
+        chat = chat_area()
+        textbox = chat["textbox"]
         controls = settings_panel(registry)
         operator = operator_panel(config)
-        panel = ChatPanel(chatbot=chatbot, textbox=textbox, go_on=go_on, **history)
+        panel = ChatPanel(**chat, **history)
         wire_chat(panel, replies, controls, config)
         settings = [controls[f.name] for f in fields(ChatSettings)]
         api_chat(replies, settings, config.concurrency)

@@ -1,9 +1,10 @@
 """Saved chats as the page keeps them in the browser, and their export to (import from) OpenAI's messages.
 
-A chat record is plain JSON: ``{"title", "named", "messages", "settings", "updated", "v"}`` under its id (``v``:
-the record's version, the server's clock in µs when it was last written: exact in JavaScript's numbers), where
-``messages`` are the chat's messages as the page shows them (thinking, stats and notices included, as titled
-messages) and ``settings`` the page's controls for it (system prompt, sampling). A user message's images are file parts
+A chat record is plain JSON: ``{"title", "named", "messages", "settings", "forks", "updated", "v"}`` under its id
+(``v``: the record's version, the server's clock in µs when it was last written: exact in JavaScript's numbers),
+where ``messages`` are the chat's messages as the page shows them (thinking, stats and notices included, as titled
+messages), ``settings`` the page's controls for it (system prompt, sampling) and ``forks`` its earlier versions
+(``fork``). A user message's images are file parts
 (paths in the server's upload folder). The export is what another tool reads: ``{"title", "messages": [OpenAI
 messages, system prompt first], "settings"}`` with images as ``image_url`` data: URLs; an import takes that, or a
 bare list of OpenAI messages.
@@ -88,7 +89,8 @@ def page_content(content, image: Callable[[str], dict | None] | None = None) -> 
 
 def is_page_note(message: dict) -> bool:
     """Thinking, stats and notices: titled messages, the page's own, never sent back to the model."""
-    return bool((message.get("metadata") or {}).get("title"))
+    metadata = message.get("metadata")
+    return isinstance(metadata, dict) and bool(metadata.get("title"))
 
 
 def last_answer(messages: list[dict]) -> tuple[int, int] | None:
@@ -124,17 +126,28 @@ def saved(chats: dict | None) -> dict:
     }
 
 
-def upsert(chats: dict | None, chat_id: str, messages: list[dict], settings: dict, title: str | None = None) -> dict:
+def upsert(
+    chats: dict | None,
+    chat_id: str,
+    messages: list[dict],
+    settings: dict,
+    title: str | None = None,
+    forks: list[dict] | None = None,
+) -> dict:
     """The chats with ``chat_id`` saved (created or updated); the oldest beyond MAX_CHATS go. A chat is named
-    after its first message until it is given a name (``title``, or ``rename``)."""
+    after its first message until it is given a name (``title``, or ``rename``). ``forks``: its earlier versions
+    (None: those saved before that still fit ``messages``, e.g. after a new turn or an undo); the oldest go beyond
+    MAX_VERSION_BYTES."""
     chats = saved(chats)
     previous = chats.get(chat_id, {})
     named = bool(title) or bool(previous.get("named"))
+    forks = within_budget(forks_of(previous, messages) if forks is None else forks)
     chats[chat_id] = {
         "title": title or (previous.get("title") if named else None) or title_for(messages),
         "named": named,
         "messages": messages,
         "settings": settings,
+        **({"forks": forks} if forks else {}),
         "updated": time.time(),
         "v": _version(),
     }
@@ -146,6 +159,155 @@ def upsert(chats: dict | None, chat_id: str, messages: list[dict], settings: dic
         total -= sizes[old]
         del chats[old]
     return chats
+
+
+# Versions. Retrying a reply or editing a message sets the chat's tail from that user message on aside as an
+# earlier version of it (ChatGPT's and Open WebUI's "< 2/3 >"). A fork is ``{"at", "before", "after"}``: the index
+# of the user message where versions part, and the tails shown before and after the one in ``messages``, each
+# ``{"messages": tail, "forks": the forks within it}`` (indices count from the chat's start, so they hold again
+# when the tail comes back); right after a retry or an edit, ``"replaced"`` says which of ``before`` it replaced.
+# A record's forks are ordered by ``at``, one per index.
+MAX_VERSIONS = 16  # per fork, the oldest dropped beyond
+# Every version is stored whole, in the browser's ~5 MB: a chat's versions take at most this (JSON), the oldest
+# dropped first, so that they never push the other saved chats out.
+MAX_VERSION_BYTES = 512 * 2**10
+MAX_FORK_DEPTH = 128  # forks within versions within forks...: deeper ones in the browser's copy are left out
+
+
+def forks_of(record: dict | None, messages: list | None = None) -> list[dict]:
+    """A record's forks that are well formed and fit ``messages`` (by default its own): each at a user message
+    whose messages up to it are those the record holds, with tails of page messages that begin with a user
+    message. The browser's copy may hold anything; the rest are left out (all of them where ``messages`` hold
+    anything but user and assistant messages, which the chat would not show at the same places)."""
+    record = record if isinstance(record, dict) else {}
+    held = record.get("messages") if isinstance(record.get("messages"), list) else []
+    messages = held if messages is None else messages
+    if not _chat_messages(messages):
+        return []
+    forks = _clean_forks(record.get("forks"), messages)
+    if messages is not held:  # the same chat only where the messages up to each fork are unchanged
+        same = 0
+        while same < min(len(held), len(messages)) and _same(held[same], messages[same]):
+            same += 1
+        forks = [f for f in forks if f["at"] < same]
+    return forks
+
+
+def _same(a, b) -> bool:
+    """Whether two page messages say the same (the page may hand back a saved message in another shape)."""
+    key = lambda m: (m.get("role"), text_of(m.get("content")), files_of(m.get("content")), is_page_note(m))  # noqa: E731
+    return isinstance(a, dict) and isinstance(b, dict) and key(a) == key(b)
+
+
+def _chat_messages(messages) -> bool:
+    return isinstance(messages, list) and all(
+        isinstance(m, dict) and m.get("role") in ("user", "assistant") for m in messages
+    )
+
+
+def _is_user(messages: list, at) -> bool:
+    return type(at) is int and 0 <= at < len(messages) and messages[at].get("role") == "user"
+
+
+def _clean_forks(forks, messages: list, floor: int = -1, depth: int = 0) -> list[dict]:
+    clean = []
+    for fork in forks if isinstance(forks, list) and depth < MAX_FORK_DEPTH else ():
+        if not isinstance(fork, dict) or not _is_user(messages, fork.get("at")) or fork["at"] <= floor:
+            continue
+        at = fork["at"]
+        sides = []
+        for side in ("before", "after"):
+            tails = []
+            for tail in fork.get(side) if isinstance(fork.get(side), list) else ():
+                if not isinstance(tail, dict) or not _chat_messages(tail.get("messages")):
+                    continue
+                if not _is_user(tail["messages"], 0):
+                    continue
+                inner = tail.get("forks")
+                inner = _clean_forks(inner, messages[:at] + tail["messages"], at, depth + 1) if inner else []
+                tails.append({"messages": tail["messages"], "forks": inner})
+            sides.append(tails)
+        if sides[0] or sides[1]:
+            clean.append({"at": at, "before": sides[0], "after": sides[1]})
+            replaced = fork.get("replaced")
+            if type(replaced) is int and 0 <= replaced < len(sides[0]) and len(sides[0]) == len(fork["before"]):
+                clean[-1]["replaced"] = replaced
+            floor = at
+    return clean
+
+
+def has_answer(messages: list) -> bool:
+    return any(isinstance(m, dict) and m.get("role") == "assistant" and not is_page_note(m) for m in messages)
+
+
+def fork(messages: list[dict], forks: list[dict], at: int) -> list[dict]:
+    """The forks once the chat's tail from ``at`` (a user message about to be retried or edited) is set aside as
+    an earlier version; the new one, about to be written, comes last. A tail without an answer is not kept."""
+    tail, same = messages[at:], next((f for f in forks if f["at"] == at), None)
+    kept = [{"messages": tail, "forks": [f for f in forks if f["at"] > at]}]
+    kept = kept if _is_user(messages, at) and has_answer(tail) else []
+    earlier = same["before"] if same else []
+    before = [*earlier, *kept, *(same["after"] if same else [])]
+    outer = [f for f in forks if f["at"] < at]
+    if not before:
+        return outer
+    dropped = max(0, len(before) - (MAX_VERSIONS - 1))
+    new = {"at": at, "before": before[dropped:], "after": []}
+    if kept and len(earlier) >= dropped:
+        new["replaced"] = len(earlier) - dropped
+    return [*outer, new]
+
+
+def switch(messages: list[dict], forks: list[dict], at: int, step: int) -> tuple[list[dict], list[dict]]:
+    """The chat showing the version before (``step`` -1) or after (+1) the shown one at fork ``at``, and its
+    forks. Raises ValueError where there is none that way."""
+    fork = next((f for f in forks if f["at"] == at), None)
+    if fork is None or not fork["before" if step < 0 else "after"]:
+        raise ValueError("no other version that way")
+    shown = {"messages": messages[at:], "forks": [f for f in forks if f["at"] > at]}
+    if step < 0:
+        chosen, before, after = fork["before"][-1], fork["before"][:-1], [shown, *fork["after"]]
+    else:
+        chosen, before, after = fork["after"][0], [*fork["before"], shown], fork["after"][1:]
+    outer = [f for f in forks if f["at"] < at]
+    parted = {"at": at, "before": before, "after": after}
+    return [*messages[:at], *chosen["messages"]], [*outer, parted, *chosen["forks"]]
+
+
+def drop_shown(messages: list[dict], forks: list[dict], at: int) -> tuple[list[dict], list[dict]] | None:
+    """The chat with the version shown at fork ``at`` dropped (a retry or edit that failed) and the one it replaced
+    shown again, in its place among the others; None where the fork has no earlier version."""
+    fork = next((f for f in forks if f["at"] == at), None)
+    if fork is None or not fork["before"]:
+        return None
+    place = fork.get("replaced", len(fork["before"]) - 1)
+    chosen = fork["before"][place]
+    parted = {"at": at, "before": fork["before"][:place], "after": fork["before"][place + 1 :] + fork["after"]}
+    outer = [f for f in forks if f["at"] < at]
+    kept = [parted] if parted["before"] or parted["after"] else []
+    return [*messages[:at], *chosen["messages"]], [*outer, *kept, *chosen["forks"]]
+
+
+def within_budget(forks: list[dict], budget: int = MAX_VERSION_BYTES) -> list[dict]:
+    """The forks with their oldest versions (the first fork's first) dropped until they take at most ``budget``
+    bytes as JSON."""
+    size = lambda value: len(json.dumps(value, ensure_ascii=False).encode())  # noqa: E731
+    while forks and size(forks) > budget:
+        first = forks[0]
+        side, index = ("before", 0) if first["before"] else ("after", -1)
+        rest = [t for i, t in enumerate(first[side]) if i != index % len(first[side])]
+        left = {"at": first["at"], "before": first["before"], "after": first["after"], side: rest}
+        forks = ([left] if left["before"] or left["after"] else []) + forks[1:]
+    return forks
+
+
+def versions(forks: list[dict], at: int | None = None) -> tuple[int, int, int] | None:
+    """(``at``, which version is shown from 1, how many) of the fork at ``at``, or of the chat's last fork where
+    there is none at ``at``; None without forks."""
+    if not forks:
+        return None
+    fork = next((f for f in forks if f["at"] == at), forks[-1])
+    return fork["at"], len(fork["before"]) + 1, len(fork["before"]) + len(fork["after"]) + 1
 
 
 def rename(chats: dict | None, chat_id: str, title: str) -> dict:

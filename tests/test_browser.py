@@ -392,6 +392,107 @@ def test_continue_goes_on_with_a_cut_off_answer_as_a_larger_limit_would_and_from
     assert "Nothing to continue" in page.content() and go_on.is_enabled()
 
 
+def user_texts(page) -> list[str]:
+    return [t.strip() for t in page.locator("#chat .message-row.user-row").all_inner_texts()]
+
+
+def version_shown(page) -> str:
+    label = page.locator("#version")
+    return label.inner_text().strip() if label.is_visible() else ""
+
+
+def wait_version(page, expected: str) -> None:
+    deadline = time.time() + 30
+    while version_shown(page) != expected and time.time() < deadline:
+        time.sleep(0.1)
+    assert version_shown(page) == expected
+
+
+def test_a_retried_or_edited_message_keeps_its_earlier_versions_to_flip_back_to_also_after_a_reload(page_url, browser):
+    url, _ = page_url
+    page = open_page(browser, url)
+    page.get_by_text("System prompt and sampling").click()
+    page.get_by_label("Temperature (0 = greedy)").first.fill("0")
+    page.get_by_label("Max new tokens").first.fill("12")
+    send(page, "Name a sea.")
+    wait_reply(page, 1)
+    sea = answer_text(page)
+    assert not page.locator("#older-version").is_visible(), "a chat without versions shows no arrows"
+    page.locator(".message-row.user-row").first.hover()
+    page.locator("button[aria-label='Edit']").first.click()
+    page.locator(".message-row.user-row textarea").first.fill("Name an ocean.")
+    page.locator("#chat button[aria-label='Submit']").click()
+    wait_version(page, "version 2 of 2")  # set as the new version's turn begins (the old reply gone)
+    wait_reply(page, 1)
+    ocean = answer_text(page)
+    page.locator("#older-version").click()
+    wait_version(page, "version 1 of 2")
+    assert user_texts(page) == ["Name a sea."] and answer_text(page) == sea
+    page.locator("button[aria-label='Retry']").last.click()  # a third version, of the first
+    wait_version(page, "version 3 of 3")
+    wait_reply(page, 1)
+    page.reload()
+    page.get_by_placeholder("Type a message…").wait_for(timeout=60_000)
+    wait_version(page, "version 3 of 3")
+    page.locator("#older-version").click()
+    wait_version(page, "version 2 of 3")
+    assert user_texts(page) == ["Name an ocean."] and answer_text(page) == ocean
+    send(page, "And a lake?")  # a later turn: the versions stay, now those of an earlier message
+    wait_reply(page, 2)
+    wait_version(page, "version 2 of 3 from “Name an ocean.”")
+    page.screenshot(path=str(SHOTS / "browser-versions.png"), full_page=True)
+    page.locator("#older-version").click()
+    wait_version(page, "version 1 of 3")
+    assert user_texts(page) == ["Name a sea."], "the earlier version has one turn"
+    page.locator("#newer-version").click()
+    wait_version(page, "version 2 of 3 from “Name an ocean.”")
+    assert user_texts(page) == ["Name an ocean.", "And a lake?"], "the later turn came back with its version"
+    lake = answer_text(page)
+    page.get_by_text("System prompt and sampling").click()
+    seed = page.get_by_label("Seed (-1 = random)").first
+    seed.fill("-2")  # refused when the reply is asked for
+    seed.press("Tab")
+    page.locator("button[aria-label='Retry']").last.click()
+    page.locator(".toast-body", has_text="seed").wait_for(timeout=30_000)
+    wait_version(page, "version 2 of 3 from “Name an ocean.”")
+    time.sleep(0.5)
+    assert user_texts(page) == ["Name an ocean.", "And a lake?"] and answer_text(page) == lake, "it failed: kept"
+    assert page.get_by_placeholder("Type a message…").input_value() == "", "the message is still in the chat"
+    page.reload()
+    page.get_by_placeholder("Type a message…").wait_for(timeout=60_000)
+    wait_version(page, "version 2 of 3 from “Name an ocean.”")
+    assert answer_text(page) == lake
+    page.get_by_text("System prompt and sampling").click()
+    seed.fill("-1")  # the chat was saved with -2
+    seed.press("Tab")
+    page.locator("button[aria-label='Retry']").last.click()  # a second fork, after the first: the arrows flip it
+    wait_version(page, "version 2 of 2")
+    wait_reply(page, 2)
+    forks = page.locator("#forks input")
+    assert forks.is_visible() and forks.input_value() == "of “And a lake?”"
+    page.locator("#forks").click()
+    page.get_by_role("option", name="of “Name an ocean.”").click()
+    wait_version(page, "version 2 of 3")
+    page.locator("#older-version").click()
+    wait_version(page, "version 1 of 3")
+    assert user_texts(page) == ["Name a sea."] and not forks.is_visible(), "one fork on this version's path"
+    page.locator("#newer-version").click()
+    wait_version(page, "version 2 of 3")
+    assert user_texts(page) == ["Name an ocean.", "And a lake?"] and forks.is_visible()
+    page.screenshot(path=str(SHOTS / "browser-versions-two-forks.png"), full_page=True)
+    page.locator("#older-version").click()
+    wait_version(page, "version 1 of 3")
+    page.reload()  # the arrows flip the chat's last fork, the only one on this version's path
+    page.get_by_placeholder("Type a message…").wait_for(timeout=60_000)
+    wait_version(page, "version 1 of 3")
+    page.locator("#newer-version").click()
+    wait_version(page, "version 2 of 3")  # still this fork's, though the version shown now holds a later one
+    assert forks.input_value() == "of “Name an ocean.”"
+    page.locator("#older-version").click()
+    wait_version(page, "version 1 of 3")
+    assert user_texts(page) == ["Name a sea."]
+
+
 def test_a_reply_that_fails_unlocks_the_page_and_gives_the_message_back(page_url, browser):
     url, _ = page_url
     page = open_page(browser, url)

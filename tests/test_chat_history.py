@@ -217,3 +217,148 @@ def test_a_removal_carries_the_removed_records_version_so_a_newer_save_elsewhere
     newer = chat_history.upsert(stale, chat, [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], {})
     ((removed, nothing, version),) = chat_history.changes(stale, chat_history.delete(stale, chat))
     assert nothing is None and version == stale[chat]["v"] < newer[chat]["v"]
+
+
+def turn(question: str, answer: str) -> list[dict]:
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+def test_a_retried_or_edited_turn_keeps_its_earlier_versions_which_come_back_in_order():
+    first = turn("Hi", "Hello")
+    asked = [*first, *turn("Name a sea", "Baltic")]
+    forks = chat_history.fork(asked, [], 2)  # retried: the new answer is about to be written
+    retried = [*first, *turn("Name a sea", "Aegean")]
+    assert chat_history.versions(forks) == (2, 2, 2)
+    forks = chat_history.fork(retried, forks, 2)
+    edited = [*first, *turn("Name an ocean", "Pacific")]
+    assert chat_history.versions(forks) == (2, 3, 3)
+    messages, forks = chat_history.switch(edited, forks, 2, -1)
+    assert messages == retried and chat_history.versions(forks) == (2, 2, 3)
+    messages, forks = chat_history.switch(messages, forks, 2, -1)
+    assert messages == asked and chat_history.versions(forks) == (2, 1, 3)
+    with pytest.raises(ValueError, match="no other version"):
+        chat_history.switch(messages, forks, 2, -1)
+    messages, forks = chat_history.switch(*chat_history.switch(messages, forks, 2, 1), 2, 1)
+    assert messages == edited and chat_history.versions(forks) == (2, 3, 3)
+    # A retry while an earlier version is shown adds the newest version last, losing none.
+    messages, forks = chat_history.switch(messages, forks, 2, -1)
+    forks = chat_history.fork(messages, forks, 2)
+    assert chat_history.versions(forks) == (2, 4, 4)
+    order, messages = [], asked  # the new version stands in for the one being written
+    for _ in range(3):
+        messages, forks = chat_history.switch(messages, forks, 2, -1)
+        order.append(messages[3]["content"])
+    assert order == ["Pacific", "Aegean", "Baltic"], "the versions keep their order, the newest last"
+
+
+def test_versions_within_a_version_travel_with_it_and_a_later_turn_keeps_the_fork():
+    first, second = turn("One", "1"), turn("Two", "2")
+    chat = [*first, *second]
+    forks = chat_history.fork(chat, [], 2)  # the second turn retried
+    chat = [*first, *turn("Two", "two"), *turn("Three", "3")]  # answered, then a third turn
+    assert chat_history.forks_of({"messages": chat, "forks": forks}) == forks, "a new turn keeps the fork"
+    forks = chat_history.fork(chat, forks, 0)  # now the first message is edited: everything after it set aside
+    assert [f["at"] for f in forks] == [0]
+    chat = turn("Uno", "uno")
+    messages, forks = chat_history.switch(chat, forks, 0, -1)
+    assert messages == [*first, *turn("Two", "two"), *turn("Three", "3")]
+    assert [f["at"] for f in forks] == [0, 2] and chat_history.versions(forks) == (2, 2, 2)
+    back, inner = chat_history.switch(messages, forks, 2, -1)
+    assert back == chat[:0] + [*first, *second], "the inner fork's earlier version comes back"
+    assert chat_history.versions(inner) == (2, 1, 2)
+
+
+def test_a_failed_retry_shows_the_version_it_would_have_replaced_and_keeps_every_other():
+    chat = [*turn("Hi", "Hello"), *turn("Name a sea", "Baltic")]
+    forks = chat_history.fork(chat, [], 2)
+    failed = [*chat[:2], {"role": "user", "content": "Name a sea"}]  # no answer: the reply failed
+    assert chat_history.drop_shown(failed, forks, 2) == (chat, [])
+    assert chat_history.drop_shown(failed, [], 2) is None
+    # A tail without an answer is never kept as a version.
+    assert chat_history.fork(failed, [], 2) == []
+
+
+def test_versions_are_capped_and_only_well_formed_forks_of_the_browsers_copy_are_used():
+    chat, forks = turn("Q", "a0"), []
+    for n in range(chat_history.MAX_VERSIONS + 3):
+        forks = chat_history.fork(chat, forks, 0)
+        chat = turn("Q", f"a{n + 1}")
+    assert chat_history.versions(forks) == (0, chat_history.MAX_VERSIONS, chat_history.MAX_VERSIONS)
+    good = {"at": 0, "before": [{"messages": turn("Q", "x")}], "after": []}
+    junk = [
+        "x",
+        {"at": 1, "before": [{"messages": turn("Q", "x")}]},  # not a user message
+        {"at": True, "before": [{"messages": turn("Q", "x")}]},
+        {"at": 0, "before": [{"messages": [{"role": "assistant", "content": "x"}]}, "x"], "after": "x"},
+        good,
+        {"at": 0, "before": [{"messages": turn("Q", "y")}]},  # a second fork at the same message
+    ]
+    clean = chat_history.forks_of({"messages": chat, "forks": junk})
+    assert clean == [{**good, "before": [{"messages": turn("Q", "x"), "forks": []}]}]
+    long = turn("Q", "x") * 6_000
+    deep = {"messages": long}
+    for level in reversed(range(1, 5_000)):  # nested far beyond any real chat: read without a RecursionError
+        deep = {"messages": long, "forks": [{"at": 2 * level, "before": [deep]}]}
+    nested = chat_history.forks_of({"messages": long, "forks": [{"at": 0, "before": [deep]}]})
+    depth = 0
+    while nested:
+        nested, depth = nested[0]["before"][0]["forks"], depth + 1
+    assert depth == chat_history.MAX_FORK_DEPTH
+    saved = upsert({}, chat_history.new_chat_id(), chat, {}, forks=clean)
+    assert [r["forks"] for r in saved.values()] == [clean]
+    assert "forks" not in next(iter(upsert({}, chat_history.new_chat_id(), chat, {}).values()))
+
+
+def test_a_failed_retry_of_an_earlier_version_brings_that_version_back_in_its_place():
+    base = turn("Hi", "Hello")
+    chat, forks = [*base, *turn("Sea?", "Baltic")], []
+    for answer in ("Aegean", "Black"):
+        forks = chat_history.fork(chat, forks, 2)
+        chat = [*base, *turn("Sea?", answer)]
+    chat, forks = chat_history.switch(*chat_history.switch(chat, forks, 2, -1), 2, -1)
+    assert chat[3]["content"] == "Baltic" and chat_history.versions(forks) == (2, 1, 3)
+    forks = chat_history.fork(chat, forks, 2)  # retried while version 1 is shown; the reply fails
+    stored = chat_history.forks_of({"messages": [*base, chat[2]], "forks": forks})  # as the browser keeps it
+    restored, forks = chat_history.drop_shown([*base, chat[2]], stored, 2)
+    assert restored[3]["content"] == "Baltic" and chat_history.versions(forks) == (2, 1, 3)
+    later = [chat_history.switch(restored, forks, 2, 1)[0][3]["content"]]
+    assert later == ["Aegean"], "the others keep their order"
+
+
+def test_saved_versions_follow_the_chat_only_while_the_messages_up_to_their_fork_are_unchanged():
+    a = chat_history.new_chat_id()
+    chat = [*turn("One", "1"), *turn("Two", "2")]
+    forks = chat_history.fork(chat, [], 2)
+    chat = [*turn("One", "1"), *turn("Two", "two")]
+    chats = upsert({}, a, chat, {}, forks=forks)
+    grown = [*chat, *turn("Three", "3")]
+    reshaped = [{"role": "user", "content": [{"type": "text", "text": "One"}]}, *grown[1:]]  # the page's own shape
+    assert upsert(chats, a, reshaped, {})[a]["forks"] == forks, "a new turn keeps them"
+    assert "forks" not in upsert(chats, a, chat[:2], {})[a], "an undone turn takes its versions with it"
+    other = [*turn("Uno", "1"), *chat[2:]]  # another tab's chat, saved over this one
+    assert "forks" not in upsert(chats, a, other, {})[a], "versions of another chat's message are not kept"
+
+
+def test_versions_never_take_more_than_their_budget_so_other_chats_stay():
+    chats = {}
+    for n in range(20):
+        chats = upsert(chats, chat_history.new_chat_id(), turn(f"chat {n}", "x" * 5_000), {})
+    a = chat_history.new_chat_id()
+    chat, forks = [m for n in range(45) for m in turn(f"question {n}", "y" * 3_000)], []
+    for n in range(30):  # the first message edited again and again: each version is nearly the whole chat
+        forks = chat_history.fork(chat, forks, 0)
+        chat = [*turn(f"edit {n}", "z"), *chat[2:]]
+        chats = upsert(chats, a, chat, {}, forks=forks)
+    assert len(chats) == 21, "no other chat was pushed out"
+    kept = chats[a]["forks"]
+    assert len(json.dumps(kept, ensure_ascii=False).encode()) <= chat_history.MAX_VERSION_BYTES
+    oldest = kept[0]["before"][0]["messages"][0]["content"]
+    assert oldest != "question 0" and kept[0]["before"][-1]["messages"][0]["content"] == "edit 28", "oldest go first"
+
+
+def test_a_malformed_saved_message_neither_breaks_a_retry_nor_shifts_a_fork():
+    odd = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A", "metadata": "x"}]
+    assert chat_history.fork(odd, [], 0)[0]["before"][0]["messages"] == odd
+    forks = [{"at": 0, "before": [{"messages": [*turn("Q", "x"), "junk"]}], "after": []}]
+    assert chat_history.forks_of({"messages": turn("Q", "y"), "forks": forks}) == [], "a tail the chat cannot show"
+    assert chat_history.forks_of({"messages": [*turn("Q", "y"), 7], "forks": forks[:0]}) == []
