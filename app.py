@@ -570,8 +570,12 @@ PAGE_CSS = """
 }
 .thought-group > .title:only-child:not(:has(.duration, .loading-spinner)) .arrow { display: none; }
 #chat-list .wrap { flex-direction: column; align-items: stretch; }
-#model-picker input { text-overflow: ellipsis; padding-right: var(--size-8); }
-#version { flex: 0 1 auto !important; width: auto; align-self: center; }
+#model-picker input, #forks input { text-overflow: ellipsis; padding-right: var(--size-8); }
+#versions { flex: 0 0 auto !important; width: max-content !important; flex-wrap: nowrap !important; }
+#versions > * { flex-shrink: 0 !important; }
+#version { flex: 0 0 auto !important; width: auto; overflow: visible !important; white-space: nowrap; }
+#version { align-self: center; }
+#version [data-testid="status-tracker"] { display: none; }
 """
 
 
@@ -1091,17 +1095,18 @@ def chat_area() -> dict[str, gr.components.Component]:
     chatbot = gr.Chatbot(
         label="Chat", height=520, buttons=["copy"], editable="user", latex_delimiters=LATEX, elem_id="chat"
     )
-    with gr.Row(equal_height=True):
+    with gr.Row():
         # An answer cut off by the token limit or Stop goes on where it ended (as if the limit had been larger).
         go_on = gr.Button("↪ Continue the answer", size="sm", scale=0, min_width=180, elem_id="continue")
         # Versions of a retried answer or an edited message (shown where the chat has some: version_controls).
         hidden = {"size": "sm", "scale": 0, "min_width": 36, "visible": False}
-        older = gr.Button("◀", elem_id="older-version", **hidden)
-        version = gr.Markdown("", elem_id="version", visible=False, container=False, scale=0, min_width=160)
-        newer = gr.Button("▶", elem_id="newer-version", **hidden)
-        forks = gr.Dropdown(
-            [], show_label=False, container=False, visible=False, scale=0, min_width=200, elem_id="forks"
-        )
+        with gr.Row(elem_id="versions"):  # kept on one line where the row wraps (a phone)
+            older = gr.Button("◀", elem_id="older-version", **hidden)
+            version = gr.Markdown("", elem_id="version", visible=False, container=False, scale=0, min_width=100)
+            newer = gr.Button("▶", elem_id="newer-version", **hidden)
+            forks = gr.Dropdown(
+                [], show_label=False, container=False, visible=False, scale=0, min_width=170, elem_id="forks"
+            )
     # The attach button is offered once the loaded model is known to read images (family_controls).
     textbox = gr.MultimodalTextbox(
         placeholder="Type a message…",

@@ -397,8 +397,8 @@ def user_texts(page) -> list[str]:
 
 
 def version_shown(page) -> str:
-    label = page.locator("#version")
-    return label.inner_text().strip() if label.is_visible() else ""
+    label = page.locator("#version [data-testid='markdown']")
+    return label.inner_text().strip() if page.locator("#version").is_visible() else ""
 
 
 def wait_version(page, expected: str) -> None:
@@ -491,6 +491,35 @@ def test_a_retried_or_edited_message_keeps_its_earlier_versions_to_flip_back_to_
     page.locator("#older-version").click()
     wait_version(page, "version 1 of 3")
     assert user_texts(page) == ["Name a sea."]
+
+
+def test_a_flip_in_one_tab_shows_in_the_other_that_has_the_chat_open_also_at_phone_width(page_url, browser):
+    url, _ = page_url
+    context = browser.new_context(viewport={"width": 390, "height": 900})
+    first = open_page(browser, url, context=context)
+    first.get_by_text("System prompt and sampling").click()
+    first.get_by_label("Temperature (0 = greedy)").first.fill("0")
+    first.get_by_label("Max new tokens").first.fill("16")
+    send(first, "Name a river.")
+    wait_reply(first, 1)
+    river = answer_text(first)
+    first.locator(".message-row.user-row").first.hover()
+    first.locator("button[aria-label='Edit']").first.click()
+    first.locator(".message-row.user-row textarea").first.fill("Name a mountain.")
+    first.locator("#chat button[aria-label='Submit']").click()
+    wait_version(first, "version 2 of 2")
+    wait_reply(first, 1)
+    second = open_page(browser, url, context=context)
+    wait_version(second, "version 2 of 2")
+    second.locator("#older-version").click()
+    wait_version(second, "version 1 of 2")
+    wait_version(first, "version 1 of 2")
+    assert user_texts(first) == ["Name a river."] and answer_text(first) == river, "the flip reached the other tab"
+    first.screenshot(path=str(SHOTS / "browser-versions-phone.png"), full_page=True)
+    arrows = [first.locator(f"#{name}").bounding_box() for name in ("older-version", "version", "newer-version")]
+    assert all(box and box["x"] >= 0 and box["x"] + box["width"] <= 390 for box in arrows), "on the screen"
+    assert max(box["y"] for box in arrows) < min(box["y"] + box["height"] for box in arrows), "on one line"
+    context.close()
 
 
 def test_a_reply_that_fails_unlocks_the_page_and_gives_the_message_back(page_url, browser):
