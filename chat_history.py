@@ -169,7 +169,7 @@ def upsert(
 # A record's forks are ordered by ``at``, one per index.
 MAX_VERSIONS = 16  # per fork, the oldest dropped beyond
 # Every version is stored whole, in the browser's ~5 MB: a chat's versions take at most this (JSON), the oldest
-# dropped first, so that they never push the other saved chats out.
+# dropped first (all saved chats together still yield to MAX_STORED_BYTES, the oldest chat first).
 MAX_VERSION_BYTES = 512 * 2**10
 MAX_FORK_DEPTH = 128  # forks within versions within forks...: deeper ones in the browser's copy are left out
 
@@ -242,20 +242,23 @@ def has_answer(messages: list) -> bool:
 
 def fork(messages: list[dict], forks: list[dict], at: int) -> list[dict]:
     """The forks once the chat's tail from ``at`` (a user message about to be retried or edited) is set aside as
-    an earlier version; the new one, about to be written, comes last. A tail without an answer is not kept."""
+    an earlier version; the new one, about to be written, comes last. A tail without an answer is not kept. Beyond
+    MAX_VERSIONS the oldest go, never the one set aside (a failed reply shows it again)."""
     tail, same = messages[at:], next((f for f in forks if f["at"] == at), None)
     kept = [{"messages": tail, "forks": [f for f in forks if f["at"] > at]}]
     kept = kept if _is_user(messages, at) and has_answer(tail) else []
     earlier = same["before"] if same else []
     before = [*earlier, *kept, *(same["after"] if same else [])]
+    replaced = len(earlier) if kept else None
+    while len(before) > MAX_VERSIONS - 1:
+        drop = 1 if replaced == 0 else 0
+        before = before[:drop] + before[drop + 1 :]
+        replaced = replaced - 1 if replaced is not None and drop < replaced else replaced
     outer = [f for f in forks if f["at"] < at]
     if not before:
         return outer
-    dropped = max(0, len(before) - (MAX_VERSIONS - 1))
-    new = {"at": at, "before": before[dropped:], "after": []}
-    if kept and len(earlier) >= dropped:
-        new["replaced"] = len(earlier) - dropped
-    return [*outer, new]
+    parted = {"at": at, "before": before, "after": []}
+    return [*outer, {**parted, "replaced": replaced} if replaced is not None else parted]
 
 
 def switch(messages: list[dict], forks: list[dict], at: int, step: int) -> tuple[list[dict], list[dict]]:
@@ -289,16 +292,42 @@ def drop_shown(messages: list[dict], forks: list[dict], at: int) -> tuple[list[d
 
 
 def within_budget(forks: list[dict], budget: int = MAX_VERSION_BYTES) -> list[dict]:
-    """The forks with their oldest versions (the first fork's first) dropped until they take at most ``budget``
-    bytes as JSON."""
-    size = lambda value: len(json.dumps(value, ensure_ascii=False).encode())  # noqa: E731
-    while forks and size(forks) > budget:
-        first = forks[0]
-        side, index = ("before", 0) if first["before"] else ("after", -1)
-        rest = [t for i, t in enumerate(first[side]) if i != index % len(first[side])]
-        left = {"at": first["at"], "before": first["before"], "after": first["after"], side: rest}
-        forks = ([left] if left["before"] or left["after"] else []) + forks[1:]
+    """The forks with their oldest versions dropped until they take at most ``budget`` bytes as JSON: the first
+    fork's oldest first, never the version a retry or edit has just set aside, and within versions (their own
+    forks) where nothing else is left to drop."""
+    while forks and (size := _size(forks)) > budget:
+        while size > budget:  # sizes estimated drop by drop, then measured again
+            dropped = _drop_oldest(forks)
+            if dropped is None:
+                return forks
+            forks, freed = dropped
+            size -= freed
     return forks
+
+
+def _size(value) -> int:
+    return len(json.dumps(value, ensure_ascii=False).encode())
+
+
+def _drop_oldest(forks: list[dict]) -> tuple[list[dict], int] | None:
+    """(the forks without their oldest droppable version, about how many bytes that frees); None if none is."""
+    for i, fork in enumerate(forks):
+        replaced = fork.get("replaced")
+        places = [("before", j) for j in range(len(fork["before"])) if j != replaced]
+        for side, j in [*places, *(("after", j) for j in reversed(range(len(fork["after"]))))]:
+            parted = {**fork, side: fork[side][:j] + fork[side][j + 1 :]}
+            if side == "before" and replaced is not None and j < replaced:
+                parted["replaced"] = replaced - 1
+            rest = [parted] if parted["before"] or parted["after"] else []
+            return [*forks[:i], *rest, *forks[i + 1 :]], _size(fork[side][j]) + 1
+    for i, fork in enumerate(forks):
+        for side in ("before", "after"):
+            for j, tail in enumerate(fork[side]):
+                inner = _drop_oldest(tail["forks"]) if tail["forks"] else None
+                if inner is not None:
+                    tails = [*fork[side][:j], {"messages": tail["messages"], "forks": inner[0]}, *fork[side][j + 1 :]]
+                    return [*forks[:i], {**fork, side: tails}, *forks[i + 1 :]], inner[1]
+    return None
 
 
 def versions(forks: list[dict], at: int | None = None) -> tuple[int, int, int] | None:

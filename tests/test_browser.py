@@ -408,20 +408,30 @@ def wait_version(page, expected: str) -> None:
     assert version_shown(page) == expected
 
 
+def ask_greedy(page, text: str) -> str:
+    """Sends ``text`` for a greedy answer of at most 16 tokens; returns the answer."""
+    page.get_by_text("System prompt and sampling").click()
+    page.get_by_label("Temperature (0 = greedy)").first.fill("0")
+    page.get_by_label("Max new tokens").first.fill("16")
+    send(page, text)
+    wait_reply(page, 1)
+    return answer_text(page)
+
+
+def edit_first(page, text: str) -> None:
+    """Edits the chat's first message to ``text`` and sends it."""
+    page.locator(".message-row.user-row").first.hover()
+    page.locator("button[aria-label='Edit']").first.click()
+    page.locator(".message-row.user-row textarea").first.fill(text)
+    page.locator("#chat button[aria-label='Submit']").click()
+
+
 def test_a_retried_or_edited_message_keeps_its_earlier_versions_to_flip_back_to_also_after_a_reload(page_url, browser):
     url, _ = page_url
     page = open_page(browser, url)
-    page.get_by_text("System prompt and sampling").click()
-    page.get_by_label("Temperature (0 = greedy)").first.fill("0")
-    page.get_by_label("Max new tokens").first.fill("12")
-    send(page, "Name a sea.")
-    wait_reply(page, 1)
-    sea = answer_text(page)
+    sea = ask_greedy(page, "Name a sea.")
     assert not page.locator("#older-version").is_visible(), "a chat without versions shows no arrows"
-    page.locator(".message-row.user-row").first.hover()
-    page.locator("button[aria-label='Edit']").first.click()
-    page.locator(".message-row.user-row textarea").first.fill("Name an ocean.")
-    page.locator("#chat button[aria-label='Submit']").click()
+    edit_first(page, "Name an ocean.")
     wait_version(page, "version 2 of 2")  # set as the new version's turn begins (the old reply gone)
     wait_reply(page, 1)
     ocean = answer_text(page)
@@ -497,16 +507,8 @@ def test_a_flip_in_one_tab_shows_in_the_other_that_has_the_chat_open_also_at_pho
     url, _ = page_url
     context = browser.new_context(viewport={"width": 390, "height": 900})
     first = open_page(browser, url, context=context)
-    first.get_by_text("System prompt and sampling").click()
-    first.get_by_label("Temperature (0 = greedy)").first.fill("0")
-    first.get_by_label("Max new tokens").first.fill("16")
-    send(first, "Name a river.")
-    wait_reply(first, 1)
-    river = answer_text(first)
-    first.locator(".message-row.user-row").first.hover()
-    first.locator("button[aria-label='Edit']").first.click()
-    first.locator(".message-row.user-row textarea").first.fill("Name a mountain.")
-    first.locator("#chat button[aria-label='Submit']").click()
+    river = ask_greedy(first, "Name a river.")
+    edit_first(first, "Name a mountain.")
     wait_version(first, "version 2 of 2")
     wait_reply(first, 1)
     second = open_page(browser, url, context=context)

@@ -362,3 +362,49 @@ def test_a_malformed_saved_message_neither_breaks_a_retry_nor_shifts_a_fork():
     forks = [{"at": 0, "before": [{"messages": [*turn("Q", "x"), "junk"]}], "after": []}]
     assert chat_history.forks_of({"messages": turn("Q", "y"), "forks": forks}) == [], "a tail the chat cannot show"
     assert chat_history.forks_of({"messages": [*turn("Q", "y"), 7], "forks": forks[:0]}) == []
+
+
+def test_the_limits_never_drop_the_version_a_retry_set_aside_so_a_failed_reply_shows_it_again():
+    base, forks = turn("Hi", "Hello"), []
+    chat = [*base, *turn("Sea?", "v0")]
+    for n in range(1, chat_history.MAX_VERSIONS):
+        forks = chat_history.fork(chat, forks, 2)
+        chat = [*base, *turn("Sea?", f"v{n}")]
+    while chat_history.versions(forks)[1] > 1:
+        chat, forks = chat_history.switch(chat, forks, 2, -1)
+    assert chat[3]["content"] == "v0" and chat_history.versions(forks)[2] == chat_history.MAX_VERSIONS
+    forks = chat_history.fork(chat, forks, 2)  # retried at version 1 of 16: one version must go, not this one
+    restored, _ = chat_history.drop_shown([*base, chat[2]], forks, 2)
+    assert restored[3]["content"] == "v0"
+    # The bytes' budget too: four big answers, the second shown and retried; the oldest go, never the second.
+    chat, forks = [*base, *turn("Sea?", "A" * 150_000)], []
+    for letter in "BCD":
+        forks = chat_history.fork(chat, forks, 2)
+        chat = [*base, *turn("Sea?", letter * 150_000)]
+    for _ in range(2):
+        chat, forks = chat_history.switch(chat, forks, 2, -1)
+    assert chat[3]["content"][0] == "B"
+    forks = chat_history.within_budget(chat_history.fork(chat, forks, 2))
+    restored, _ = chat_history.drop_shown([*base, chat[2]], forks, 2)
+    assert restored[3]["content"][0] == "B"
+
+
+def test_the_budget_drops_nested_versions_before_the_one_an_edit_set_aside():
+    base = turn("Hi", "Hello")
+    chat, forks = [*base, *turn("Sea?", "a0" + "x" * 100_000)], []
+    for n in range(1, 6):
+        forks = chat_history.fork(chat, forks, 2)
+        chat = [*base, *turn("Sea?", f"a{n}" + "x" * 100_000)]
+    forks = chat_history.within_budget(chat_history.fork(chat, forks, 0))  # the first message edited
+    assert len(json.dumps(forks).encode()) <= chat_history.MAX_VERSION_BYTES
+    restored, _ = chat_history.drop_shown([{"role": "user", "content": "Hey"}], forks, 0)
+    assert restored == chat, "the whole chat before the edit comes back, its latest answer included"
+
+
+def test_the_budget_measures_a_large_saved_copy_whole_only_a_few_times(monkeypatch):
+    forks = [{"at": 0, "before": [{"messages": turn("Q", "x" * 700), "forks": []} for _ in range(1_500)], "after": []}]
+    wholes, size = [], chat_history._size
+    monkeypatch.setattr(chat_history, "_size", lambda value: wholes.append(isinstance(value, list)) or size(value))
+    trimmed = chat_history.within_budget(forks)
+    assert len(json.dumps(trimmed).encode()) <= chat_history.MAX_VERSION_BYTES
+    assert sum(wholes) <= 4, "the forks are not measured whole once per dropped version (quadratic in their size)"
