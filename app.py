@@ -1205,7 +1205,7 @@ def wire_chat(panel: ChatPanel, replies: Replies, controls: dict, config: AppCon
     def set_aside(chat_id, chats, at: int) -> list | None:
         """The chat's versions with its saved tail from message ``at`` on kept as an earlier one (the page's own
         copy of the message already holds an edit's new text)."""
-        record = chat_history.saved(chats).get(valid_chat_id(chat_id) or "")
+        record = chat_history.record_of(chats, chat_id)
         return None if record is None else chat_history.fork(record["messages"], chat_history.forks_of(record), at)
 
     def edit(history, chat_id, chats, data: gr.EditData, request: gr.Request, *values):
@@ -1257,7 +1257,7 @@ def wire_chat(panel: ChatPanel, replies: Replies, controls: dict, config: AppCon
         last = users[-1] if users else len(history)
         content = history[last].get("content") if users else ""
         box = {"text": text_of(content), "files": files_of(content)}
-        record = chat_history.saved(chats).get(valid_chat_id(chat_id) or "")
+        record = chat_history.record_of(chats, chat_id)
         back = chat_history.drop_shown(history, chat_history.forks_of(record, history), last) if record else None
         if back is None:
             history, forks = history[:last], None
@@ -1317,7 +1317,7 @@ def wire_chat(panel: ChatPanel, replies: Replies, controls: dict, config: AppCon
 
     def flip(step: int, fork_at, chat_id, chats, *values):
         """The open chat showing another version at the fork the arrows flip, saved so."""
-        record = chat_history.saved(chats).get(valid_chat_id(chat_id) or "")
+        record = chat_history.record_of(chats, chat_id)
         forks = chat_history.forks_of(record)
         place = chat_history.versions(forks, fork_at)
         try:
@@ -1345,7 +1345,7 @@ def wire_chat(panel: ChatPanel, replies: Replies, controls: dict, config: AppCon
 def version_controls(chat_id, chats, fork_at) -> list:
     """The version arrows, which version is shown, and where the chat has several forks a menu of them (the
     arrows flip ``fork_at``'s, or the last); all hidden where it has none."""
-    record = chat_history.saved(chats).get(valid_chat_id(chat_id) or "")
+    record = chat_history.record_of(chats, chat_id)
     forks = chat_history.forks_of(record)
     place = chat_history.versions(forks, fork_at)
     if place is None:
@@ -1417,7 +1417,7 @@ def wire_history(panel: ChatPanel, replies: Replies, controls: dict) -> None:
         if not history:
             gr.Warning("The open chat is empty: nothing to export.")
             return "", gr.skip()
-        record = chat_history.saved(chats).get(chat_id, {})
+        record = chat_history.record_of(chats, chat_id) or {}
         title = record.get("title") or chat_history.title_for(history)
         record = {"title": title, "messages": history, "settings": settings_of(values)}
         body = chat_history.export_chat(record, exported_image)
@@ -1599,7 +1599,7 @@ def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
 
     def controls_for(model, chat_id, chats) -> list:
         """The family's defaults for ``model``, with the open chat's own settings over them."""
-        own = settings_in_range(controls, (chat_history.saved(chats).get(chat_id) or {}).get("settings"))
+        own = settings_in_range(controls, (chat_history.record_of(chats, chat_id) or {}).get("settings"))
         defaults = family_controls(model)
         shown = [
             gr.update(value=own[name]) if name in own else update

@@ -126,6 +126,11 @@ def saved(chats: dict | None) -> dict:
     }
 
 
+def record_of(chats: dict | None, chat_id) -> dict | None:
+    """The saved record of the chat ``chat_id`` (None where it is not one this page made, or not saved)."""
+    return saved(chats).get(valid_chat_id(chat_id) or "")
+
+
 def upsert(
     chats: dict | None,
     chat_id: str,
