@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
+import hmac
 import ipaddress
 import json
 import logging
 import os
 import re
+import secrets
 import signal
 import sys
 import tempfile
@@ -15,13 +19,14 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 
 import gradio as gr
 
 import chat_history
 from chat_history import files_of, openai_messages, page_content, text_of, valid_chat_id
-from llm_backends import BackendError, ChatModel, ChatRequest, ChatStream, ModelLoadError, SessionKey
+from llm_backends import BackendError, ChatModel, ChatRequest, ChatStream, ModelLoadError, SessionKey, documents
 from llm_backends import images as image_input
 from llm_backends.default_model import cache_root
 from llm_backends.http_api import add_openai_routes
@@ -461,11 +466,16 @@ def page_session(request: gr.Request, exposed: bool) -> SessionKey:
 
 MISSING_IMAGE = "[an image that is no longer on this server]"
 TEXT_ONLY_IMAGE = "[an image, left out: the current model reads text only]"
-_imports: Path | None = None  # images of imported chats, one file per image: a folder of this process's own
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif")
+_imports: Path | None = None  # files of imported chats, one per image or document: a folder of this process's own
+# Names an imported file's place by its content under a key of this process: a saved chat naming a place would
+# otherwise tell whether someone imported a file with exactly that content.
+_IMPORT_KEY = secrets.token_bytes(32)
+MAX_ATTACHED = documents.MAX_FILES + image_input.MAX_IMAGES  # files a chat may name: each is read at every turn
 
 
 def imports_folder() -> Path:
-    """Where imported chats' images go: made once per process by ``mkdtemp`` (private, and a name nobody else
+    """Where imported chats' files go: made once per process by ``mkdtemp`` (private, and a name nobody else
     can take first, as they could a fixed one in a shared /tmp)."""
     global _imports
     if _imports is None:
@@ -475,8 +485,8 @@ def imports_folder() -> Path:
 
 def page_file(path) -> Path | None:
     """``path`` if it names a file the page itself stored (an upload, in Gradio's upload folder, or an imported
-    chat's image), else None. The saved chats come from the browser, which may name any file: shown in the chat
-    as they are, Gradio would serve it (the server's code, a logins file)."""
+    chat's image or document), else None. The saved chats come from the browser, which may name any file: shown
+    in the chat as they are, Gradio would serve it (the server's code, a logins file)."""
     from gradio.utils import get_upload_folder
 
     if not isinstance(path, str) or not path:
@@ -491,25 +501,46 @@ def page_file(path) -> Path | None:
     return None
 
 
-def page_image(path: str) -> dict:
-    """An image the person attached (a file in Gradio's upload folder) as a content part; a file gone since (a
-    restart that cleared it), or one the page did not store, becomes a note."""
+def missing_file(path) -> str:
+    """The note that stands for an attached file gone from the server (a restart cleared it), or one the page
+    did not store."""
+    name = documents.clean_name(path)
+    return MISSING_IMAGE if name.lower().endswith(IMAGE_SUFFIXES) else f"[{name}: a file no longer on this server]"
+
+
+def stored_file(path) -> tuple[Path, bytes] | None:
     found = page_file(path)
     try:
-        return {"type": "image", "image": found.read_bytes()} if found else {"type": "text", "text": MISSING_IMAGE}
+        return (found, found.read_bytes()) if found else None
     except OSError:
-        return {"type": "text", "text": MISSING_IMAGE}
+        return None
 
 
-def exported_image(path: str) -> dict | None:
-    """An attached image as an ``image_url`` data: URL part, the file as it was sent (None when it is gone, or is
-    not one the page stored)."""
-    found = page_file(path)
+def attached_part(path: str, images: bool = True) -> dict:
+    """A file the person attached (in Gradio's upload folder) as a content part: an image (for a model that reads
+    text only, a note), or a document (a ``file`` part, read as text at the door); a file gone since becomes a
+    note."""
+    found = stored_file(path)
+    if found is None:
+        return {"type": "text", "text": missing_file(path)}
+    where, data = found
+    if image_input.looks_like_image(data):
+        return {"type": "image", "image": data} if images else {"type": "text", "text": TEXT_ONLY_IMAGE}
+    return {"type": "file", "file": {"filename": where.name, "file_data": data}}
+
+
+def exported_part(path: str) -> dict | None:
+    """An attached file as an exported chat holds it: an image as an ``image_url`` data: URL part, the file as it
+    was sent, a document as a ``file`` part (None when it is gone, or is not one the page stored)."""
+    found = stored_file(path)
     if found is None:
         return None
+    where, data = found
+    if not image_input.looks_like_image(data):
+        return {"type": "file", "file": {"filename": where.name, "file_data": documents.data_url(where.name, data)}}
     try:
-        picture = image_input.from_bytes(found.read_bytes(), "an image")
-    except (OSError, ValueError):
+        picture = image_input.from_bytes(data, "an image")
+    except ValueError:
         return None
     return {"type": "image_url", "image_url": {"url": picture.data_url()}}
 
@@ -519,13 +550,41 @@ def imported_image(url, where: str) -> str:
     ValueError if it is none."""
     picture = image_input.read(url, where)
     suffix = {"image/jpeg": ".jpg", "image/webp": ".webp", "image/gif": ".gif"}.get(picture.mime, ".png")
-    path = imports_folder() / f"{picture.digest}{suffix}"
+    path = imports_folder() / f"{import_name(picture.digest.encode())}{suffix}"
     if not path.exists():
         if picture.encoded is not None:
             path.write_bytes(picture.encoded)
         else:
             picture.pixels.save(path, format="PNG")
     return str(path)
+
+
+def imported_file(file, where: str) -> str:
+    """An imported chat's document (a ``file`` part's ``file``) as a file the chat can show, under its own name;
+    ValueError if it is not one a model could read."""
+    documents.read(file, where)
+    name, data = documents.sent_file(file, where)
+    folder = imports_folder() / import_name(data)
+    try:
+        folder.mkdir(exist_ok=True)
+        path = folder / name
+        if not path.exists():
+            path.write_bytes(data)
+    except OSError as e:
+        raise ValueError(f"{where} ({name}) could not be stored: {e.strerror}") from e
+    return str(path)
+
+
+def import_name(content: bytes) -> str:
+    return hmac.new(_IMPORT_KEY, content, hashlib.sha256).hexdigest()[:32]
+
+
+def check_attached(history: list[dict]) -> None:
+    """ValueError where the chat names more files than a request may hold, before any is read (the browser
+    hands the chat over, and could name one large upload a thousand times)."""
+    named = sum(len(files_of(m.get("content"))) for m in history if m.get("role") == "user")
+    if named > MAX_ATTACHED:
+        raise ValueError(f"the chat holds {named} attached files; at most {MAX_ATTACHED} are allowed")
 
 
 def to_messages(
@@ -535,9 +594,9 @@ def to_messages(
     ``message`` is the new user message's content (text, or parts with images; ``continuing``: none, the history
     ends with an answer to continue). For a model that reads text only (``images`` False) earlier images become
     a note, so a chat that had them goes on after a switch."""
-    image = page_image if images else (lambda path: {"type": "text", "text": TEXT_ONLY_IMAGE})
     new = [] if continuing else [{"role": "user", "content": message}]
-    return [*openai_messages(history, system_prompt, image), *new]
+    read = functools.cache(partial(attached_part, images=images))  # a file named twice is read once
+    return [*openai_messages(history, system_prompt, read), *new]
 
 
 def stats_line(stats, stopped: bool = False) -> str:
@@ -634,9 +693,13 @@ class Replies:
             return
         tab = page_session(request, self.exposed)
         earlier, message = history[:-1], history[-1]
+        try:
+            check_attached(history)
+        except ValueError as e:
+            raise gr.Error(str(e)) from e
         cache = self.chat_session(request, chat_id)
         settings = ChatSettings.from_inputs(settings_values)
-        content = page_content(message.get("content"), page_image)
+        content = page_content(message.get("content"), attached_part)
         for reply in self._reply(content, earlier, tab, cache, settings):
             yield [*earlier, message, *reply]
 
@@ -674,6 +737,10 @@ class Replies:
         """The reply's messages as they grow: to ``message`` after ``history``, or (``answer`` given) going on
         with that answer, the history's last message."""
         continuing = answer is not None
+        try:
+            check_attached(history)
+        except ValueError as e:
+            raise gr.Error(str(e)) from e
         if self.registry.model is None:
             waiting = note("⏳ Waiting for the model to load (the header shows its progress)…")
             yield [waiting, *([gr.ChatMessage(role="assistant", content=answer)] if answer else [])]
@@ -799,14 +866,13 @@ class Replies:
             stream.close()
 
 
-TEXT_ONLY = "Type a message… (text only: no images)"
-WITH_IMAGES = "Type a message… or attach images with the clip"
+TEXT_ONLY = "Type a message… or attach text files and PDFs with the clip (text only: no images)"
+WITH_IMAGES = "Type a message… or attach images, text files and PDFs with the clip"
 
 
 def family_controls(model: ChatModel, thinking: bool | None = None) -> tuple:
-    """Updates for temperature, top-p, top-k, the thinking box and its budget, and the message box (an attach
-    button only for a model that reads images): the defaults shown for ``model`` in a thinking mode (None: its
-    default mode)."""
+    """Updates for temperature, top-p, top-k, the thinking box and its budget, and the message box (whether it
+    takes images): the defaults shown for ``model`` in a thinking mode (None: its default mode)."""
     shown = shown_defaults(model, thinking)
     # A remote model's upstream has no budget field; only a local model that thinks offers one.
     budget = model.capabilities.thinking and model.family is not None
@@ -817,7 +883,7 @@ def family_controls(model: ChatModel, thinking: bool | None = None) -> tuple:
         gr.update(value=shown["top_k"]),
         gr.update(visible=model.capabilities.thinking, value=shown["thinking"]),
         gr.update(visible=budget),
-        gr.update(sources=["upload"] if images else [], placeholder=WITH_IMAGES if images else TEXT_ONLY),
+        gr.update(placeholder=WITH_IMAGES if images else TEXT_ONLY),
     )
 
 
@@ -1107,12 +1173,13 @@ def chat_area() -> dict[str, gr.components.Component]:
             forks = gr.Dropdown(
                 [], show_label=False, container=False, visible=False, scale=0, min_width=170, elem_id="forks"
             )
-    # The attach button is offered once the loaded model is known to read images (family_controls).
+    # Any file may be attached: documents (text files of any name, PDFs) are told from images and checked by
+    # their content when the message is sent, which refuses the rest with the reason (llm_backends.documents).
     textbox = gr.MultimodalTextbox(
         placeholder="Type a message…",
         show_label=False,
-        sources=[],
-        file_types=["image"],
+        sources=["upload"],
+        file_types=["file"],
         file_count="multiple",
         submit_btn=True,
         stop_btn=False,
@@ -1266,7 +1333,7 @@ def wire_chat(panel: ChatPanel, replies: Replies, controls: dict, config: AppCon
             again = history[last].get("content")
             if (text_of(again), files_of(again)) == (box["text"], box["files"]):
                 box = {"text": "", "files": []}
-            history = chat_history.shown_messages(history, page_file, MISSING_IMAGE)
+            history = chat_history.shown_messages(history, page_file, missing_file)
         return (*busy(False, value=box), history, *store(history, chat_id, chats, values, forks))
 
     turn = [panel.textbox, *panel.locked, panel.chatbot, panel.chat_id, panel.chats, panel.changes, go, panel.fork_at]
@@ -1324,7 +1391,7 @@ def wire_chat(panel: ChatPanel, replies: Replies, controls: dict, config: AppCon
             messages, forks = chat_history.switch(record["messages"], forks, place[0], step)
         except (TypeError, ValueError):  # no fork (another tab changed the chat), or none that way
             return [gr.skip()] * 5
-        messages = chat_history.shown_messages(messages, page_file, MISSING_IMAGE)
+        messages = chat_history.shown_messages(messages, page_file, missing_file)
         # The arrows stay on this fork, also where the version shown now holds later forks.
         return messages, *store(messages, chat_id, chats, values, forks), place[0]
 
@@ -1388,7 +1455,7 @@ def opened_chat(controls: dict, chat_id, chats) -> tuple:
     if record is None:
         return "", [], listing(chats, None), "", *saved_settings(controls, None)
     settings = saved_settings(controls, record.get("settings"))
-    messages = chat_history.shown_messages(record["messages"], page_file, MISSING_IMAGE)
+    messages = chat_history.shown_messages(record["messages"], page_file, missing_file)
     return chat_id, messages, listing(chats, chat_id), record.get("title", ""), *settings
 
 
@@ -1420,13 +1487,18 @@ def wire_history(panel: ChatPanel, replies: Replies, controls: dict) -> None:
         record = chat_history.record_of(chats, chat_id) or {}
         title = record.get("title") or chat_history.title_for(history)
         record = {"title": title, "messages": history, "settings": settings_of(values)}
-        body = chat_history.export_chat(record, exported_image)
+        body = chat_history.export_chat(record, exported_part)
         return body, title
 
     def import_(data, chats):
         try:
             title, messages, imported = chat_history.import_chat(
-                data, SETTING_KINDS, imported_image, max_images=image_input.MAX_IMAGES
+                data,
+                SETTING_KINDS,
+                imported_image,
+                max_images=image_input.MAX_IMAGES,
+                store_file=imported_file,
+                max_files=documents.MAX_FILES,
             )
         except ValueError as e:
             gr.Warning(f"Could not import the chat: {e}")
@@ -1466,7 +1538,7 @@ def wire_history(panel: ChatPanel, replies: Replies, controls: dict) -> None:
             replies.end(request)
             return chats, listing(chats, None), [], "", ""
         if changed and not incoming.get("busy"):
-            shown = chat_history.shown_messages(record["messages"], page_file, MISSING_IMAGE)
+            shown = chat_history.shown_messages(record["messages"], page_file, missing_file)
             return chats, listing(chats, chat_id), shown, gr.skip(), gr.skip()
         return chats, listing(chats, chat_id), gr.skip(), gr.skip(), gr.skip()
 
@@ -1704,7 +1776,7 @@ def serve(config: AppConfig, registry: ModelRegistry | None = None, **launch_kwa
         prevent_thread_lock=True,
         css=PAGE_CSS,
         head=CHAT_SYNC_HEAD,
-        # Uploads are images (each at most MAX_IMAGE_BYTES) and exported chats (a few images as data: URLs).
+        # Uploads are images and documents (each at most 16 MiB) and exported chats (a few of them as data: URLs).
         max_file_size=chat_history.MAX_IMPORT_BYTES,
         **launch_kwargs,
     )

@@ -394,7 +394,8 @@ def openai_messages(messages: list[dict], system_prompt: str = "", image=None) -
 
 
 def export_chat(record: dict, image=None) -> str:
-    """The chat as JSON another tool reads; ``image`` turns a file's path into an ``image_url`` part."""
+    """The chat as JSON another tool reads; ``image`` turns a file's path into an ``image_url`` or a ``file``
+    part."""
     settings = dict(record.get("settings") or {})
     body = {
         "title": record.get("title") or title_for(record.get("messages", [])),
@@ -415,25 +416,27 @@ def clean_settings(settings, kinds: dict[str, tuple[type, ...]]) -> dict:
     return clean
 
 
-def _content(content, where: str, store_image, images_allowed: bool):
-    """Imported content as the page shows it: a string, or (with images) a list of file parts and the text."""
+def _content(content, where: str, store_image, store_file, user: bool):
+    """Imported content as the page shows it: a string, or (with images or documents) a list of file parts and
+    the text."""
     if isinstance(content, str):
         return content
     parts = content if isinstance(content, list) else None
     if parts is None or not all(isinstance(p, dict) for p in parts):
-        raise ValueError(f"{where}.content must be a string or a list of text and image_url parts")
+        raise ValueError(f"{where}.content must be a string or a list of text, image_url and file parts")
     text, files = "", []
     for j, part in enumerate(parts):
+        here = f"{where}.content[{j}]"
         if part.get("type", "text") == "text" and isinstance(part.get("text"), str):
             text += part["text"]
-        elif part.get("type") == "image_url" and images_allowed and store_image is not None:
+        elif part.get("type") == "image_url" and user and store_image is not None:
             url = part.get("image_url")
             url = url.get("url") if isinstance(url, dict) else url
-            files.append({"path": store_image(url, f"{where}.content[{j}]")})
+            files.append({"path": store_image(url, here)})
+        elif part.get("type") == "file" and user and store_file is not None:
+            files.append({"path": store_file(part.get("file"), here)})
         else:
-            raise ValueError(
-                f"{where}.content[{j}] must be a text part{' or an image_url part' if images_allowed else ''}"
-            )
+            raise ValueError(f"{here} must be a text part{', an image_url or a file part' if user else ''}")
     return [*files, text] if files else text
 
 
@@ -442,14 +445,17 @@ def import_chat(
     kinds: dict[str, tuple[type, ...]],
     store_image: Callable[[str, str], str] | None = None,
     max_images: int | None = None,
+    store_file: Callable[[object, str], str] | None = None,
+    max_files: int | None = None,
 ) -> tuple[str, list[dict], dict]:
     """(title, the page's messages, settings) from an exported chat or a list of OpenAI messages.
 
     Raises ValueError saying what is wrong: not JSON, too large, no messages, a role or content it cannot
     show. Settings it does not know, or of a type it does not take, are left out (``clean_settings``); the
     system prompt becomes the setting of that name. A user message's ``image_url`` parts go through
-    ``store_image(url, where)``, which gives the path of a file holding the image (ValueError if it is none);
-    a chat with more than ``max_images`` images (None: no limit) is refused before any is stored."""
+    ``store_image(url, where)``, and its ``file`` parts (documents) through ``store_file(file, where)``, which
+    give the path of a file holding it (ValueError if it is none); a chat with more than ``max_images`` images
+    or ``max_files`` documents (None: no limit) is refused before any is stored."""
     if len(data) > MAX_IMPORT_BYTES:
         raise ValueError(f"the file is larger than {MAX_IMPORT_BYTES // 2**20} MiB")
     try:
@@ -461,20 +467,24 @@ def import_chat(
     if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
         raise ValueError('expected an exported chat ({"messages": [...]}) or a list of OpenAI messages')
     settings = clean_settings(body.get("settings"), kinds)
-    sent = sum(
-        isinstance(part, dict) and part.get("type") == "image_url"
-        for message in body["messages"]
-        if isinstance(message, dict) and isinstance(message.get("content"), list)
-        for part in message["content"]
-    )
-    if store_image is not None and max_images is not None and sent > max_images:
-        raise ValueError(f"the chat holds {sent} images; at most {max_images} can be imported")
+    for kind, store, most, what in (
+        ("image_url", store_image, max_images, "images"),
+        ("file", store_file, max_files, "files"),
+    ):
+        sent = sum(
+            isinstance(part, dict) and part.get("type") == kind
+            for message in body["messages"]
+            if isinstance(message, dict) and isinstance(message.get("content"), list)
+            for part in message["content"]
+        )
+        if store is not None and most is not None and sent > most:
+            raise ValueError(f"the chat holds {sent} {what}; at most {most} can be imported")
     messages, system = [], []
     for i, message in enumerate(body["messages"]):
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             raise ValueError(f"messages[{i}] needs a role of {', '.join(ROLES)}")
-        images_allowed = message["role"] == "user"
-        content = _content(message.get("content"), f"messages[{i}]", store_image, images_allowed)
+        user = message["role"] == "user"
+        content = _content(message.get("content"), f"messages[{i}]", store_image, store_file, user)
         if message["role"] == "system":
             system.append(content)
         else:
@@ -516,10 +526,10 @@ NOTE_KEYS = {
 }
 
 
-def shown_messages(messages: list, page_file: Callable[[str], object], missing: str) -> list[dict]:
+def shown_messages(messages: list, page_file: Callable[[str], object], missing: Callable[[str], str]) -> list[dict]:
     """A saved chat's messages as the chat may show them. The browser keeps the saved chats, and may hold
     anything there: only text and file parts are kept, a file only where ``page_file(path)`` says the page
-    stored it (else it becomes the text ``missing``), and of a note's metadata only its plain fields."""
+    stored it (else it becomes the text ``missing(path)``), and of a note's metadata only its plain fields."""
     shown = []
     for message in messages:
         if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
@@ -532,7 +542,7 @@ def shown_messages(messages: list, page_file: Callable[[str], object], missing: 
                 content.append(text_of(part))
             else:
                 for path in files_of(part):  # one at most: a part is one file
-                    content.append({"path": path} if page_file(path) else missing)
+                    content.append({"path": path} if page_file(path) else missing(path))
         if len(content) <= 1 and all(isinstance(c, str) for c in content):
             content = content[0] if content else ""
         entry = {"role": message["role"], "content": content}

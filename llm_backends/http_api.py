@@ -194,7 +194,7 @@ def add_openai_routes(
         if target in registry.entries.keys() - {registry.current_id}:
             # Loading another model frees this one and every session's cache: only for a request that is sound.
             if kind == "chat":
-                check = partial(openai_api.chat_request, fetch_image_urls=image_urls)
+                check = partial(openai_api.chat_request, fetch_image_urls=image_urls, owner=("api", principal))
             else:
                 check = openai_api.completion_request
             try:
@@ -205,7 +205,7 @@ def add_openai_routes(
         try:
             session = openai_api.session_for("api", principal, request.headers.get("x-session-id") or body.get("user"))
             if kind == "chat":
-                opener = partial(openai_api.open_chat, fetch_image_urls=image_urls)
+                opener = partial(openai_api.open_chat, fetch_image_urls=image_urls, owner=("api", principal))
             else:
                 opener = openai_api.open_completion
             call = await anyio.to_thread.run_sync(lambda: opener(model, body, session=session, model_name=model_id))

@@ -96,16 +96,7 @@ def read(value, where: str, *, fetch_urls: bool = False) -> Image:
     if not isinstance(value, str):
         raise ValueError(f"{where} must be a data: URL, not {type(value).__name__}")
     if value.startswith("data:"):
-        head, comma, payload = value.partition(",")
-        if not comma or not head.endswith(";base64"):
-            raise ValueError(f"{where} must be a base64 data: URL (data:image/png;base64,...)")
-        if len(payload) > MAX_IMAGE_BYTES * 4 // 3 + 4:
-            raise ValueError(f"{where} is larger than {MAX_IMAGE_BYTES >> 20} MiB; send a smaller image")
-        try:
-            data = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError) as e:
-            raise ValueError(f"{where} is not valid base64: {e}") from e
-        return from_bytes(data, where)
+        return from_bytes(read_data_url(value, where, MAX_IMAGE_BYTES)[1], where)
     if value.startswith(("http://", "https://")):
         if not fetch_urls:
             raise ValueError(
@@ -114,6 +105,29 @@ def read(value, where: str, *, fetch_urls: bool = False) -> Image:
             )
         return from_bytes(_fetch(value, where), where)
     raise ValueError(f"{where} must be a data: URL (or an http(s) URL where the server allows them)")
+
+
+def read_data_url(value: str, where: str, limit: int, kind: str = "image") -> tuple[str, bytes]:
+    """(media type, bytes) of a base64 ``data:`` URL of at most ``limit`` bytes; ValueError naming ``where``
+    (and what is wrong with the ``kind`` of file it should hold: "image" or "file")."""
+    head, comma, payload = value.partition(",")
+    if not value.startswith("data:") or not comma or not head.endswith(";base64"):
+        example = "data:image/png;base64,..." if kind == "image" else "data:text/plain;base64,..."
+        raise ValueError(f"{where} must be a base64 data: URL ({example})")
+    if len(payload) > limit * 4 // 3 + 4:
+        raise ValueError(f"{where} is larger than {limit >> 20} MiB; send a smaller {kind}")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ValueError(f"{where} is not valid base64: {e}") from e
+    return head[len("data:") : -len(";base64")].split(";")[0], data
+
+
+def looks_like_image(data: bytes) -> bool:
+    """Whether ``data`` begins as a file of one of FORMATS does (PNG, JPEG, WebP, GIF)."""
+    return data.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a")) or (
+        data[:4] == b"RIFF" and data[8:12] == b"WEBP"
+    )
 
 
 def _fetch(url: str, where: str) -> bytes:

@@ -144,10 +144,12 @@ def open_chat(
     session: SessionKey | None,
     model_name: str | None = None,
     fetch_image_urls: bool = False,
+    owner: tuple[str, str] | None = None,
 ) -> Call:
     """Validates a chat request body and starts its reply; ValueError naming the first bad field. Images come
-    as OpenAI ``image_url`` parts (data: URLs; http(s) URLs only with ``fetch_image_urls``)."""
-    request = chat_request(model, body, session=session, fetch_image_urls=fetch_image_urls)
+    as OpenAI ``image_url`` parts (data: URLs; http(s) URLs only with ``fetch_image_urls``); ``owner``: the
+    caller (space, principal), also where the body names no session."""
+    request = chat_request(model, body, session=session, fetch_image_urls=fetch_image_urls, owner=owner)
     include_usage = _include_usage(body)
     chat = model.stream(request)
     parse = bool(request.tools) and request.tool_choice != "none"
@@ -156,7 +158,14 @@ def open_chat(
     )
 
 
-def chat_request(model, body: dict, *, session: SessionKey | None = None, fetch_image_urls: bool = False):
+def chat_request(
+    model,
+    body: dict,
+    *,
+    session: SessionKey | None = None,
+    fetch_image_urls: bool = False,
+    owner: tuple[str, str] | None = None,
+):
     """A chat request body as ``model``'s ChatRequest (ValueError naming the first bad field); nothing starts."""
     _check_fields(body, CHAT_FIELDS, NEUTRAL)
     max_tokens = body.get("max_completion_tokens")
@@ -190,6 +199,7 @@ def chat_request(model, body: dict, *, session: SessionKey | None = None, fetch_
         tool_choice=body.get("tool_choice"),
         logprobs=(body.get("top_logprobs") or 0) if logprobs else None,
         fetch_image_urls=fetch_image_urls,
+        owner=owner,
         **_sampling(body, max_tokens),
     )
     _include_usage(body)
@@ -248,7 +258,8 @@ def create(chat_model: ChatModel, messages, *, model=None, stream=False, space: 
     Raises ValueError for bad input before generating.
     """
     session = session_for(space, principal, fields.get("user"))
-    call = open_chat(chat_model, {**fields, "messages": messages, "stream": stream}, session=session, model_name=model)
+    body = {**fields, "messages": messages, "stream": stream}
+    call = open_chat(chat_model, body, session=session, model_name=model, owner=(space, principal))
     return chat_events(call) if stream else chat_completion(call)
 
 

@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from . import documents
 from . import images as image_parts
 from . import tools as tool_calls
 from .families.base import Family
@@ -128,6 +129,7 @@ def build_request(
     images: bool = False,
     fetch_image_urls: bool = False,
     vocab_size: int | None = None,
+    owner: tuple[str, str] | None = None,
 ) -> ChatRequest:
     """The validated request; raises ValueError naming the first bad field, before anything is touched.
 
@@ -135,7 +137,8 @@ def build_request(
     fills it, and ``max_new_tokens`` defaults to DEFAULT_MAX_NEW_TOKENS. ``top_k=0`` switches top-k off.
     Pass ``messages=None`` and a ``prompt`` string for a raw completion. Image parts are accepted only with
     ``images`` (the model reads them); http(s) image URLs are fetched only with ``fetch_image_urls``.
-    ``logit_bias`` names token ids below ``vocab_size`` (where the model's is known).
+    ``logit_bias`` names token ids below ``vocab_size`` (where the model's is known). ``owner`` (a door's space
+    and the principal behind the request; by default the session's) is whom attached PDFs are kept read for.
     """
     if session is not None and not isinstance(session, SessionKey):
         raise ValueError(f"session must be a SessionKey, not {type(session).__name__}")
@@ -153,7 +156,9 @@ def build_request(
             raise ValueError("prompt must be a non-empty string")
         clean = ()
     else:
-        clean = check_messages(messages, fetch_image_urls=fetch_image_urls, continue_final=continue_final)
+        if owner is None and session is not None:
+            owner = (session.space, session.principal)
+        clean = check_messages(messages, fetch_image_urls=fetch_image_urls, continue_final=continue_final, owner=owner)
         if not images and any(not isinstance(m["content"], str) for m in clean):
             raise ValueError(
                 "the loaded model reads text only: send text, or load a vision model (Gemma 3 4B and larger)"
@@ -251,14 +256,18 @@ def check_response_format(response_format) -> dict | None:
     raise ValueError("response_format.type must be text, json_object or json_schema")
 
 
-def check_messages(messages, *, fetch_image_urls: bool = False, continue_final: bool = False) -> tuple[dict, ...]:
+def check_messages(
+    messages, *, fetch_image_urls: bool = False, continue_final: bool = False, owner: tuple | None = None
+) -> tuple[dict, ...]:
     """The messages reduced to what templates read (role, content; an assistant's tool_calls, a tool result's
     tool_call_id); raises ValueError on any malformed one. The last message is the user's (or a tool's result),
     or with ``continue_final`` an assistant's text answer to continue.
 
     Content may be OpenAI's list of parts: text parts are joined into one string; a user message's image parts
     (``image_url`` with a data: URL, or ``image`` with a PIL image or encoded bytes; a PIL image alone also
-    counts) make its content a tuple of strings and ``images.Image``. At most ``images.MAX_IMAGES`` in all.
+    counts) make its content a tuple of strings and ``images.Image``. At most ``images.MAX_IMAGES`` in all. A
+    user message's ``file`` parts (a text file or a PDF, ``documents.read``, kept read for ``owner`` alone) become
+    text; at most ``documents.MAX_FILES`` in all.
     """
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts")
@@ -267,6 +276,9 @@ def check_messages(messages, *, fetch_image_urls: bool = False, continue_final: 
     sent = sum(_image_parts(m.get("content")) for m in messages if isinstance(m, Mapping))
     if sent > image_parts.MAX_IMAGES:  # counted before any is read: each may be large once decoded
         raise ValueError(f"the conversation holds {sent} images; at most {image_parts.MAX_IMAGES} are allowed")
+    files = sum(_parts_of_kind(m.get("content"), ("file",)) for m in messages if isinstance(m, Mapping))
+    if files > documents.MAX_FILES:
+        raise ValueError(f"the conversation holds {files} files; at most {documents.MAX_FILES} are allowed")
     clean = []
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
@@ -275,7 +287,7 @@ def check_messages(messages, *, fetch_image_urls: bool = False, continue_final: 
         if role not in ROLES:
             raise ValueError(f"messages[{i}].role is {role!r}; expected one of {', '.join(ROLES)}")
         if isinstance(content, (list, tuple)):
-            content = _parts(content, f"messages[{i}].content", role == "user", fetch_image_urls)
+            content = _parts(content, f"messages[{i}].content", role == "user", fetch_image_urls, owner)
         calls = message.get("tool_calls") if role == "assistant" else None
         if calls is not None:
             clean.append({"role": role, "content": content or "", "tool_calls": _check_calls(calls, i)})
@@ -308,29 +320,42 @@ def check_messages(messages, *, fetch_image_urls: bool = False, continue_final: 
 def _image_parts(content) -> int:
     if not isinstance(content, (list, tuple)):
         return 0
-    return sum(
-        isinstance(part, image_parts.PILImage.Image)
-        or (isinstance(part, Mapping) and part.get("type") in ("image_url", "image"))
-        for part in content
-    )
+    pictures = sum(isinstance(part, image_parts.PILImage.Image) for part in content)
+    return _parts_of_kind(content, ("image_url", "image")) + pictures
 
 
-def _parts(parts, where: str, images_allowed: bool, fetch_urls: bool) -> str | tuple:
-    """A list of content parts as one string (text only) or a tuple of strings and images, in order."""
+def _parts_of_kind(content, kinds: tuple[str, ...]) -> int:
+    if not isinstance(content, (list, tuple)):
+        return 0
+    return sum(isinstance(part, Mapping) and part.get("type") in kinds for part in content)
+
+
+def _parts(parts, where: str, user: bool, fetch_urls: bool, owner: tuple | None = None) -> str | tuple:
+    """A list of content parts as one string (text only) or a tuple of strings and images, in order. A file part
+    becomes its text (``documents.read``), set apart from the text around it by a blank line."""
     out: list = []
+    document = False  # whether the last text joined was a file's
     for j, part in enumerate(parts):
         here = f"{where}[{j}]"
         kind = part.get("type") if isinstance(part, Mapping) else None
-        if kind == "text":
-            if not isinstance(part.get("text"), str):
+        if kind in ("text", "file"):
+            if kind == "text" and not isinstance(part.get("text"), str):
                 raise ValueError(f"{here} is a text part without a text string")
+            if kind == "file" and not user:
+                raise ValueError(f"{here}: only user messages may hold files")
+            text = part["text"] if kind == "text" else documents.read(part.get("file"), here, owner)
             if out and isinstance(out[-1], str):
-                out[-1] += part["text"]
+                before = out[-1]
+                ends = len(before) - len(before.rstrip("\n"))  # newlines it ends with: made up to a blank line
+                apart = (document or kind == "file") and before and text
+                out[-1] += ("\n" * max(0, 2 - ends) if apart else "") + text
             else:
-                out.append(part["text"])
+                out.append(text)
+            document = kind == "file" or (document and not text)  # an empty part between keeps a file's mark
             continue
+        document = False
         if kind in ("image_url", "image") or isinstance(part, image_parts.PILImage.Image):
-            if not images_allowed:
+            if not user:
                 raise ValueError(f"{here}: only user messages may hold images")
             if kind == "image_url":
                 value = part.get("image_url")
@@ -340,7 +365,7 @@ def _parts(parts, where: str, images_allowed: bool, fetch_urls: bool) -> str | t
             out.append(image_parts.read(value, here, fetch_urls=fetch_urls))
             continue
         raise ValueError(
-            f"{where} must be a string or a list of text and image_url parts; {here} is a "
+            f"{where} must be a string or a list of text, image_url and file parts; {here} is a "
             f"{kind or type(part).__name__!r}"
         )
     if not any(isinstance(part, image_parts.Image) for part in out):

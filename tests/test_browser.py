@@ -735,9 +735,50 @@ def test_an_attached_image_reaches_the_vision_model_is_reused_next_turn_and_surv
     assert "⚠️" not in page.locator("#chat").inner_text() and "no longer" not in page.locator("#chat").inner_text()
 
 
-def test_a_text_only_model_offers_no_attach_button_and_says_so(page_url, browser):
-    url, _ = page_url
+def test_a_text_only_model_reads_attached_text_files_and_pdfs_and_refuses_an_image_with_the_reason(
+    page_url, browser, tmp_path
+):
+    from PIL import Image
+    from test_documents import file_part, pdf
+
+    url, registry = page_url
+    model = registry.get()
     page = open_page(browser, url)
-    assert "text only" in page.locator("#message textarea").get_attribute("placeholder")
-    assert page.locator("#message [data-testid=upload-button]").count() == 0
+    box = page.locator("#message textarea")
+    assert "text files and PDFs" in box.get_attribute("placeholder") and "no images" in box.get_attribute("placeholder")
     assert "text only" in page.locator("#model-info").inner_text()
+    notes, report = tmp_path / "notes.txt", tmp_path / "report.pdf"
+    notes.write_text("The meeting moved to Thursday at 10.\n")
+    report.write_bytes(pdf("Revenue grew by 12 percent."))
+    page.locator("#message input[type=file]").set_input_files([str(notes), str(report)])
+    page.locator("#message .thumbnail-item").nth(1).wait_for(timeout=10_000)
+    send(page, "When is the meeting?")
+    stats = wait_reply(page, 1)
+    question = {"type": "text", "text": "When is the meeting?"}
+    parts = [file_part("notes.txt", notes.read_bytes()), file_part("report.pdf", report.read_bytes()), question]
+    prompt = model.count_tokens(model.request([{"role": "user", "content": parts}]))
+    assert f"{prompt} prompt tokens" in stats, "both files' text was in the prompt"
+    chat = page.locator("#chat")
+    assert "notes.txt" in chat.inner_text() and "report.pdf" in chat.inner_text(), "the files show by name"
+    page.screenshot(path=str(SHOTS / "browser-documents.png"), full_page=True)
+    send(page, "And the revenue?")
+    follow = wait_reply(page, 2)
+    assert int(follow.split(" from cache")[0].rsplit(", ", 1)[-1]) >= prompt, "the follow-up reused the files' tokens"
+
+    page.reload()
+    page.get_by_placeholder("Type a message…").wait_for(timeout=60_000)
+    time.sleep(1.5)
+    shown = page.locator("#chat").inner_text()
+    assert "notes.txt" in shown and "report.pdf" in shown and "no longer" not in shown, "the files survive a reload"
+
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (8, 8), "red").save(photo)
+    page.locator("#message input[type=file]").set_input_files(str(photo))
+    page.locator("#message .thumbnails img").wait_for(timeout=10_000)
+    send(page, "What is this?")
+    page.get_by_text("reads text only").first.wait_for(timeout=30_000)
+    deadline = time.time() + 30
+    while time.time() < deadline and not (box.is_enabled() and box.input_value() == "What is this?"):
+        time.sleep(0.2)
+    assert box.input_value() == "What is this?", "the message is back in the box"
+    assert page.locator(".message-row.user-row").count() == 2, "the chat is as it was"

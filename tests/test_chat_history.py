@@ -146,7 +146,7 @@ def test_images_export_as_data_urls_and_import_back_as_files_while_a_missing_fil
         {"role": "user", "content": [{"type": "file", "file": {"path": str(photo)}}, {"type": "text", "text": "Hi"}]},
         {"role": "assistant", "content": "Hello"},
     ]
-    body = json.loads(export_chat({"messages": page, "settings": {}}, app.exported_image))
+    body = json.loads(export_chat({"messages": page, "settings": {}}, app.exported_part))
     parts = body["messages"][0]["content"]
     assert parts[0]["image_url"]["url"].startswith("data:image/png;base64,") and parts[1] == {
         "type": "text",
@@ -155,7 +155,7 @@ def test_images_export_as_data_urls_and_import_back_as_files_while_a_missing_fil
     title, messages, _ = import_chat(json.dumps(body), KNOWN, app.imported_image)
     assert title == "Hi" and messages[0]["content"][1] == "Hi"
     stored = messages[0]["content"][0]["path"]
-    assert app.exported_image(stored) == parts[0], "the same pixels come back"
+    assert app.exported_part(stored) == parts[0], "the same pixels come back"
     with pytest.raises(ValueError, match="image_url"):
         import_chat(json.dumps([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]), KNOWN)
     with pytest.raises(ValueError, match="data: URL"):
@@ -168,7 +168,7 @@ def test_images_export_as_data_urls_and_import_back_as_files_while_a_missing_fil
     with pytest.raises(ValueError, match="must be a text part"):
         import_chat(json.dumps(system + body["messages"]), KNOWN, app.imported_image)
     photo.unlink()
-    sent = chat_history.openai_messages(page, "", app.page_image)
+    sent = chat_history.openai_messages(page, "", app.attached_part)
     assert sent[0]["content"] == [{"type": "text", "text": app.MISSING_IMAGE}, {"type": "text", "text": "Hi"}]
 
 
@@ -181,7 +181,7 @@ def test_an_exported_photo_keeps_its_own_encoding_and_a_text_model_gets_a_note_f
 
     photo = tmp_path / "photo.jpg"
     picture(4).save(photo, format="JPEG", quality=80)
-    part = app.exported_image(str(photo))
+    part = app.exported_part(str(photo))
     assert part["image_url"]["url"].startswith("data:image/jpeg;base64,")
     page = [{"role": "user", "content": [{"path": str(photo)}, "What is it?"]}, {"role": "assistant", "content": "A"}]
     sent = app.to_messages("", page, "And now?", images=False)

@@ -362,3 +362,38 @@ def test_an_error_mid_stream_is_reported_in_band():
     lines = asyncio.run(read_all())
     assert lines[0] == 'data: {"n": 0}\n\n'
     assert '"type": "server_error"' in lines[1] and "RuntimeError" in lines[1] and len(lines) == 2
+
+
+def test_a_document_in_a_file_part_is_read_as_text_here_and_through_a_remote_front(client, api):
+    import base64
+
+    from llm_backends.remote import RemoteChatModel
+
+    base, registry = api
+    note = "data:text/plain;base64," + base64.b64encode(b"The code word is heron.\n").decode()
+    question = {"type": "text", "text": "What is the code word?"}
+    messages = [
+        {"role": "user", "content": [{"type": "file", "file": {"filename": "note.txt", "file_data": note}}, question]}
+    ]
+    pasted = [
+        {"role": "user", "content": "File: note.txt\n```\nThe code word is heron.\n```\n\nWhat is the code word?"}
+    ]
+    kwargs = dict(
+        model=registry.ids[0],
+        temperature=0,
+        max_tokens=8,
+        extra_body={"chat_template_kwargs": {"enable_thinking": False}},
+    )
+    read = client.chat.completions.create(messages=messages, **kwargs)
+    typed = client.chat.completions.create(messages=pasted, **kwargs)
+    assert read.choices[0].message.content == typed.choices[0].message.content
+    assert read.usage.prompt_tokens == typed.usage.prompt_tokens
+    front = RemoteChatModel(f"{base}/v1#{registry.ids[0]}", api_key=KEY)
+    fronted = front.create(messages, temperature=0, max_tokens=8, enable_thinking=False)
+    assert fronted["choices"][0]["message"]["content"] == read.choices[0].message.content
+    binary = "data:application/zip;base64," + base64.b64encode(bytes(range(64))).decode()
+    bad = [{"role": "user", "content": [{"type": "file", "file": {"filename": "x.zip", "file_data": binary}}]}]
+    response = httpx.post(
+        f"{base}/v1/chat/completions", json={"messages": bad}, headers={"Authorization": f"Bearer {KEY}"}
+    )
+    assert response.status_code == 400 and "(x.zip) is not a text file" in response.json()["error"]["message"]

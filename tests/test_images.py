@@ -156,7 +156,7 @@ def test_create_takes_openai_parts_and_pil_images(gemma3_vision):
         ([{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}], "data: URL"),
         ([{"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.png"}}], "--image-urls"),
         ([{"type": "image", "image": "/etc/passwd"}], "must be a data: URL"),
-        ([{"type": "audio", "audio": "x"}], "text and image_url parts"),
+        ([{"type": "audio", "audio": "x"}], "text, image_url and file parts"),
         ([{"type": "text", "text": "look <start_of_image>"}, picture(0)], "remove it"),
         ([{"type": "text", "text": "many"}] + [picture(i) for i in range(images.MAX_IMAGES + 1)], "at most 8"),
         (

@@ -140,14 +140,14 @@ def test_a_saved_chat_names_only_files_the_page_stored(tmp_path, monkeypatch):
         {"role": "assistant", "content": "", "metadata": {"title": "1.0 s to first token", "evil": {"path": "x"}}},
         {"role": "system", "content": "not a chat message"},
     ]
-    shown = chat_history.shown_messages(messages, app.page_file, app.MISSING_IMAGE)
+    shown = chat_history.shown_messages(messages, app.page_file, app.missing_file)
     assert shown[0]["content"] == [{"path": str(photo)}, "What is this?"]
-    assert shown[1]["content"] == [app.MISSING_IMAGE, "and this?"]
-    assert shown[2]["content"] == app.MISSING_IMAGE and shown[3]["content"] == app.MISSING_IMAGE
+    assert shown[1]["content"] == ["[app.py: a file no longer on this server]", "and this?"]
+    assert shown[2]["content"] == shown[3]["content"] == "[logins.txt: a file no longer on this server]"
     assert shown[4]["content"] == "", "a component part is left out"
     assert shown[5] == {"role": "assistant", "content": "", "metadata": {"title": "1.0 s to first token"}}
     assert len(shown) == 6
-    assert app.exported_image(str(logins)) is None and app.page_image(app.__file__)["type"] == "text"
+    assert app.exported_part(str(logins)) is None and app.attached_part(app.__file__)["type"] == "text"
     controls = {"messages": None}
     record = {"messages": messages, "settings": {}}
     _, opened, *_ = app.opened_chat(
