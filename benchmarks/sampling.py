@@ -41,6 +41,9 @@ SETTINGS = {
 
 
 def pick_cost(steps: int = 300) -> None:
+    from llm_backends import cpu_kernels
+
+    cpu_kernels.ops()  # as in a process that loaded a model: the kernels' argmax and top-k pick
     torch.manual_seed(0)
     logits = torch.randn(262_144)
     print("| setting | sampler ms per step (median of 5) |\n|---|---|")

@@ -93,6 +93,20 @@ def argmax_rows(values: torch.Tensor) -> list[int]:
     return ops_.argmax_rows(values).tolist()
 
 
+def topk(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk(values, k) of a 1-D tensor: the k largest values and their indices, largest first. On a CPU in
+    fp32 by the kernel where a model already built it (one vector pass, no threads of its own; equal values in
+    index order), elsewhere, or where a value is NaN, torch's."""
+    built = ops.cache_info().currsize > 0
+    usable = built and values.device.type == "cpu" and values.dtype == torch.float32 and values.dim() == 1
+    ops_ = ops() if usable and 0 < k <= values.numel() else None
+    if ops_ is not None:
+        found, where = ops_.topk(values.contiguous(), k)
+        if found.numel():
+            return found, where
+    return torch.topk(values, k)
+
+
 class FusedRMSNorm(nn.Module):
     """Stands in for a model's RMSNorm: x / sqrt(mean(x^2) + eps) * (offset + weight), in fp32."""
 

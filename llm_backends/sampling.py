@@ -108,14 +108,14 @@ class Sampler:
         """What a draw chooses from after temperature, top-k, top-p and min-p: token ids (None: the whole
         vocabulary, in id order) and their weights (probabilities, 0 for a token cut)."""
         params = self.params
-        logits = logits / params.temperature
         if params.top_k:
-            values, ids = torch.topk(logits, min(params.top_k, logits.numel()))
-            probs = torch.softmax(values, dim=-1)
+            # The temperature divides the k kept only: a positive divisor keeps the logits' order.
+            values, ids = cpu_kernels.topk(logits, min(params.top_k, logits.numel()))
+            probs = torch.softmax(values / params.temperature, dim=-1)
         elif params.top_p < 1.0 or params.min_p:
-            ids, probs = _head(logits, params.top_p, params.min_p or 0.0)
+            ids, probs = _head(logits / params.temperature, params.top_p, params.min_p or 0.0)
         else:
-            return None, torch.softmax(logits, dim=-1)
+            return None, torch.softmax(logits / params.temperature, dim=-1)
         if params.top_p < 1.0:
             # Keep the smallest head whose mass reaches top_p (the first token is always kept).
             probs = probs.masked_fill((torch.cumsum(probs, dim=-1) - probs) > params.top_p, 0.0)

@@ -224,3 +224,23 @@ def test_a_shared_steps_greedy_picks_are_torchs_argmax_of_each_row():
     assert cpu_kernels.argmax_rows(values) == values.argmax(-1).tolist()
     assert cpu_kernels.argmax_rows(values[:, :13]) == values[:, :13].argmax(-1).tolist()
     assert [cpu_kernels.ops().argmax(row.contiguous()) for row in values] == values.argmax(-1).tolist()
+
+
+def test_the_samplers_top_k_is_torchs_with_equal_values_in_index_order():
+    """A sampled step's top-k by the kernel: torch.topk's values, largest first, equal values by index (a rounded
+    row has many ties; a masked row, as constrained decoding leaves it, mostly -inf); a NaN goes to torch."""
+    torch.manual_seed(3)
+    rows = [torch.randn(262_144) * 3, (torch.randn(5_000) * 2).round(), torch.randn(40) * 0 + 1.0]
+    masked = torch.full((70_000,), float("-inf"))
+    masked[torch.randperm(70_000)[:10]] = torch.randn(10)
+    for row in [*rows, masked]:
+        for k in {min(k, row.numel()) for k in (1, 3, 64, 300)}:
+            values, ids = cpu_kernels.topk(row, k)
+            assert torch.equal(values, torch.topk(row, k).values) and torch.equal(row[ids], values)
+            order = sorted(range(row.numel()), key=lambda j: (-row[j].item(), j))[:k] if row.numel() <= 5_000 else None
+            assert order is None or ids.tolist() == order
+    with_nan = torch.randn(100)
+    with_nan[7] = float("nan")
+    assert cpu_kernels.ops().topk(with_nan, 3)[0].numel() == 0, "the kernel hands a NaN row back"
+    values, ids = cpu_kernels.topk(with_nan, 3)
+    assert ids[0] == 7 and torch.equal(ids, torch.topk(with_nan, 3).indices)
