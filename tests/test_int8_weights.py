@@ -239,8 +239,9 @@ def test_the_samplers_top_k_is_torchs_with_equal_values_in_index_order():
             assert torch.equal(values, torch.topk(row, k).values) and torch.equal(row[ids], values)
             order = sorted(range(row.numel()), key=lambda j: (-row[j].item(), j))[:k] if row.numel() <= 5_000 else None
             assert order is None or ids.tolist() == order
-    with_nan = torch.randn(100)
-    with_nan[7] = float("nan")
-    assert cpu_kernels.ops().topk(with_nan, 3)[0].numel() == 0, "the kernel hands a NaN row back"
-    values, ids = cpu_kernels.topk(with_nan, 3)
-    assert ids[0] == 7 and torch.equal(ids, torch.topk(with_nan, 3).indices)
+    for where in (0, 7, 40, 99):  # among the first k, in a 16-value block, in the tail
+        with_nan = torch.randn(100)
+        with_nan[where] = float("nan")
+        assert cpu_kernels.ops().topk(with_nan, 3)[0].numel() == 0, "the kernel hands a NaN row back"
+        values, ids = cpu_kernels.topk(with_nan, 3)
+        assert ids[0] == where and torch.equal(ids, torch.topk(with_nan, 3).indices)

@@ -684,7 +684,7 @@ std::vector<torch::Tensor> topk(torch::Tensor values, int64_t k) {
   const int64_t n = values.numel();
   const size_t room = static_cast<size_t>(std::max<int64_t>(4 * k, 256));
   std::vector<Kept> kept;
-  kept.reserve(room + 16);
+  kept.reserve(static_cast<size_t>(std::min<int64_t>(room, n)) + 16);
   bool nan = false;
   // The k best so far, and the k-th's value: a later value must beat it (an equal one comes after it).
   const auto prune = [&]() {
@@ -692,10 +692,12 @@ std::vector<torch::Tensor> topk(torch::Tensor values, int64_t k) {
     kept.resize(k);
     return kept[k - 1].first;
   };
+  const auto none = [] { return std::vector<torch::Tensor>{torch::empty({0}), torch::empty({0}, torch::kLong)}; };
   for (int64_t i = 0; i < k; ++i) {
     kept.emplace_back(v[i], i);
     nan |= std::isnan(v[i]);
   }
+  if (nan) return none();  // (a NaN would also leave the comparison without an order)
   float floor = prune();
   int64_t i = k;
   for (; i + 16 <= n; i += 16) {
@@ -707,7 +709,7 @@ std::vector<torch::Tensor> topk(torch::Tensor values, int64_t k) {
       any |= above[t];
       odds |= odd[t];
     }
-    nan |= odds != 0;
+    if (odds) return none();
     if (!any) continue;
     for (int t = 0; t < 16; ++t) {
       if (x[t] > floor) kept.emplace_back(x[t], i + t);
@@ -715,10 +717,9 @@ std::vector<torch::Tensor> topk(torch::Tensor values, int64_t k) {
     if (kept.size() >= room) floor = prune();
   }
   for (; i < n; ++i) {
-    nan |= std::isnan(v[i]);
+    if (std::isnan(v[i])) return none();
     if (v[i] > floor) kept.emplace_back(v[i], i);
   }
-  if (nan) return {torch::empty({0}), torch::empty({0}, torch::kLong)};
   prune();
   std::sort(kept.begin(), kept.end(), before);
   auto found = torch::empty({k});
