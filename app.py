@@ -628,7 +628,7 @@ PAGE_CSS = """
   pointer-events: none; font-size: var(--text-sm); opacity: 0.8;
 }
 .thought-group > .title:only-child:not(:has(.duration, .loading-spinner)) .arrow { display: none; }
-#chat-list .wrap { flex-direction: column; align-items: stretch; }
+#chat-list .wrap, #chat-found .wrap { flex-direction: column; align-items: stretch; }
 #model-picker input, #forks input { text-overflow: ellipsis; padding-right: var(--size-8); }
 #versions { flex: 0 0 auto !important; width: max-content !important; flex-wrap: nowrap !important; }
 #versions > * { flex-shrink: 0 !important; }
@@ -1112,6 +1112,8 @@ class ChatPanel:
     chat_id: gr.BrowserState
     chats: gr.BrowserState
     picker: gr.Radio
+    search: gr.Textbox  # words to find in the saved chats
+    found: gr.Radio  # the saved chats that hold them (chat_history.search)
     title: gr.Textbox
     new_chat: gr.Button
     rename: gr.Button
@@ -1127,7 +1129,7 @@ class ChatPanel:
     def locked(self) -> list:
         """What may not change while a reply streams into the open chat."""
         return [
-            *(self.picker, self.new_chat, self.rename, self.delete, self.importer),
+            *(self.picker, self.found, self.new_chat, self.rename, self.delete, self.importer),
             *(self.go_on, self.older, self.newer, self.forks),
         ]
 
@@ -1141,6 +1143,15 @@ def history_panel(secret: str) -> dict:
     }
     with gr.Sidebar(label="Chats", open=True, width=280):
         parts["new_chat"] = gr.Button("+ New chat", variant="primary", size="sm")
+        parts["search"] = gr.Textbox(
+            placeholder="Search chats",
+            show_label=False,
+            max_lines=1,
+            max_length=200,
+            container=False,
+            elem_id="chat-search",
+        )
+        parts["found"] = gr.Radio([], value=None, label="Found", visible=False, elem_id="chat-found")
         parts["picker"] = gr.Radio([], value=None, label="Saved in this browser", elem_id="chat-list")
         with gr.Accordion("Rename, delete, export, import", open=True, elem_id="chat-tools"):
             parts["title"] = gr.Textbox(label="Name of the open chat", max_lines=1, max_length=chat_history.MAX_TITLE)
@@ -1442,6 +1453,19 @@ def changes_text(before, after) -> str:
     return json.dumps(chat_history.changes(before, after), ensure_ascii=False)
 
 
+def found(query: str, chats) -> dict:
+    """The search's list: the saved chats holding the words typed (shown while there are words), none selected
+    (a click on one opens it, as a link would, also where it is the open chat already)."""
+    matches = chat_history.search(chats, query, limit=chat_history.MAX_FOUND + 1)
+    if not matches:
+        label = "No saved chat holds these words"
+    elif len(matches) > chat_history.MAX_FOUND:
+        label, matches = f"The newest {chat_history.MAX_FOUND} found", matches[: chat_history.MAX_FOUND]
+    else:
+        label = f"Found {len(matches)}"
+    return gr.update(choices=matches, value=None, visible=bool(query and query.strip()), label=label)
+
+
 def listing(chats: dict, chat_id) -> dict:
     """The saved chats' list, with the open one selected."""
     return gr.update(choices=chat_history.choices(chats), value=chat_id if chat_id in chats else None)
@@ -1512,6 +1536,12 @@ def wire_history(panel: ChatPanel, replies: Replies, controls: dict) -> None:
     panel.new_chat.click(lambda: ("", [], gr.update(value=None), ""), None, opened[:4], **quick)
     reopen = lambda chat_id, chats: opened_chat(controls, chat_id, chats)  # noqa: E731
     panel.picker.input(reopen, [panel.picker, panel.chats], opened, **quick)
+    panel.found.input(reopen, [panel.found, panel.chats], opened, **quick).then(
+        lambda: gr.update(value=None), None, panel.found, **quick
+    )
+    panel.search.change(found, [panel.search, panel.chats], panel.found, trigger_mode="always_last", **quick)
+    # Kept to date as chats are saved, renamed or deleted (here or in another tab), keeping what is selected.
+    panel.chats.change(found, [panel.search, panel.chats], panel.found, **quick)
     renamed = [panel.chats, panel.picker, panel.changes]
     panel.rename.click(rename, [panel.chat_id, panel.title, panel.chats], renamed, **told)
     removed = [panel.chat_id, panel.chats, panel.picker, panel.chatbot, panel.title, panel.changes]

@@ -58,7 +58,8 @@ def text_of(content) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, dict):
-        return content.get("text", "") if content.get("type", "text") == "text" else ""
+        text = content.get("text", "") if content.get("type", "text") == "text" else ""
+        return text if isinstance(text, str) else ""  # the browser's saved copy may hold anything
     if isinstance(content, (list, tuple)):
         return "".join(text_of(part) for part in content)
     return ""
@@ -380,6 +381,46 @@ def choices(chats: dict | None) -> list[tuple[str, str]]:
     chats = saved(chats)
     ordered = sorted(chats, key=lambda key: chats[key].get("updated", 0), reverse=True)
     return [(str(chats[key].get("title") or "New chat"), key) for key in ordered]
+
+
+MAX_FOUND = 20  # chats a search lists
+MAX_SEARCH_WORDS = 8  # words of a query looked for (each at most MAX_SEARCH_WORD characters): a query's cost is
+MAX_SEARCH_WORD = 64  # a pass over every saved chat per word, and the server may be handed any query
+
+
+def search(chats: dict | None, query: str, limit: int = MAX_FOUND) -> list[tuple[str, str]]:
+    """(label, id) pairs of the saved chats whose title or messages' text (page notes and thinking left out)
+    contains each word of ``query`` (any case; its first MAX_SEARCH_WORDS distinct words), the most recently
+    used first; a label is the title, and where the words are not all in it, a few words around the first one it
+    lacks."""
+    words = query.casefold().split() if isinstance(query, str) else []
+    words = list(dict.fromkeys(word[:MAX_SEARCH_WORD] for word in words))[:MAX_SEARCH_WORDS]
+    if not words:
+        return []
+    chats, found = saved(chats), []
+    for title, chat_id in choices(chats):
+        messages = [m for m in chats[chat_id]["messages"] if isinstance(m, dict) and not is_page_note(m)]
+        body = " ".join(" ".join(text_of(m.get("content")) for m in messages).split())
+        folded = title.casefold()
+        haystack = f"{folded}\n{body.casefold()}"
+        if not all(word in haystack for word in words):
+            continue
+        missing = [word for word in words if word not in folded]
+        found.append((f"{title} · {_snippet(title, body, missing[0])}" if missing else title, chat_id))
+        if len(found) == limit:
+            break
+    return found
+
+
+def _snippet(title: str, body: str, word: str) -> str:
+    """A few whole words of ``body`` around ``word`` (the first message left out where the title repeats it)."""
+    body = body[len(title) :].lstrip() if body.startswith(title) else body
+    match = re.search(re.escape(word), body, re.IGNORECASE)  # in body itself: case-folding may change lengths
+    at = match.start() if match else 0
+    start, end = max(0, at - 24), at + 48  # moved in to whole words
+    start = body.find(" ", start, at) + 1 if start and " " in body[start:at] else start
+    end = body.rfind(" ", at, end) if end < len(body) and " " in body[at:end] else end
+    return ("…" if start else "") + body[start:end].strip() + ("…" if end < len(body) else "")
 
 
 def openai_messages(messages: list[dict], system_prompt: str = "", image=None) -> list[dict]:

@@ -782,3 +782,44 @@ def test_a_text_only_model_reads_attached_text_files_and_pdfs_and_refuses_an_ima
         time.sleep(0.2)
     assert box.input_value() == "What is this?", "the message is back in the box"
     assert page.locator(".message-row.user-row").count() == 2, "the chat is as it was"
+
+
+def test_a_search_of_the_saved_chats_finds_a_chat_by_its_words_and_opens_it(page_url, browser, tmp_path):
+    url, _ = page_url
+    page = open_page(browser, url)
+    chats = {
+        "ocean.json": [{"role": "user", "content": "Name an ocean."}, {"role": "assistant", "content": "The Pacific."}],
+        "lake.json": [{"role": "user", "content": "What is a lake?"}, {"role": "assistant", "content": "Fresh water."}],
+        "joke.json": [{"role": "user", "content": "Tell a joke."}, {"role": "assistant", "content": "A pacific one."}],
+    }
+    page.get_by_text("Rename, delete, export, import").click()
+    for name, messages in chats.items():
+        (tmp_path / name).write_text(json.dumps(messages))
+        import_file(page, tmp_path / name)
+    page.get_by_role("button", name="+ New chat").click()
+    search = page.get_by_placeholder("Search chats")
+    search.press_sequentially("PACIFIC", delay=30)  # typed: each key is an input event
+    found = page.locator("#chat-found")
+    found.get_by_text("Found 2").wait_for(timeout=10_000)
+    labels = found.locator("label").all_inner_texts()
+    assert labels == ["Tell a joke. · A pacific one.", "Name an ocean. · The Pacific."], "newest first, with the words"
+    found.get_by_text("Name an ocean.").click()
+    page.locator("#chat").get_by_text("The Pacific.").wait_for(timeout=10_000)
+    assert page.locator("#chat-list input:checked").evaluate("e => e.parentElement.innerText") == "Name an ocean."
+    page.screenshot(path=str(SHOTS / "browser-search.png"), full_page=True)
+    page.get_by_role("button", name="Delete", exact=True).click()
+    deadline = time.time() + 10
+    while time.time() < deadline and found.locator("label").count() != 1:
+        time.sleep(0.1)
+    assert found.locator("label").all_inner_texts() == ["Tell a joke. · A pacific one."], (
+        "a deleted chat leaves the list"
+    )
+    search.press("Control+a")
+    search.press_sequentially("volcano", delay=30)
+    found.get_by_text("No saved chat holds these words").wait_for(timeout=10_000)
+    search.press("Control+a")
+    search.press("Backspace")
+    deadline = time.time() + 10
+    while time.time() < deadline and found.is_visible():
+        time.sleep(0.1)
+    assert not found.is_visible(), "no words, no search list"

@@ -408,3 +408,42 @@ def test_the_budget_measures_a_large_saved_copy_whole_only_a_few_times(monkeypat
     trimmed = chat_history.within_budget(forks)
     assert len(json.dumps(trimmed).encode()) <= chat_history.MAX_VERSION_BYTES
     assert sum(wholes) <= 4, "the forks are not measured whole once per dropped version (quadratic in their size)"
+
+
+def test_a_search_finds_the_chats_holding_every_word_newest_first_with_a_few_words_around_them(monkeypatch):
+    clock = iter(range(100, 200))
+    monkeypatch.setattr(chat_history.time, "time", lambda: next(clock))
+    chats = None
+    for n, (question, answer) in enumerate(
+        [
+            ("Name an ocean.", "The Pacific Ocean is the largest of the five oceans on Earth, by far."),
+            ("What is a lake?", "A body of fresh water; the ocean is salt."),
+            ("Tell me a joke.", "Why did the chicken cross the road?"),
+        ]
+    ):
+        messages = [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": "", "metadata": {"title": "0.1 s to first token · PACIFIC"}},
+            {"role": "assistant", "content": answer},
+        ]
+        chats = upsert(chats, f"{n:032x}", messages, {})
+    ids = [f"{n:032x}" for n in range(3)]
+    assert [chat_id for _, chat_id in chat_history.search(chats, "OCEAN")] == [ids[1], ids[0]], "newest first"
+    assert chat_history.search(chats, "ocean NAME") == [("Name an ocean.", ids[0])], "the title holds them all"
+    label, _ = chat_history.search(chats, "pacific largest")[0]
+    assert label == "Name an ocean. · The Pacific Ocean is the largest of the five oceans…"
+    assert chat_history.search(chats, "road joke") == [("Tell me a joke. · …the chicken cross the road?", ids[2])]
+    assert chat_history.search(chats, "first token") == [], "page notes are not searched"
+    assert chat_history.search(chats, "  ") == chat_history.search(chats, None) == []
+    assert len(chat_history.search(chats, "the", limit=2)) == 2
+
+
+def test_a_search_survives_whatever_the_browser_saved_and_looks_for_at_most_eight_words():
+    chats = upsert(None, "a" * 32, [{"role": "user", "content": "Straße " * 30 + "Pacific ocean"}], {})
+    chats["a" * 32]["messages"] += ["hello", None, {"role": "user", "content": {"type": "text", "text": 5}}]
+    label, _ = chat_history.search(chats, "PACIFIC")[0]
+    assert "Pacific" in label, "the words around the match, though case-folding lengthens what comes before"
+    many = " ".join(f"w{n}" for n in range(2000)) + " pacific"
+    assert chat_history.search(chats, many) == [], "the first 8 words are looked for (w0... are in no chat)"
+    assert chat_history.search(chats, "pacific " * 2000 + "x" * 5000) == [], "a word is cut to 64 characters"
+    assert len(chat_history.search(chats, "straße " * 100)) == 1, "the same word counts once"
