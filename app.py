@@ -19,7 +19,6 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from functools import partial
 from pathlib import Path
 
 import gradio as gr
@@ -562,8 +561,8 @@ def imported_image(url, where: str) -> str:
 def imported_file(file, where: str) -> str:
     """An imported chat's document (a ``file`` part's ``file``) as a file the chat can show, under its own name;
     ValueError if it is not one a model could read."""
-    documents.read(file, where)
     name, data = documents.sent_file(file, where)
+    documents.text_of(data, f"{where} ({name})")
     folder = imports_folder() / import_name(data)
     try:
         folder.mkdir(exist_ok=True)
@@ -595,7 +594,7 @@ def to_messages(
     ends with an answer to continue). For a model that reads text only (``images`` False) earlier images become
     a note, so a chat that had them goes on after a switch."""
     new = [] if continuing else [{"role": "user", "content": message}]
-    read = functools.cache(partial(attached_part, images=images))  # a file named twice is read once
+    read = functools.cache(functools.partial(attached_part, images=images))  # a file named twice is read once
     return [*openai_messages(history, system_prompt, read), *new]
 
 
