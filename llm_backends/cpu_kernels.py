@@ -70,13 +70,19 @@ def available() -> bool:
     return ops() is not None
 
 
+def _built_for(values: torch.Tensor, dim: int):
+    """The compiled module where a model already built it (never starts a build: an MLX model on a Mac has no use
+    for one) and ``values`` is a ``dim``-dimensional fp32 CPU tensor; else None."""
+    built = ops.cache_info().currsize > 0
+    usable = built and values.device.type == "cpu" and values.dtype == torch.float32 and values.dim() == dim
+    return ops() if usable else None
+
+
 def argmax(values: torch.Tensor) -> int:
     """torch.argmax of a 1-D tensor; on a CPU in fp32 by the kernel where a model already built it (two vector
     passes, no threads of its own): a reply's first greedy token, and every one where no shared pass picked it
     (``argmax_rows`` picks those of a pass at once)."""
-    built = ops.cache_info().currsize > 0  # never starts a build (an MLX model on a Mac has no use for one)
-    usable = built and values.device.type == "cpu" and values.dtype == torch.float32 and values.dim() == 1
-    ops_ = ops() if usable else None
+    ops_ = _built_for(values, 1)
     if ops_ is None or values.numel() == 0:
         return int(values.argmax())
     return ops_.argmax(values.contiguous())
@@ -85,10 +91,8 @@ def argmax(values: torch.Tensor) -> int:
 def argmax_rows(values: torch.Tensor) -> list[int]:
     """torch.argmax(values, -1) of a 2-D tensor, as ints: on a CPU in fp32 one kernel call for all rows (a shared
     step's greedy picks), elsewhere torch's."""
-    built = ops.cache_info().currsize > 0
-    usable = built and values.device.type == "cpu" and values.dtype == torch.float32 and values.dim() == 2
-    ops_ = ops() if usable and values.shape[1] > 0 else None
-    if ops_ is None:
+    ops_ = _built_for(values, 2)
+    if ops_ is None or values.shape[1] == 0:
         return values.float().argmax(-1).tolist()
     return ops_.argmax_rows(values).tolist()
 
@@ -97,10 +101,8 @@ def topk(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """torch.topk(values, k) of a 1-D tensor: the k largest values and their indices, largest first. On a CPU in
     fp32 by the kernel where a model already built it (one vector pass, no threads of its own; equal values in
     index order), elsewhere, or where a value is NaN, torch's."""
-    built = ops.cache_info().currsize > 0
-    usable = built and values.device.type == "cpu" and values.dtype == torch.float32 and values.dim() == 1
-    ops_ = ops() if usable and 0 < k <= values.numel() else None
-    if ops_ is not None:
+    ops_ = _built_for(values, 1)
+    if ops_ is not None and 0 < k <= values.numel():
         found, where = ops_.topk(values.contiguous(), k)
         if found.numel():
             return found, where
