@@ -32,6 +32,7 @@ from .errors import BackendError
 from .families.base import BASE_MODEL_STOP, BASE_MODEL_TEMPLATE, BASE_MODEL_TURN, Family
 from .request import ChatRequest, SessionKey
 from .session_cache import SessionStore, common_prefix_len
+from .special_tokens import SpecialTokens
 from .text_stream import ReplyText
 
 # A prompt fits when it leaves room for min(max_new_tokens, REPLY_ROOM) new tokens; the reply is then
@@ -164,6 +165,7 @@ class LocalModel(ChatModel):
         self.model = model  # the library's own model object, for inspection (hooks, memory)
         self.vocab_size = vocab_size
         self.tokenizer = tokenizer
+        self.specials = SpecialTokens(tokenizer)
         # Per model (a cache on the class would keep every model it saw alive): few system prompts recur.
         self._operator_ids = functools.lru_cache(maxsize=64)(self._operator_ids_uncached)
         self.family = family
@@ -214,42 +216,55 @@ class LocalModel(ChatModel):
         return head + self._answer_ids(answer)
 
     def _answer_ids(self, answer: str) -> list[int]:
-        return list(self.tokenizer(answer, add_special_tokens=False)["input_ids"]) if answer else []
+        return self.specials.text_ids(answer) if answer else []
 
     def _render_parts(self, messages, enable_thinking, tools, continue_final: bool) -> tuple[list[int], str]:
-        """The ids of everything before the reply, and (``continue_final``) the answer's text that follows them."""
+        """The ids of everything before the reply, and (``continue_final``) the answer's text that follows them.
+        Special tokens count only where the template writes them: in the messages and tools they are text."""
         kwargs = {"enable_thinking": enable_thinking} if self.family.can_think else {}
         pictures = image_parts.images_of(messages)
         answer = messages[-1]["content"] if continue_final else ""
         if continue_final:
             messages = [*messages[:-1], {**messages[-1], "content": CONTINUE_MARK}]
         messages = [self._template_message(m) for m in messages]
-        if self.template_has_tools:
-            if tools:
-                kwargs["tools"] = list(tools)
-        elif tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
-            messages = tool_calls.inline(messages, list(tools or ()))
-        try:
-            text = self.tokenizer.apply_chat_template(
-                messages,
-                chat_template=self.chat_template,
-                tokenize=False,
-                add_generation_prompt=not continue_final,
-                **kwargs,
-            )
-        except (TemplateError, RecursionError) as e:  # "roles must alternate", tools nested too deep: the input's
-            raise ValueError(f"the model's chat template refused the conversation: {e}") from e
-        if continue_final:
-            if text.count(CONTINUE_MARK) != 1:
-                raise ValueError(
-                    "the model's chat template does not write the last answer as sent: it cannot be continued"
+        if not self.template_has_tools and (tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)):
+            messages, tools = tool_calls.inline(messages, list(tools or ())), None
+
+        def text_of(messages, tools) -> str:
+            # A template's refusal ("roles must alternate", tools nested too deep) is the input's fault.
+            try:
+                text = self.tokenizer.apply_chat_template(
+                    messages,
+                    chat_template=self.chat_template,
+                    tokenize=False,
+                    add_generation_prompt=not continue_final,
+                    **kwargs,
+                    **({"tools": list(tools)} if tools else {}),
                 )
-            text, answer = _open_answer(text[: text.index(CONTINUE_MARK)], answer)
-        if self.image_format is None:
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]), answer
-        text = self.image_format.expand(text, len(pictures))
-        ids = self.image_format.mark(list(self.tokenizer(text, add_special_tokens=False)["input_ids"]), pictures)
-        return ids, answer
+            except (TemplateError, RecursionError) as e:
+                raise ValueError(f"the model's chat template refused the conversation: {e}") from e
+            if continue_final:
+                if text.count(CONTINUE_MARK) != 1:
+                    raise ValueError(
+                        "the model's chat template does not write the last answer as sent: it cannot be continued"
+                    )
+                text = text[: text.index(CONTINUE_MARK)]
+            return text
+
+        def prompt(text: str) -> str:
+            return self.image_format.expand(text, len(pictures)) if self.image_format else text
+
+        text = text_of(messages, tools)
+        if continue_final:
+            text, answer = _open_answer(text, answer)
+        (neutral_messages, neutral_tools), typed = self.specials.neutral((messages, tools))
+        spans = None
+        if typed:
+            neutral = text_of(neutral_messages, neutral_tools)
+            neutral = _open_answer(neutral, "")[0] if continue_final else neutral
+            spans = self.specials.template_spans(prompt(text), prompt(neutral))
+        ids = self.specials.encode(prompt(text), spans)
+        return (self.image_format.mark(ids, pictures) if self.image_format else ids), answer
 
     def _template_message(self, message: dict) -> dict:
         """A message as chat templates read it: content with images as typed parts (Gemma 3's template writes
