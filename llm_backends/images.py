@@ -216,15 +216,14 @@ class ImageFormat:
             processor.boi_token, processor.full_image_sequence, tokenizer.image_token_id, processor.image_seq_length
         )
 
-    def expand(self, text: str, count: int) -> str:
-        """The rendered prompt with each of its ``count`` image placeholders expanded; ValueError when the text
-        holds another number of them (a message that types the placeholder itself)."""
-        found = text.count(self.placeholder)
-        if found > count:
-            raise ValueError(f"a message holds the text {self.placeholder}, which marks images: remove it")
-        if found < count:
+    def expand(self, pieces: list[tuple[str, bool]], count: int) -> list[tuple[str, bool]]:
+        """The rendered prompt's (text, typed) pieces (``special_tokens.ControlTokens.pieces``) with each of the
+        ``count`` image placeholders the template wrote expanded (a typed one is the caller's text); ValueError
+        when the template placed another number of them."""
+        found = sum(text.count(self.placeholder) for text, typed in pieces if not typed)
+        if found != count:
             raise ValueError(f"the model's chat template placed {found} of the conversation's {count} images")
-        return text.replace(self.placeholder, self.expanded)
+        return [(text if typed else text.replace(self.placeholder, self.expanded), typed) for text, typed in pieces]
 
     def mark(self, ids: list[int], pictures: Sequence[Image]) -> list[int]:
         """The prompt's ids with each image's run of image tokens replaced by its pseudo ids, in order."""

@@ -32,7 +32,7 @@ from .errors import BackendError
 from .families.base import BASE_MODEL_STOP, BASE_MODEL_TEMPLATE, BASE_MODEL_TURN, Family
 from .request import ChatRequest, SessionKey
 from .session_cache import SessionStore, common_prefix_len
-from .special_tokens import SpecialTokens
+from .special_tokens import ControlTokens
 from .text_stream import ReplyText
 
 # A prompt fits when it leaves room for min(max_new_tokens, REPLY_ROOM) new tokens; the reply is then
@@ -165,7 +165,6 @@ class LocalModel(ChatModel):
         self.model = model  # the library's own model object, for inspection (hooks, memory)
         self.vocab_size = vocab_size
         self.tokenizer = tokenizer
-        self.specials = SpecialTokens(tokenizer)
         # Per model (a cache on the class would keep every model it saw alive): few system prompts recur.
         self._operator_ids = functools.lru_cache(maxsize=64)(self._operator_ids_uncached)
         self.family = family
@@ -176,6 +175,9 @@ class LocalModel(ChatModel):
             thinking=family.can_think and not base, images=image_format is not None, base_model=base
         )
         self.chat_template = BASE_MODEL_TEMPLATE if base else tokenizer.chat_template
+        # A vision model's image tokens are the processor's to write, as the template's own are the template's.
+        images = () if image_format is None else (image_format.placeholder, image_format.expanded)
+        self.control = ControlTokens(tokenizer, "".join((self.chat_template or "", *images)), extra=images[:1])
         self.template_stops = BASE_MODEL_STOP if base else ()  # a base model's reply ends at the next question
         stop_ids = {tokenizer.convert_tokens_to_ids(t) for t in family.stop_tokens} | set(eos_ids)
         stop_ids.add(tokenizer.eos_token_id)
@@ -216,54 +218,48 @@ class LocalModel(ChatModel):
         return head + self._answer_ids(answer)
 
     def _answer_ids(self, answer: str) -> list[int]:
-        return self.specials.text_ids(answer) if answer else []
+        return self.control.text_ids(answer)
 
     def _render_parts(self, messages, enable_thinking, tools, continue_final: bool) -> tuple[list[int], str]:
         """The ids of everything before the reply, and (``continue_final``) the answer's text that follows them.
-        Special tokens count only where the template writes them: in the messages and tools they are text."""
+        Control tokens count only where the template writes them: in the messages and tools they are text
+        (``special_tokens.py``)."""
         kwargs = {"enable_thinking": enable_thinking} if self.family.can_think else {}
         pictures = image_parts.images_of(messages)
         answer = messages[-1]["content"] if continue_final else ""
+        # An answer's reasoning tags are the template's to read: Qwen 3's splits the reasoning off at them.
+        reasoning = self.family.think_tags or ()
+        marked = [self.control.mark(m, reasoning if m["role"] == "assistant" else ()) for m in messages]
+        tools, typed_tools = self.control.mark(tools)
+        messages, typed = [m for m, _ in marked], typed_tools or any(found for _, found in marked)
         if continue_final:
             messages = [*messages[:-1], {**messages[-1], "content": CONTINUE_MARK}]
         messages = [self._template_message(m) for m in messages]
-        if not self.template_has_tools and (tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)):
-            messages, tools = tool_calls.inline(messages, list(tools or ())), None
-
-        def text_of(messages, tools) -> str:
-            # A template's refusal ("roles must alternate", tools nested too deep) is the input's fault.
-            try:
-                text = self.tokenizer.apply_chat_template(
-                    messages,
-                    chat_template=self.chat_template,
-                    tokenize=False,
-                    add_generation_prompt=not continue_final,
-                    **kwargs,
-                    **({"tools": list(tools)} if tools else {}),
-                )
-            except (TemplateError, RecursionError) as e:
-                raise ValueError(f"the model's chat template refused the conversation: {e}") from e
-            if continue_final:
-                if text.count(CONTINUE_MARK) != 1:
-                    raise ValueError(
-                        "the model's chat template does not write the last answer as sent: it cannot be continued"
-                    )
-                text = text[: text.index(CONTINUE_MARK)]
-            return text
-
-        def prompt(text: str) -> str:
-            return self.image_format.expand(text, len(pictures)) if self.image_format else text
-
-        text = text_of(messages, tools)
+        if self.template_has_tools:
+            if tools:
+                kwargs["tools"] = list(tools)
+        elif tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+            messages = tool_calls.inline(messages, list(tools or ()))
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages,
+                chat_template=self.chat_template,
+                tokenize=False,
+                add_generation_prompt=not continue_final,
+                **kwargs,
+            )
+        except (TemplateError, RecursionError) as e:  # "roles must alternate", tools nested too deep: the input's
+            raise ValueError(f"the model's chat template refused the conversation: {e}") from e
         if continue_final:
-            text, answer = _open_answer(text, answer)
-        (neutral_messages, neutral_tools), typed = self.specials.neutral((messages, tools))
-        spans = None
-        if typed:
-            neutral = text_of(neutral_messages, neutral_tools)
-            neutral = _open_answer(neutral, "")[0] if continue_final else neutral
-            spans = self.specials.template_spans(prompt(text), prompt(neutral))
-        ids = self.specials.encode(prompt(text), spans)
+            if text.count(CONTINUE_MARK) != 1:
+                raise ValueError(
+                    "the model's chat template does not write the last answer as sent: it cannot be continued"
+                )
+            text, answer = _open_answer(text[: text.index(CONTINUE_MARK)], answer)
+        pieces = self.control.pieces(text) if typed else [(text, False)]
+        if self.image_format is not None:
+            pieces = self.image_format.expand(pieces, len(pictures))
+        ids = self.control.encode(pieces)
         return (self.image_format.mark(ids, pictures) if self.image_format else ids), answer
 
     def _template_message(self, message: dict) -> dict:

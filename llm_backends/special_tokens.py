@@ -1,28 +1,33 @@
-"""Special tokens are control only where the chat template writes them.
+"""Control tokens are control only where the chat template writes them.
 
 A tokenizer reads a special token's spelling anywhere in a text as that token, so a message (or a file's text)
 holding ``<end_of_turn>`` or ``<|im_end|>`` would end its turn and could start one in another role. Here the
-caller's words are text: the conversation is rendered a second time with every special token's spelling in it
-replaced by as many placeholder characters, the special tokens left in that render are the template's own, and
-the prompt is tokenized in pieces between them with special tokens split into ordinary ones.
+caller's words are text: before the template renders, every control token's spelling in the messages and tools
+is wrapped in two private-use markers; after it, each wrapped spelling is tokenized as plain text, and the rest of
+the prompt, the template's own control tokens included, as before. A marker the template separated from its
+partner (a template may split a message's text, as Qwen 3's does at ``</think>``) is dropped, and the text on its
+two sides is tokenized apart, so it cannot join into a control token.
 
-The pieces are cut where the tokenizer itself cuts a text (at added tokens), so a prompt whose messages hold no
-special token is tokenized as a whole, as before.
+The control tokens are the tokenizer's special tokens, the added tokens the template's text holds (Qwen 3's
+``<think>``, ``<tool_call>``; not Gemma's HTML tags or runs of newlines, which are words), and what the caller
+names (a vision model's image tokens). transformers 5.24's ``apply_chat_template(sanitize_control_tokens=True)``
+takes the same approach; it tokenizes as it renders, where the prompt here is cut, expanded for images and
+continued between the two.
+
+A conversation that holds no control token's spelling is tokenized as a whole, exactly as before.
 """
 
 from __future__ import annotations
 
-import logging
 import re
+from collections.abc import Iterable
 
-log = logging.getLogger(__name__)
-
-# Stands for one character of a special token's spelling in the second render (a private-use character, not
-# the continue mark's, and not whitespace, which templates trim).
-NEUTRAL = "\ue001"
+# The markers (transformers' own): private-use characters a caller's text may hold too, which are then wrapped
+# themselves and read back as the characters they are.
+START, END = "\U000f0000", "\U000f0001"
 
 
-def _trie_pattern(words: list[str]) -> str:
+def _trie_pattern(words: Iterable[str]) -> str:
     """A regex matching any of ``words``, longest first, as a trie: one character compare per branch, where an
     alternation of thousands of words (Gemma 3 has ~6,250 special tokens) costs seconds on a long text."""
     trie: dict = {}
@@ -42,42 +47,43 @@ def _trie_pattern(words: list[str]) -> str:
     return walk(trie)
 
 
-def _lined_up(text: str, neutral_text: str) -> bool:
-    """Whether the two renders differ only where the neutral one has placeholders."""
-    if len(text) != len(neutral_text):
-        return False
-    at = 0
-    for run in re.finditer(f"{NEUTRAL}+", neutral_text):
-        if text[at : run.start()] != neutral_text[at : run.start()]:
-            return False
-        at = run.end()
-    return text[at:] == neutral_text[at:]
+class ControlTokens:
+    """A tokenizer's control tokens under one chat template: ``mark`` the caller's strings before rendering,
+    ``encode`` the rendered prompt after."""
 
-
-class SpecialTokens:
-    """A tokenizer's special tokens, and prompts tokenized with only the template's read as such."""
-
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, chat_template: str | None, extra: Iterable[str] = ()):
         self.tokenizer = tokenizer
-        added = [t for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special and t.content]
-        self.pattern = re.compile(_trie_pattern(sorted({t.content for t in added}))) if added else None
-        # A special token that strips the whitespace beside it takes it from the neighbouring text, as the
-        # tokenizer does when it reads the whole text.
-        self._strips = {t.content: (t.lstrip, t.rstrip) for t in added if t.lstrip or t.rstrip}
-        self._warned = False
+        template = chat_template or ""
+        added = getattr(tokenizer, "added_tokens_decoder", {}).values()
+        written = {t.content for t in added if t.content in template and not t.content.isspace()}
+        self.tokens = frozenset({t.content for t in added if t.special} | written | set(extra)) - {""}
+        spelled = _trie_pattern(self.tokens | {START, END})
+        self._spelled = {frozenset(): re.compile(spelled)}
+        # A wrapped spelling, or a lone marker (its partner split off by the template).
+        self._wrapped = re.compile(f"{START}({spelled}){END}|[{START}{END}]")
+        self._newline = self._plain("\n")
 
-    def neutral(self, value):
-        """``value`` (messages, tools: dicts, lists and strings) with each special token's spelling in its
-        strings replaced by placeholders of the same length, and whether any was."""
+    def mark(self, value, spare: Iterable[str] = ()) -> tuple[object, bool]:
+        """``value`` (messages, tools: dicts, lists, strings, anything else as it is) with every control token's
+        spelling in its strings wrapped in markers, dicts' keys too, except the ``spare`` tokens' (ones the
+        template itself reads out of the text, which its string operations would split from their markers); and
+        whether any string held one."""
+        spare = frozenset(spare) & self.tokens
+        pattern = self._spelled.get(spare)
+        if pattern is None:
+            pattern = self._spelled[spare] = re.compile(_trie_pattern((self.tokens - spare) | {START, END}))
         found = False
 
-        def walk(item):
+        def wrap(text: str) -> str:
             nonlocal found
+            if pattern.search(text) is None:
+                return text
+            found = True
+            return pattern.sub(lambda m: START + m.group() + END, text)
+
+        def walk(item):
             if isinstance(item, str):
-                if self.pattern is None or self.pattern.search(item) is None:
-                    return item
-                found = True
-                return self.pattern.sub(lambda m: NEUTRAL * len(m.group()), item)
+                return wrap(item)
             if isinstance(item, dict):
                 return {walk(k): walk(v) for k, v in item.items()}
             if isinstance(item, list | tuple):
@@ -86,48 +92,54 @@ class SpecialTokens:
 
         return walk(value), found
 
-    def template_spans(self, text: str, neutral_text: str) -> list[tuple[int, int]] | None:
-        """Where the special tokens the template wrote are in ``text``, given the same prompt rendered from the
-        neutral messages; None when the template changed the messages' text on the way (then the two renders
-        cannot be lined up)."""
-        if _lined_up(text, neutral_text):
-            return [m.span() for m in self.pattern.finditer(neutral_text)]
-        if not self._warned:
-            self._warned = True
-            log.warning(
-                "the chat template changes the messages' text, so special tokens typed in a message cannot be told "
-                "from the template's: they are read as special tokens"
-            )
-        return None
+    def pieces(self, text: str) -> list[tuple[str, bool]]:
+        """A rendered prompt as (text, typed) pieces in order: ``typed`` ones are a wrapped spelling (the caller's,
+        read as text), the others the template's text around them; lone markers are left out."""
+        out, at = [], 0
+        for m in self._wrapped.finditer(text):
+            out.append((text[at : m.start()], False))
+            if m.group(1) is not None:
+                out.append((m.group(1), True))
+            at = m.end()
+        out.append((text[at:], False))
+        return [(piece, typed) for piece, typed in out if piece]
 
-    def encode(self, text: str, spans: list[tuple[int, int]] | None) -> list[int]:
-        """``text``'s token ids: special tokens at ``spans`` as themselves, every other spelling of one as
-        ordinary text. ``spans`` None: the text as the tokenizer reads it, every special token as itself."""
+    def encode(self, pieces: list[tuple[str, bool]]) -> list[int]:
+        """The pieces' token ids: the template's text as the tokenizer reads it (control tokens as themselves), the
+        caller's spellings as plain text."""
         tokenizer = self.tokenizer
-        if spans is None:
-            return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-        pieces, specials, at = [], [], 0
-        for start, end in spans:
-            pieces.append(text[at:start])
-            specials.append(text[start:end])
-            at = end
-        pieces.append(text[at:])
-        for n, special in enumerate(specials):
-            lstrip, rstrip = self._strips.get(special, (False, False))
-            if lstrip:
-                pieces[n] = pieces[n].rstrip()
-            if rstrip:
-                pieces[n + 1] = pieces[n + 1].lstrip()
-        kept = [piece for piece in pieces if piece]
-        read = iter(tokenizer(kept, add_special_tokens=False, split_special_tokens=True)["input_ids"]) if kept else ()
+        if len(pieces) == 1 and not pieces[0][1]:
+            return list(tokenizer(pieces[0][0], add_special_tokens=False)["input_ids"])
+        template = [piece for piece, typed in pieces if not typed]
+        read = iter(tokenizer(template, add_special_tokens=False)["input_ids"] if template else ())
         ids: list[int] = []
-        for n, piece in enumerate(pieces):
-            if piece:
-                ids += next(read)
-            if n < len(specials):
-                ids.append(tokenizer.convert_tokens_to_ids(specials[n]))
+        for piece, typed in pieces:
+            ids += self._plain(piece) if typed else next(read)
         return ids
 
     def text_ids(self, text: str) -> list[int]:
-        """The ids of text that is all the caller's (a continued answer): special tokens' spellings as text."""
-        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+        """The ids of text that is all the caller's (an answer to continue): control tokens' spellings as text."""
+        marked, found = self.mark(text)
+        return self.encode(self.pieces(marked) if found else [(text, False)]) if text else []
+
+    def _plain(self, text: str) -> list[int]:
+        """``text``'s ids matching no added token, special or not: the tokenizer's normalizer, pre-tokenizer and
+        model, which share no state between threads (a ``split_special_tokens`` call sets a flag on the tokenizer
+        that every other call reads). Read after a newline, whose ids are then taken off, so a tokenizer that adds
+        a space at the start of a text does not add one mid-prompt."""
+        backend = getattr(self.tokenizer, "_tokenizer", None)
+        if backend is None or not hasattr(backend, "model"):
+            return list(self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
+
+        def read(text: str) -> list[int]:
+            if backend.normalizer is not None:
+                text = backend.normalizer.normalize_str(text)
+            splits = [text]
+            if backend.pre_tokenizer is not None:
+                splits = [split for split, _ in backend.pre_tokenizer.pre_tokenize_str(text)]
+            return [token.id for split in splits for token in backend.model.tokenize(split)]
+
+        if text == "\n":
+            return read(text)
+        ids = read("\n" + text)
+        return ids[len(self._newline) :] if ids[: len(self._newline)] == self._newline else read(text)

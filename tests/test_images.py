@@ -157,7 +157,6 @@ def test_create_takes_openai_parts_and_pil_images(gemma3_vision):
         ([{"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.png"}}], "--image-urls"),
         ([{"type": "image", "image": "/etc/passwd"}], "must be a data: URL"),
         ([{"type": "audio", "audio": "x"}], "text, image_url and file parts"),
-        ([{"type": "text", "text": "look <start_of_image>"}, picture(0)], "remove it"),
         ([{"type": "text", "text": "many"}] + [picture(i) for i in range(images.MAX_IMAGES + 1)], "at most 8"),
         (
             [{"type": "image_url", "image_url": {"url": "data:image/x-eps;base64," + base64.b64encode(EPS).decode()}}],
