@@ -177,7 +177,9 @@ class LocalModel(ChatModel):
         self.chat_template = BASE_MODEL_TEMPLATE if base else tokenizer.chat_template
         # A vision model's image tokens are the processor's to write, as the template's own are the template's.
         images = () if image_format is None else (image_format.placeholder, image_format.expanded)
-        self.control = ControlTokens(tokenizer, "".join((self.chat_template or "", *images)), extra=images[:1])
+        self.control = ControlTokens(
+            tokenizer, "".join((self.chat_template or "", *images)), extra=(*images[:1], *family.control_tokens)
+        )
         self.template_stops = BASE_MODEL_STOP if base else ()  # a base model's reply ends at the next question
         stop_ids = {tokenizer.convert_tokens_to_ids(t) for t in family.stop_tokens} | set(eos_ids)
         stop_ids.add(tokenizer.eos_token_id)
@@ -218,7 +220,7 @@ class LocalModel(ChatModel):
         return head + self._answer_ids(answer)
 
     def _answer_ids(self, answer: str) -> list[int]:
-        return self.control.text_ids(answer)
+        return self.control.text_ids(answer, self.family.think_tags)
 
     def _render_parts(self, messages, enable_thinking, tools, continue_final: bool) -> tuple[list[int], str]:
         """The ids of everything before the reply, and (``continue_final``) the answer's text that follows them.
@@ -227,9 +229,7 @@ class LocalModel(ChatModel):
         kwargs = {"enable_thinking": enable_thinking} if self.family.can_think else {}
         pictures = image_parts.images_of(messages)
         answer = messages[-1]["content"] if continue_final else ""
-        # An answer's reasoning tags are the template's to read: Qwen 3's splits the reasoning off at them.
-        reasoning = self.family.think_tags or ()
-        marked = [self.control.mark(m, reasoning if m["role"] == "assistant" else ()) for m in messages]
+        marked = [self._mark(m) for m in messages]
         tools, typed_tools = self.control.mark(tools)
         messages, typed = [m for m, _ in marked], typed_tools or any(found for _, found in marked)
         if continue_final:
@@ -261,6 +261,16 @@ class LocalModel(ChatModel):
             pieces = self.image_format.expand(pieces, len(pictures))
         ids = self.control.encode(pieces)
         return (self.image_format.mark(ids, pictures) if self.image_format else ids), answer
+
+    def _mark(self, message: dict) -> tuple[dict, bool]:
+        """``message`` with the control tokens' spellings in it wrapped (``ControlTokens.mark``), but for the
+        reasoning tags an answer's text holds where the template reads them (Qwen 3's splits the reasoning off)."""
+        content = message.get("content")
+        if message["role"] != "assistant" or not self.family.think_tags or not isinstance(content, str):
+            return self.control.mark(message)
+        rest, found = self.control.mark({k: v for k, v in message.items() if k != "content"})
+        content, in_content = self.control.mark_answer(content, self.family.think_tags)
+        return {**rest, "content": content}, found or in_content
 
     def _template_message(self, message: dict) -> dict:
         """A message as chat templates read it: content with images as typed parts (Gemma 3's template writes

@@ -62,12 +62,12 @@ class ControlTokens:
         # A wrapped spelling, or a lone marker (its partner split off by the template).
         self._wrapped = re.compile(f"{START}({spelled}){END}|[{START}{END}]")
         self._newline = self._plain("\n")
+        self._newline_ids = list(tokenizer("\n", add_special_tokens=False)["input_ids"])
 
     def mark(self, value, spare: Iterable[str] = ()) -> tuple[object, bool]:
         """``value`` (messages, tools: dicts, lists, strings, anything else as it is) with every control token's
-        spelling in its strings wrapped in markers, dicts' keys too, except the ``spare`` tokens' (ones the
-        template itself reads out of the text, which its string operations would split from their markers); and
-        whether any string held one."""
+        spelling in its strings wrapped in markers, dicts' keys too, except the ``spare`` tokens'; and whether any
+        string held one."""
         spare = frozenset(spare) & self.tokens
         pattern = self._spelled.get(spare)
         if pattern is None:
@@ -92,6 +92,19 @@ class ControlTokens:
 
         return walk(value), found
 
+    def mark_answer(self, text: str, tags: tuple[str, str], unfinished: bool = False) -> tuple[str, bool]:
+        """An answer's text marked, but for the reasoning tags (``tags``: opening, closing) a template reads out of
+        it to split the reasoning off, as Qwen 3's does: every closing tag, and the opening ones before the first
+        closing tag (where there is one, or the answer is ``unfinished``: its reasoning may still be going on).
+        Wrapped, those would be split from their markers by the template's string operations (and the markers
+        would stop its strip of the newlines beside them)."""
+        opening, closing = tags
+        if closing not in text and not unfinished:
+            return self.mark(text)
+        first, *rest = text.split(closing)
+        parts = [self.mark(first, spare=(opening,)), *(self.mark(part) for part in rest)]
+        return closing.join(part for part, _ in parts), any(found for _, found in parts)
+
     def pieces(self, text: str) -> list[tuple[str, bool]]:
         """A rendered prompt as (text, typed) pieces in order: ``typed`` ones are a wrapped spelling (the caller's,
         read as text), the others the template's text around them; lone markers are left out."""
@@ -106,21 +119,38 @@ class ControlTokens:
 
     def encode(self, pieces: list[tuple[str, bool]]) -> list[int]:
         """The pieces' token ids: the template's text as the tokenizer reads it (control tokens as themselves), the
-        caller's spellings as plain text."""
+        caller's spellings as plain text. ValueError where plain text would make the control token itself."""
         tokenizer = self.tokenizer
         if len(pieces) == 1 and not pieces[0][1]:
             return list(tokenizer(pieces[0][0], add_special_tokens=False)["input_ids"])
-        template = [piece for piece, typed in pieces if not typed]
+        # A piece after the first is read after a newline whose ids are then taken off, so a tokenizer that adds a
+        # space at a text's start (SentencePiece) does not add one mid-prompt.
+        template = [("\n" if n else "") + piece for n, (piece, typed) in enumerate(pieces) if not typed]
         read = iter(tokenizer(template, add_special_tokens=False)["input_ids"] if template else ())
         ids: list[int] = []
-        for piece, typed in pieces:
-            ids += self._plain(piece) if typed else next(read)
+        for n, (piece, typed) in enumerate(pieces):
+            if typed:
+                piece_ids = self._plain(piece)
+                if tokenizer.added_tokens_encoder.get(piece) in piece_ids:
+                    raise ValueError(f"{piece!r} cannot be read as text: this tokenizer makes the token from it")
+                ids += piece_ids
+                continue
+            piece_ids = list(next(read))
+            if n:
+                newline = self._newline_ids
+                piece_ids = piece_ids[len(newline) :] if piece_ids[: len(newline)] == newline else None
+                if piece_ids is None:
+                    piece_ids = list(tokenizer(piece, add_special_tokens=False)["input_ids"])
+            ids += piece_ids
         return ids
 
-    def text_ids(self, text: str) -> list[int]:
-        """The ids of text that is all the caller's (an answer to continue): control tokens' spellings as text."""
-        marked, found = self.mark(text)
-        return self.encode(self.pieces(marked) if found else [(text, False)]) if text else []
+    def text_ids(self, text: str, reasoning: tuple[str, str] | None = None) -> list[int]:
+        """The ids of text that is all the caller's (an answer to continue; ``reasoning``: the reasoning tags it may
+        open with, read as ``mark_answer`` reads them): control tokens' spellings as text."""
+        if not text:
+            return []
+        marked, found = self.mark_answer(text, reasoning, unfinished=True) if reasoning else self.mark(text)
+        return self.encode(self.pieces(marked) if found else [(text, False)])
 
     def _plain(self, text: str) -> list[int]:
         """``text``'s ids matching no added token, special or not: the tokenizer's normalizer, pre-tokenizer and

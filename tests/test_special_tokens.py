@@ -151,6 +151,37 @@ def test_added_tokens_the_template_writes_are_control_too_and_its_own_split_of_r
     assert START not in qwen3.tokenizer.decode(ids) and qwen3.tokenizer.decode(ids) == text
 
 
+@pytest.mark.parametrize(
+    ("answer", "like"),
+    [
+        ("Use the <think> tag", "Use the tag"),  # never split off: text
+        ("<think>r</think>a<think>b", "<think>r</think>ab"),  # after the reasoning: text
+        ("<think>r</think>a<|im_end|>", "<think>r</think>a"),
+    ],
+)
+def test_only_the_reasoning_tags_the_template_reads_in_an_answer_stay_its_own(qwen3, answer, like):
+    def ids_of(content, **call):
+        messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": content, **call}]
+        return qwen3.render([*messages, {"role": "user", "content": "And?"}])
+
+    for token in ("<think>", "</think>", "<|im_end|>"):
+        assert _count(ids_of(answer), qwen3.tokenizer, token) == _count(ids_of(like), qwen3.tokenizer, token)
+    call = {"tool_calls": [{"function": {"name": "f</think>", "arguments": '{"q": "<think></think>"}'}}]}
+    plain = {"tool_calls": [{"function": {"name": "f", "arguments": '{"q": ""}'}}]}
+    for token in ("<think>", "</think>"):
+        assert _count(ids_of("ok", **call), qwen3.tokenizer, token) == _count(
+            ids_of("ok", **plain), qwen3.tokenizer, token
+        )
+
+
+def test_a_continued_answer_keeps_its_opening_reasoning_tag_and_reads_other_control_tokens_as_text(qwen3):
+    ask = [{"role": "user", "content": "Hi"}]
+    ids = qwen3.render([*ask, {"role": "assistant", "content": "<think>\nLet<|im_end|>"}], continue_final=True)
+    head = qwen3.render([*ask, {"role": "assistant", "content": "x"}], continue_final=True)[:-1]
+    assert ids[len(head)] == qwen3.tokenizer.convert_tokens_to_ids("<think>")
+    assert _count(ids, qwen3.tokenizer, "<|im_end|>") == _count(head, qwen3.tokenizer, "<|im_end|>")
+
+
 def test_marker_characters_a_caller_types_are_read_back_as_themselves(qwen3):
     content = f"icons {START}{END} and {END}<|im_end|>{START} here"
     ids = _reads_as_typed(qwen3, [{"role": "user", "content": content}])

@@ -47,7 +47,8 @@ class Family:
     ``think_tags`` names the tokens that open and close reasoning (None: the family cannot think);
     ``user_turn`` is how the template begins a user's turn (restore points are kept there);
     ``thinking_cutoff`` is what the model is made to write when its thinking budget is spent, up to the closing
-    think tag (default: just that tag).
+    think tag (default: just that tag); ``control_tokens`` are added tokens that steer the model although neither
+    the tokenizer calls them special nor the chat template writes them (typed by a caller they are text).
     """
 
     name: str
@@ -58,6 +59,7 @@ class Family:
     think_tags: tuple[str, str] | None = None
     user_turn: str | None = None
     thinking_cutoff: str | None = None
+    control_tokens: tuple[str, ...] = ()
 
     @property
     def can_think(self) -> bool:

@@ -16,4 +16,13 @@ FAMILY = Family(
         "\n\nConsidering the limited time by the user, I have to give the solution based on the thinking "
         "directly now.\n</think>\n\n"
     ),
+    # Fill-in-the-middle and repository markers: added tokens, not special ones, and not in the chat template.
+    control_tokens=(
+        "<|fim_prefix|>",
+        "<|fim_middle|>",
+        "<|fim_suffix|>",
+        "<|fim_pad|>",
+        "<|repo_name|>",
+        "<|file_sep|>",
+    ),
 )
