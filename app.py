@@ -30,7 +30,7 @@ from llm_backends import images as image_input
 from llm_backends.default_model import cache_root
 from llm_backends.http_api import add_openai_routes
 from llm_backends.loading import QUANTIZATIONS
-from llm_backends.request import DEFAULT_MAX_NEW_TOKENS
+from llm_backends.request import DEFAULT_MAX_NEW_TOKENS, XTC_THRESHOLD
 from llm_backends.serving import ModelRegistry
 
 log = logging.getLogger("llm_chat")
@@ -360,6 +360,9 @@ class ChatSettings:
     min_p: float = 0.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    dry_multiplier: float = 0.0
+    xtc_probability: float = 0.0
+    xtc_threshold: float = XTC_THRESHOLD
 
     @classmethod
     def from_inputs(cls, values: Sequence) -> ChatSettings:
@@ -392,6 +395,9 @@ class ChatSettings:
             min_p=changed("min_p", float(self.min_p)),
             presence_penalty=changed("presence_penalty", float(self.presence_penalty)),
             frequency_penalty=changed("frequency_penalty", float(self.frequency_penalty)),
+            dry_multiplier=changed("dry_multiplier", float(self.dry_multiplier)),
+            xtc_probability=changed("xtc_probability", float(self.xtc_probability)),
+            xtc_threshold=changed("xtc_threshold", float(self.xtc_threshold)),
             seed=None if self.seed in (None, "", -1) else int(self.seed),
             thinking=None if thinking == mode_default else thinking,
             # Remote upstreams have no budget field: a budget left from a local model is not sent to one.
@@ -418,6 +424,9 @@ SETTING_KINDS = {
     "min_p": NUMBER,
     "presence_penalty": NUMBER,
     "frequency_penalty": NUMBER,
+    "dry_multiplier": NUMBER,
+    "xtc_probability": NUMBER,
+    "xtc_threshold": NUMBER,
 }
 assert set(SETTING_KINDS) == {f.name for f in fields(ChatSettings)}, "each setting has its kinds"
 
@@ -431,6 +440,9 @@ PLACEHOLDERS = {
     "min_p": 0.0,
     "presence_penalty": 0.0,
     "frequency_penalty": 0.0,
+    "dry_multiplier": 0.0,
+    "xtc_probability": 0.0,
+    "xtc_threshold": XTC_THRESHOLD,
 }
 PROBE = ({"role": "user", "content": "?"},)
 
@@ -451,6 +463,9 @@ def shown_defaults(model: ChatModel, thinking: bool | None) -> dict:
         "min_p": sampling.min_p or 0.0,
         "presence_penalty": sampling.presence_penalty or 0.0,
         "frequency_penalty": sampling.frequency_penalty or 0.0,
+        "dry_multiplier": sampling.dry_multiplier or 0.0,
+        "xtc_probability": sampling.xtc_probability or 0.0,
+        "xtc_threshold": sampling.xtc_threshold,
         "thinking": bool(request.thinking),
     }
 
@@ -952,6 +967,12 @@ PENALTY_CONTROLS = (
     ("presence_penalty", -2, 2, 0.1, "Presence penalty", "Lowers a token once it is in the answer."),
     ("frequency_penalty", -2, 2, 0.1, "Frequency penalty", "Lowers a token each time it is in the answer."),
 )
+# The fourth row: llama.cpp's samplers against loops and for variety.
+VARIETY_CONTROLS = (
+    ("dry_multiplier", 0, 2, 0.05, "DRY (0 = off)", "Lowers words that would repeat an earlier passage (try 0.8)."),
+    ("xtc_probability", 0, 1, 0.05, "XTC chance (0 = off)", "How often the likeliest choices are left out."),
+    ("xtc_threshold", 0, 0.5, 0.01, "XTC threshold", "Left out: all above this likelihood but the least likely."),
+)
 
 
 def settings_panel(registry: ModelRegistry) -> dict[str, gr.components.Component]:
@@ -979,6 +1000,9 @@ def settings_panel(registry: ModelRegistry) -> dict[str, gr.components.Component
             controls["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1 = random)")
         with gr.Row():
             for name, low, high, step, label, info in PENALTY_CONTROLS:
+                controls[name] = gr.Slider(low, high, value=shown[name], step=step, label=label, info=info)
+        with gr.Row():
+            for name, low, high, step, label, info in VARIETY_CONTROLS:
                 controls[name] = gr.Slider(low, high, value=shown[name], step=step, label=label, info=info)
     with gr.Row(equal_height=True):
         controls["thinking"] = gr.Checkbox(

@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/sampling.py
 
 First the sampler alone (``sampling.Sampler.pick`` and ``said``) on a random logits row as wide as the embedded
-Gemma 3's vocabulary (262,144), 500 prompt tokens behind it for the repetition penalty; then the embedded model's
+Gemma 3's vocabulary (262,144), 500 prompt tokens behind it for the repetition penalty and DRY (the reply repeats
+a 50-token stretch, DRY's worst case: every step extends a long repeat); then the embedded model's
 decode speed over 200 tokens of a raw prompt with each setting (its end-of-text token banned by ``logit_bias``,
 so every run writes all 200; the plain greedy run bans nothing, so the runner picks in its own pass, as it does
 for every greedy request without these settings). Prints figures; asserts nothing.
@@ -37,6 +38,20 @@ SETTINGS = {
     "top-k off, top-p 0.95": {"temperature": 1.0, "top_k": 0, "top_p": 0.95},
     "top-k off, min_p 0.05 alone": {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.05},
     "temperature alone (top-k off, top-p 1)": {"temperature": 1.0, "top_k": 0, "top_p": 1.0},
+    "greedy + DRY 0.8": {
+        "dry_multiplier": 0.8,
+        "dry_base": 1.75,
+        "dry_allowed_length": 2,
+        "dry_penalty_last_n": -1,
+        "dry_sequence_breakers": ("\n", ":", '"', "*"),
+    },
+    "sampled + XTC 0.5 (top-k 64, top-p 0.95)": {
+        "temperature": 1.0,
+        "top_k": 64,
+        "top_p": 0.95,
+        "xtc_probability": 0.5,
+        "xtc_threshold": 0.1,
+    },
 }
 
 

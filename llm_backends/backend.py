@@ -174,6 +174,13 @@ class ChatModel(ABC):
         presence_penalty=None,
         frequency_penalty=None,
         logit_bias=None,
+        dry_multiplier=None,
+        dry_base=None,
+        dry_allowed_length=None,
+        dry_penalty_last_n=None,
+        dry_sequence_breakers=None,
+        xtc_probability=None,
+        xtc_threshold=None,
         enable_thinking=None,
         thinking_budget=None,
         stop=None,
@@ -185,7 +192,8 @@ class ChatModel(ABC):
         Unset sampling fields take the family's recommended values. Raises ValueError for bad input before
         any work starts and before the session is touched. With ``session_id`` (a Python caller's own name)
         the session's cache is reused for the longest common token prefix. ``thinking_budget`` caps the
-        reasoning in tokens, after which the model is told to answer.
+        reasoning in tokens, after which the model is told to answer. The ``dry_*`` and ``xtc_*`` settings are
+        llama.cpp's (``sampling.py`` says what they do).
         """
         if session_id is not None and not isinstance(session_id, str):
             raise ValueError(f"session_id must be a string, not {type(session_id).__name__}")
@@ -202,6 +210,13 @@ class ChatModel(ABC):
             presence_penalty=presence_penalty,
             frequency_penalty=frequency_penalty,
             logit_bias=logit_bias,
+            dry_multiplier=dry_multiplier,
+            dry_base=dry_base,
+            dry_allowed_length=dry_allowed_length,
+            dry_penalty_last_n=dry_penalty_last_n,
+            dry_sequence_breakers=dry_sequence_breakers,
+            xtc_probability=xtc_probability,
+            xtc_threshold=xtc_threshold,
             thinking=enable_thinking,
             thinking_budget=thinking_budget,
             stop=stop,

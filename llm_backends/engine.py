@@ -11,7 +11,7 @@ thread is left generating.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Protocol
 
@@ -59,13 +59,21 @@ class Runner(Protocol):
 
 
 class Engine:
-    """Prefill and the decode loop over one runner's cache entries."""
+    """Prefill and the decode loop over one runner's cache entries. ``token_text`` (a token id's text) is what
+    the sampler reads DRY's sequence breakers from; the engine itself knows no text."""
 
     def __init__(
-        self, runner: Runner, *, stop_ids: frozenset[int], prefill_chunk: int = 512, shared_chunk: int = SHARED_CHUNK
+        self,
+        runner: Runner,
+        *,
+        stop_ids: frozenset[int],
+        prefill_chunk: int = 512,
+        shared_chunk: int = SHARED_CHUNK,
+        token_text: Callable[[int], str] | None = None,
     ):
         self.runner = runner
         self.stop_ids = stop_ids
+        self.token_text = token_text
         self.prefill_chunk = prefill_chunk
         self.shared_chunk = shared_chunk
 
@@ -219,7 +227,7 @@ class DecodeRun:
         if logits is None:
             self.finish_reason = "cancelled"
             return
-        sampler = Sampler(params, logits.device, self.prompt_ids, self.answer_ids)
+        sampler = Sampler(params, logits.device, self.prompt_ids, self.answer_ids, engine.token_text)
         best = None
         # The plain greedy pick is the argmax of the logits themselves: the runner may pick it in its shared pass.
         greedy = sampler.plain_greedy and self.constraint is None

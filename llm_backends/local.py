@@ -195,7 +195,12 @@ class LocalModel(ChatModel):
                 self.cutoff_ids = tuple(cutoff[: cutoff.index(self.think_ids[1]) + 1])
         user_turn = BASE_MODEL_TURN if base else family.user_turn
         self.user_turn_ids = tuple(tokenizer(user_turn, add_special_tokens=False)["input_ids"]) if user_turn else ()
-        self.engine = Engine(runner, stop_ids=self.stop_ids)
+        # A token's text, for DRY's sequence breakers: each token is decoded once, when a reply first meets it.
+        self.engine = Engine(
+            runner,
+            stop_ids=self.stop_ids,
+            token_text=functools.lru_cache(maxsize=2**17)(lambda token: tokenizer.decode([token])),
+        )
         # Continuing a cut-off answer reads the model's own tokens, not a new tokenization of its text, so a
         # continued answer is the one a larger max_tokens would have given.
         self._cut = CutAnswers()

@@ -160,6 +160,17 @@ class RemoteChatModel(ChatModel):
             "frequency_penalty": sampling.frequency_penalty,
             # JSON object keys are strings; OpenAI's own schema takes whole numbers as biases.
             "logit_bias": {str(t): int(b) if b.is_integer() else b for t, b in sampling.logit_bias} or None,
+            # llama.cpp's fields (its server and koboldcpp read them; text-generation-webui takes the breakers as one
+            # string and refuses a list); only when set.
+            "dry_multiplier": sampling.dry_multiplier,
+            "dry_base": sampling.dry_base,
+            "dry_allowed_length": sampling.dry_allowed_length,
+            "dry_penalty_last_n": sampling.dry_penalty_last_n,
+            "xtc_probability": sampling.xtc_probability,
+            "xtc_threshold": sampling.xtc_threshold,
+            "dry_sequence_breakers": None
+            if sampling.dry_sequence_breakers is None
+            else list(sampling.dry_sequence_breakers),
             "seed": sampling.seed,
             "stop": list(request.stop) or None,
             "user": None if request.session is None else _opaque(request.session),

@@ -24,15 +24,24 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 1024  # per stop string: each is matched against the reply's end at every token
 MAX_TOP_LOGPROBS = 20
 MAX_LOGIT_BIAS = 1024  # entries; each is added to the logits at every step
+# DRY's and XTC's secondary settings where a local model's request leaves them unset (llama.cpp's defaults).
+DRY_BASE = 1.75
+DRY_ALLOWED_LENGTH = 2
+DRY_SEQUENCE_BREAKERS = ("\n", ":", '"', "*")
+XTC_THRESHOLD = 0.1
+MAX_DRY_BREAKERS = 32
+MAX_DRY_ALLOWED_LENGTH = 64  # each step follows every earlier place of the last token back this far and more
+MAX_DRY_BREAKER_CHARS = 32
 SPACES = ("page", "api", "python", "seed")
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens (``sampling.Sampler`` says in which order). ``temperature == 0`` is greedy; ``top_k``
-    None disables it; ``min_p``, ``presence_penalty`` and ``frequency_penalty`` at None or 0 and an empty
-    ``logit_bias`` ((token id, bias) pairs) change nothing. A field that is None in a request to a remote model
-    is left to the upstream server."""
+    None disables it; ``min_p``, ``presence_penalty``, ``frequency_penalty``, ``dry_multiplier`` and
+    ``xtc_probability`` at None or 0 and an empty ``logit_bias`` ((token id, bias) pairs) change nothing.
+    ``dry_penalty_last_n`` -1 (or None) means the whole context, 0 switches DRY off. A field that is None in a
+    request to a remote model is left to the upstream server."""
 
     max_new_tokens: int
     temperature: float | None = None
@@ -44,6 +53,13 @@ class SamplingParams:
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()
+    dry_multiplier: float | None = None
+    dry_base: float | None = None
+    dry_allowed_length: int | None = None
+    dry_penalty_last_n: int | None = None
+    dry_sequence_breakers: tuple[str, ...] | None = None
+    xtc_probability: float | None = None
+    xtc_threshold: float | None = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +131,13 @@ def build_request(
     presence_penalty=None,
     frequency_penalty=None,
     logit_bias=None,
+    dry_multiplier=None,
+    dry_base=None,
+    dry_allowed_length=None,
+    dry_penalty_last_n=None,
+    dry_sequence_breakers=None,
+    xtc_probability=None,
+    xtc_threshold=None,
     thinking=None,
     stop=None,
     fit_context: bool = False,
@@ -173,6 +196,9 @@ def build_request(
     def default(value, name):
         return getattr(defaults, name) if value is None and defaults is not None else value
 
+    def local(value, fallback):  # a setting no family recommends: fixed where the model runs here
+        return fallback if value is None and family is not None else value
+
     limit = context_length or 10**7
     sampling = SamplingParams(
         max_new_tokens=_integer(
@@ -189,6 +215,16 @@ def build_request(
         presence_penalty=_optional(_number, "presence_penalty", presence_penalty, -2.0, 2.0),
         frequency_penalty=_optional(_number, "frequency_penalty", frequency_penalty, -2.0, 2.0),
         logit_bias=check_logit_bias(logit_bias, vocab_size),
+        dry_multiplier=_optional(_number, "dry_multiplier", dry_multiplier, 0.0, 100.0),
+        dry_base=_optional(_number, "dry_base", local(dry_base, DRY_BASE), 1.0, 10.0),
+        dry_allowed_length=_optional(
+            _integer, "dry_allowed_length", local(dry_allowed_length, DRY_ALLOWED_LENGTH), 1, MAX_DRY_ALLOWED_LENGTH
+        ),
+        # Past the context it means the whole context, as llama.cpp reads it.
+        dry_penalty_last_n=_optional(_integer, "dry_penalty_last_n", local(dry_penalty_last_n, -1), -1, 2**31),
+        dry_sequence_breakers=check_breakers(local(dry_sequence_breakers, DRY_SEQUENCE_BREAKERS)),
+        xtc_probability=_optional(_number, "xtc_probability", xtc_probability, 0.0, 1.0),
+        xtc_threshold=_optional(_number, "xtc_threshold", local(xtc_threshold, XTC_THRESHOLD), 0.0, 1.0),
     )
     budget = _optional(_integer, "thinking_budget", thinking_budget, 1, limit)
     if budget is not None and family is not None and not family.can_think:
@@ -212,6 +248,24 @@ def build_request(
         thinking_budget=budget if thinking is not False and not continue_final else None,
         continue_final=continue_final,
     )
+
+
+def check_breakers(breakers) -> tuple[str, ...] | None:
+    """DRY's sequence breakers: a non-empty list of non-empty strings (a token holding one, or part of one spread
+    over tokens, ends a repeated sequence)."""
+    if breakers is None:
+        return None
+    if isinstance(breakers, str) or not isinstance(breakers, Sequence) or not breakers:
+        raise ValueError("dry_sequence_breakers must be a non-empty list of strings")
+    if len(breakers) > MAX_DRY_BREAKERS:
+        raise ValueError(f"dry_sequence_breakers holds {len(breakers)} strings; at most {MAX_DRY_BREAKERS}")
+    for breaker in breakers:
+        if not isinstance(breaker, str) or not 1 <= len(breaker) <= MAX_DRY_BREAKER_CHARS:
+            raise ValueError(
+                f"each of dry_sequence_breakers must be a string of 1 to {MAX_DRY_BREAKER_CHARS} characters, "
+                f"not {breaker!r}"
+            )
+    return tuple(breakers)
 
 
 def check_logit_bias(logit_bias, vocab_size: int | None = None) -> tuple[tuple[int, float], ...]:

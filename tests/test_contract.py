@@ -358,6 +358,9 @@ def test_the_chat_api_parameters_follow_chat_settings(qwen3_dir):
         "min_p": "Min-p (0 = off)",
         "presence_penalty": "Presence penalty",
         "frequency_penalty": "Frequency penalty",
+        "dry_multiplier": "DRY (0 = off)",
+        "xtc_probability": "XTC chance (0 = off)",
+        "xtc_threshold": "XTC threshold",
     }
     assert labels == [expected[f.name] for f in settings]
 

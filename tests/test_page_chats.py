@@ -171,8 +171,9 @@ def test_a_chat_saved_before_the_later_settings_gets_their_defaults_back():
     controls = {f.name: type("C", (), {})() for f in app.fields(app.ChatSettings)}
     old = {"system_prompt": "", "temperature": 0.5, "top_p": 1, "top_k": 0, "max_new_tokens": 64}
     updates = dict(zip([f.name for f in app.fields(app.ChatSettings)], app.saved_settings(controls, old), strict=True))
-    for name in ("min_p", "presence_penalty", "frequency_penalty", "thinking_budget"):
+    for name in ("min_p", "presence_penalty", "frequency_penalty", "thinking_budget", "dry_multiplier"):
         assert updates[name]["value"] == 0, name
+    assert updates["xtc_probability"]["value"] == 0 and updates["xtc_threshold"]["value"] == 0.1
     assert updates["temperature"]["value"] == 0.5 and "value" not in updates["seed"]
     assert all("value" not in update for update in app.saved_settings(controls, None))
 

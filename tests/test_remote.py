@@ -246,3 +246,11 @@ def test_the_sampling_settings_go_to_the_upstream_as_set_and_unset_ones_not_at_a
     model.create(ASK, logit_bias={"5": 0.5})
     assert bodies[-1]["logit_bias"] == {"5": 0.5}
     assert not {"min_p", "presence_penalty", "frequency_penalty", "logit_bias"} & set(bodies[1])
+    # llama.cpp's DRY and XTC fields go as set, and only those set (its own defaults are the upstream's).
+    model.create(ASK, dry_multiplier=0.8, dry_sequence_breakers=["\n"], xtc_probability=0.5)
+    assert {k: v for k, v in bodies[-1].items() if k.startswith(("dry_", "xtc_"))} == {
+        "dry_multiplier": 0.8,
+        "dry_sequence_breakers": ["\n"],
+        "xtc_probability": 0.5,
+    }
+    assert not any(k.startswith(("dry_", "xtc_")) for k in bodies[1])
