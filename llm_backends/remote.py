@@ -13,6 +13,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import secrets
 import socket
 import threading
@@ -53,13 +54,15 @@ class RemoteError(BackendError):
 
 def parse_target(target: str | None) -> tuple[str, str]:
     """``<base-url>#<model>`` -> (base url without a user or password, model name); ValueError when malformed."""
-    base, name, _ = _parts(target)
+    base, name, _, _ = _parts(target)
     return base, name
 
 
-def _parts(target: str | None) -> tuple[str, str, httpx.BasicAuth | None]:
-    """The base url, the model name, and the HTTP Basic credentials the url carried (``http://user:pass@host``),
-    which are sent as such and never shown: the url is shown in the model list, its info and its errors."""
+def _parts(target: str | None) -> tuple[str, str, httpx.BasicAuth | None, str | None]:
+    """The base url, the model name, the HTTP Basic credentials the url carried (``http://user:pass@host``), and
+    the name of the environment variable holding its API key (``https://$GROQ_API_KEY@host``: a user that is a
+    ``$`` and a variable's name, no password). Credentials are sent and never shown: the url is shown in the
+    model list, its info and its errors."""
     base, sep, name = (target or "").partition("#")
     if not sep or not name or not base.startswith(("http://", "https://")):
         shown = (target or "").partition("#")[2] or "a malformed address"
@@ -68,8 +71,14 @@ def _parts(target: str | None) -> tuple[str, str, httpx.BasicAuth | None]:
         url = httpx.URL(base)
     except (httpx.InvalidURL, ValueError) as e:
         raise ValueError(f"the remote model {name!r} has a malformed base url") from e
-    auth = httpx.BasicAuth(url.username, url.password) if url.username or url.password else None
-    return str(url.copy_with(username=None, password=None)).rstrip("/"), name, auth
+    auth, key_name = None, None
+    if url.username.startswith("$") and not url.password:
+        key_name = url.username[1:]
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key_name):
+            raise ValueError(f"the remote model {name!r} names its key's variable as ${key_name}, not a variable name")
+    elif url.username or url.password:
+        auth = httpx.BasicAuth(url.username, url.password)
+    return str(url.copy_with(username=None, password=None)).rstrip("/"), name, auth, key_name
 
 
 def label(target: str | None) -> str:
@@ -96,7 +105,8 @@ def load(target: str | None, options) -> RemoteChatModel:
 
 
 class RemoteChatModel(ChatModel):
-    """Streams from an OpenAI-compatible ``/chat/completions``; API key from $OPENAI_API_KEY if set."""
+    """Streams from an OpenAI-compatible ``/chat/completions``; its API key from the variable its url names
+    (``https://$NAME@host/v1``), else from $OPENAI_API_KEY if set."""
 
     # Thinking is passed on as chat_template_kwargs.enable_thinking: servers of thinking models (vLLM, SGLang,
     # llama.cpp) honour it, others ignore it, so the page offers the toggle. Images are passed on as data: URLs;
@@ -106,8 +116,12 @@ class RemoteChatModel(ChatModel):
     def __init__(self, target: str, *, timeout: float = 60.0, api_key: str | None = None, check: bool = True):
         if target.startswith(PREFIX):
             target = target[len(PREFIX) :]
-        self.base_url, self.model_name, self._auth = _parts(target)
+        self.base_url, self.model_name, self._auth, key_name = _parts(target)
         self.timeout = timeout
+        if api_key is None and key_name is not None:  # this upstream's own key, not the one for every upstream
+            api_key = os.environ.get(key_name)
+            if not api_key:
+                raise ModelLoadError(f"the API key for {self.model_name!r} is read from ${key_name}, which is not set")
         key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
         self._headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.info = ModelInfo(

@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from llm_backends import remote
+from llm_backends import ModelLoadError, remote
 from llm_backends.remote import MAX_LINE_BYTES, RemoteChatModel, RemoteError, label
 from llm_backends.request import SessionKey
 
@@ -106,6 +106,26 @@ def test_a_password_in_the_upstream_address_is_sent_as_basic_auth_and_never_show
     assert Scripted.headers_seen[-1]["Authorization"] == expected
     shown = [str(error.value), label(f"http://admin:s3cret@{upstream}/v1#up"), *map(str, vars(model.info).values())]
     assert "boom" in str(error.value) and not any("s3cret" in text or "admin" in text for text in shown), shown
+
+
+def test_each_upstream_may_read_its_own_key_from_the_variable_its_address_names(upstream, monkeypatch):
+    Scripted.script = lambda handler, body: handler.answer(500, b'{"error": {"message": "boom"}}')
+    monkeypatch.setenv("OPENAI_API_KEY", "k-everyone")
+    monkeypatch.setenv("UPSTREAM_KEY", "k-this-one")
+    model = model_at(upstream, user="$UPSTREAM_KEY@")
+    assert Scripted.headers_seen[-1]["Authorization"] == "Bearer k-this-one", "the model list was asked with it"
+    with pytest.raises(RemoteError) as error:
+        streamed(model)
+    assert Scripted.headers_seen[-1]["Authorization"] == "Bearer k-this-one"
+    shown = [str(error.value), label(f"http://$UPSTREAM_KEY@{upstream}/v1#up"), *map(str, vars(model.info).values())]
+    assert not any("k-this-one" in text or "UPSTREAM_KEY" in text for text in shown), shown
+    model_at(upstream)
+    assert Scripted.headers_seen[-1]["Authorization"] == "Bearer k-everyone", "an address naming none: the shared one"
+    monkeypatch.delenv("UPSTREAM_KEY")
+    with pytest.raises(ModelLoadError, match=r"read from \$UPSTREAM_KEY, which is not set"):
+        model_at(upstream, user="$UPSTREAM_KEY@")
+    with pytest.raises(ValueError, match="not a variable name"):
+        model_at(upstream, user="$9lives@")
 
 
 def test_an_upstream_that_never_answers_or_never_stops_cannot_hold_a_reply(upstream, monkeypatch):
