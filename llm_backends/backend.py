@@ -7,6 +7,8 @@ A backend (transformers and MLX through ``local.LocalModel``, an OpenAI-compatib
 - ``capabilities``: what the page and API may offer for it (thinking, images);
 - ``stream(request) -> ChatStream``: the reply to a ``ChatRequest``; raises ValueError before any work when
   the request cannot be served (too long, unsupported), BackendError while streaming when generation fails;
+  ``stream_choices(request, n)`` gives ``n`` replies as one stream (by default ``n`` streams at once; a local
+  model reads the prompt once for all of them);
 - ``count_tokens(request)``: the prompt's token count, or None where the backend cannot count;
 - ``cache_info()`` and ``clear_sessions(session=None)`` (every session's cache gone, on disk too), and
   ``release()`` where memory only should be let go.
@@ -17,14 +19,15 @@ those. The page and ``/v1`` use nothing else, so a new backend is one file plus 
 
 from __future__ import annotations
 
+import queue
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Generator, Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Generator, Iterable, Iterator
+from dataclasses import asdict, dataclass, replace
 
 from .chunks import Chunk
 from .families.base import Family
-from .request import ChatRequest, SessionKey, build_request
+from .request import ChatRequest, SamplingParams, SessionKey, build_request
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,101 @@ class ChatStream:
         self.close()
 
 
+MAX_CHOICES = 16  # replies one request may ask for (OpenAI's ``n``): each holds a copy of the prompt's cache
+CHOICE_AHEAD = 2  # chunks each of them may run ahead of its reader
+
+
+def choice_count(n) -> int:
+    """``n`` checked: how many replies a request asks for; ValueError unless an integer from 1 to MAX_CHOICES."""
+    if n is None:
+        return 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
+        raise ValueError(f"n must be an integer from 1 to {MAX_CHOICES}, not {n!r}")
+    return n
+
+
+def choice_sampling(sampling: SamplingParams, index: int) -> SamplingParams:
+    """Choice ``index``'s sampling: seeded ``seed + index`` where a seed is set, so choice i is what a lone
+    request with that seed gives."""
+    return sampling if sampling.seed is None else replace(sampling, seed=(sampling.seed + index) % 2**63)
+
+
+def choice_request(request: ChatRequest, index: int) -> ChatRequest:
+    """The request as choice ``index`` (> 0) of several runs it: in no session (the first choice's is the
+    request's), seeded as ``choice_sampling`` says."""
+    return replace(request, session=None, sampling=choice_sampling(request.sampling, index))
+
+
+class _AllOf(threading.Event):
+    """A cancel event that also sets each of ``events`` (every reply's): whoever holds it cancels them all."""
+
+    def __init__(self, events: list[threading.Event]):
+        super().__init__()
+        self._events = events
+
+    def set(self) -> None:
+        super().set()
+        for event in self._events:
+            event.set()
+
+
+class Choices(ChatStream):
+    """A request's ``n`` replies as one stream of chunks, each with its reply's ``index``; each reply's last
+    chunk carries its finish_reason and stats. The replies run at once, a thread reading each (so a local model
+    decodes them in one batch), each at most ``CHOICE_AHEAD`` chunks ahead of the reader (a reader that stops
+    stops the model, as with one reply). Closing it closes them all; a reply that fails ends them all with its
+    error; ``cancel()`` cancels each, which still delivers its last chunk."""
+
+    def __init__(self, streams: list[ChatStream]):
+        self.streams = streams
+        self._closing = threading.Event()
+        super().__init__(
+            self._merged(),
+            _AllOf([s.cancel_event for s in streams]),
+            prompt_tokens=streams[0].prompt_tokens,
+            dropped_turns=streams[0].dropped_turns,
+            on_close=self._close_all,
+        )
+
+    def _merged(self) -> Iterator[Chunk]:
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        rooms = [threading.Semaphore(CHOICE_AHEAD) for _ in self.streams]
+
+        def read(index: int, stream: ChatStream) -> None:
+            try:
+                for chunk in stream:
+                    while not rooms[index].acquire(timeout=0.05):
+                        if self._closing.is_set():
+                            return
+                    events.put((replace(chunk, index=index), None))
+            except BaseException as e:  # noqa: BLE001 (handed to the reader, which raises it)
+                events.put((None, e))
+            finally:
+                events.put((None, None))
+
+        running = len(self.streams)
+        for i, stream in enumerate(self.streams):
+            threading.Thread(target=read, args=(i, stream), name=f"choice-{i}", daemon=True).start()
+        try:
+            while running:
+                chunk, error = events.get()
+                if error is not None:
+                    raise error
+                if chunk is None:
+                    running -= 1
+                    continue
+                yield chunk
+                rooms[chunk.index].release()
+        finally:
+            self._close_all()
+
+    def _close_all(self) -> None:
+        self._closing.set()
+        self.cancel_event.set()  # every reply stops at its next token before any is waited for
+        for stream in self.streams:
+            stream.close()
+
+
 class ChatModel(ABC):
     """A loaded model behind one interface, whatever runs it. Built by ``load_model``."""
 
@@ -124,6 +222,22 @@ class ChatModel(ABC):
     @abstractmethod
     def stream(self, request: ChatRequest) -> ChatStream:
         """Streams the reply to ``request``; ValueError before any work if it cannot be served."""
+
+    def stream_choices(self, request: ChatRequest, n: int = 1) -> ChatStream:
+        """``n`` replies to ``request`` (``Choices``; the stream itself for one): the first in the request's
+        session, the others in none and seeded ``seed + i`` (``choice_request``). ValueError before any work if
+        one cannot be served."""
+        if choice_count(n) == 1:
+            return self.stream(request)
+        streams: list[ChatStream] = []
+        try:
+            for i in range(n):
+                streams.append(self.stream(request if i == 0 else choice_request(request, i)))
+        except BaseException:
+            for stream in streams:
+                stream.close()
+            raise
+        return Choices(streams)
 
     @abstractmethod
     def count_tokens(self, request: ChatRequest) -> int | None:

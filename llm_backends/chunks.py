@@ -61,10 +61,12 @@ class TokenLogprob:
 @dataclass(frozen=True)
 class Chunk:
     """One step of a reply: new answer text, new reasoning text, the log-probabilities of the answer tokens
-    since the last chunk (when asked for); the last chunk has finish_reason and stats."""
+    since the last chunk (when asked for); the last chunk has finish_reason and stats. ``index``: which of a
+    request's ``n`` replies it belongs to (``backend.Choices``)."""
 
     text: str = ""
     reasoning: str = ""
     finish_reason: str | None = None
     stats: Stats | None = None
     logprobs: tuple[TokenLogprob, ...] = ()
+    index: int = 0

@@ -121,13 +121,25 @@ class Engine:
         boundaries: Sequence[int] = (),
         images: Mapping | None = None,
         answer_ids: Sequence[int] = (),
+        prompt_read: Callable[[CacheEntry, torch.Tensor], None] | None = None,
     ) -> DecodeRun:
         """A reply's decode; ``boundaries`` are positions in the prompt where turns begin (restore points),
         ``images`` what the prompt's image tokens name (key -> ``images.Image``), ``answer_ids`` the end of the
-        prompt that is an answer the reply continues (``sampling.Sampler``)."""
+        prompt that is an answer the reply continues (``sampling.Sampler``); ``prompt_read(entry, logits)`` is called
+        once the entry holds the whole prompt, before the first token is picked."""
         cancel = cancel or threading.Event()
         return DecodeRun(
-            self, list(prompt_ids), entry, params, cancel, constraint, logprobs, tuple(boundaries), images, answer_ids
+            self,
+            list(prompt_ids),
+            entry,
+            params,
+            cancel,
+            constraint,
+            logprobs,
+            tuple(boundaries),
+            images,
+            answer_ids,
+            prompt_read,
         )
 
 
@@ -194,6 +206,7 @@ class DecodeRun:
         boundaries: tuple[int, ...] = (),
         images: Mapping | None = None,
         answer_ids: Sequence[int] = (),
+        prompt_read: Callable[[CacheEntry, torch.Tensor], None] | None = None,
     ):
         if not prompt_ids:
             raise ValueError("the prompt has no tokens")
@@ -210,6 +223,7 @@ class DecodeRun:
         self.boundaries = boundaries
         self.images = images
         self.answer_ids = tuple(answer_ids)
+        self.prompt_read = prompt_read
         self.cached_tokens = 0
         self.completion_ids: list[int] = []
         self.finish_reason: str | None = None
@@ -227,6 +241,8 @@ class DecodeRun:
         if logits is None:
             self.finish_reason = "cancelled"
             return
+        if self.prompt_read is not None:
+            self.prompt_read(self.entry, logits)
         sampler = Sampler(params, logits.device, self.prompt_ids, self.answer_ids, engine.token_text)
         best = None
         # The plain greedy pick is the argmax of the logits themselves: the runner may pick it in its shared pass.

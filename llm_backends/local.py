@@ -11,6 +11,7 @@ import functools
 import hashlib
 import itertools
 import json
+import logging
 import threading
 import time
 from array import array
@@ -23,15 +24,15 @@ from jinja2 import TemplateError
 
 from . import images as image_parts
 from . import tools as tool_calls
-from .backend import Capabilities, ChatModel, ChatStream, ModelInfo
-from .batching import Arrival
+from .backend import Capabilities, ChatModel, ChatStream, Choices, ModelInfo, choice_count, choice_sampling
+from .batching import NO_ARRIVAL, Arrival
 from .chunks import Chunk, Stats, TokenLogprob
 from .constrained import Grammars
 from .engine import Engine, Runner, ThinkingBudget
 from .errors import BackendError
 from .families.base import BASE_MODEL_STOP, BASE_MODEL_TEMPLATE, BASE_MODEL_TURN, Family
 from .request import ChatRequest, SessionKey
-from .session_cache import SessionStore, common_prefix_len
+from .session_cache import CacheEntry, SessionStore, common_prefix_len
 from .special_tokens import ControlTokens
 from .text_stream import ReplyText
 
@@ -47,6 +48,7 @@ CONTINUE_MARK = "\ue000continue\ue000"
 # one else's replies push a person's out), and in all (bytes of their tokens and text).
 CUT_PER_PRINCIPAL = 16
 CUT_BYTES = 64 * 2**20
+log = logging.getLogger(__name__)
 
 
 class CutAnswers:
@@ -134,6 +136,54 @@ def _folding(tokenizer) -> int:
     except (AttributeError, TypeError, ValueError):
         return 4
     return 1 if keeps_length(spec) else 4
+
+
+class PromptShare:
+    """How a request's ``n`` replies read its prompt once. The first reads it and, before its first token, keeps
+    a snapshot of its cache with the logits that followed (``give``, in its thread: one copy); each other reply
+    takes a copy of that snapshot in its own thread (the last one the snapshot itself) and starts decoding at
+    once. If the first ends before it has read the prompt (closed, failed), the others end too, unread; where no
+    snapshot could be made (no memory for it), they read the prompt themselves."""
+
+    def __init__(self, others: int, new_entry: Callable[[], CacheEntry]):
+        self._new_entry = new_entry
+        self._ready = threading.Event()
+        self._lock = threading.Lock()
+        self._given = False
+        self._snapshot: CacheEntry | None = None
+        self._left = others
+
+    def give(self, entry: CacheEntry, logits) -> None:
+        try:
+            if entry.copyable:
+                snapshot = entry.copy()
+                snapshot.hold_logits(logits)
+                self._snapshot = snapshot
+        except Exception as e:  # noqa: BLE001 (no memory for it, say: the others read the prompt themselves)
+            log.warning("could not copy a prompt's cache for a request's other replies (%s)", e)
+        finally:
+            self._given = True
+            self._ready.set()
+
+    def end(self) -> None:
+        """The first reply has ended (having read the prompt or not)."""
+        self._ready.set()
+
+    def take(self, cancel: threading.Event) -> CacheEntry:
+        """Another reply's entry, once the first has read the prompt; where it never will, ``cancel`` is set."""
+        while not self._ready.wait(0.02) and not cancel.is_set():
+            pass
+        if not self._given:
+            cancel.set()
+        with self._lock:  # one copy at a time, so the last can take the snapshot itself once nobody reads it
+            self._left -= 1
+            snapshot = self._snapshot
+            if snapshot is None or cancel.is_set():
+                return self._new_entry()
+            if self._left == 0:
+                self._snapshot = None
+                return snapshot
+            return snapshot.copy()
 
 
 def restore_points(turns: int) -> int:
@@ -371,16 +421,24 @@ class LocalModel(ChatModel):
         return best
 
     def stream(self, request: ChatRequest) -> ChatStream:
+        return self._open(request, 1)
+
+    def stream_choices(self, request: ChatRequest, n: int = 1) -> ChatStream:
+        """``n`` replies to ``request`` (``backend.Choices``): the prompt is rendered and read once, by the
+        first, whose cache each other one then starts from as a copy (``PromptShare``)."""
+        return self.stream(request) if choice_count(n) == 1 else self._open(request, n)
+
+    def _open(self, request: ChatRequest, n: int) -> ChatStream:
         started = time.perf_counter()
         # Announced before the prompt is rendered: requests that come together then share their first passes.
         arrival = self.engine.runner.arrival()
         try:
-            return self._stream(request, started, arrival)
+            return self._stream(request, started, arrival, n)
         except BaseException:
             arrival.close()
             raise
 
-    def _stream(self, request: ChatRequest, started: float, arrival: Arrival) -> ChatStream:
+    def _stream(self, request: ChatRequest, started: float, arrival: Arrival, n: int) -> ChatStream:
         prompt_ids, dropped = self.fit(request)
         if not prompt_ids:
             raise ValueError("the prompt has no tokens")
@@ -399,48 +457,66 @@ class LocalModel(ChatModel):
         # reasoning split.
         as_written = request.prompt is not None or request.continue_final
         think_ids = None if as_written or self.capabilities.base_model else self.think_ids
-        constraint = None
-        if grammar is not None:
-            wait_for = think_ids[1] if think_ids and request.thinking else None
-            constraint = self.grammars.constraint(grammar, wait_for)
-        if request.thinking_budget is not None and request.thinking and think_ids:
-            if not self.cutoff_ids:
-                raise ValueError("this model's tokenizer cannot write its end-of-thinking tag: no thinking_budget")
-            constraint = ThinkingBudget(request.thinking_budget, self.cutoff_ids, think_ids[1], constraint)
-        reply = ReplyText(
-            self.tokenizer,
-            think_ids=think_ids,
-            thinking=bool(request.thinking) and think_ids is not None,
-            stop=request.stop if request.prompt is not None else request.stop + self.template_stops,
-            raw=as_written,
-            after=prompt_ids[answer_at:],
-            before=answer + lead,
-        )
-        cancel = threading.Event()
+        budget = request.thinking_budget is not None and request.thinking and think_ids
+        if budget and not self.cutoff_ids:
+            raise ValueError("this model's tokenizer cannot write its end-of-thinking tag: no thinking_budget")
+
+        def constraint():  # each reply follows its own
+            found = None
+            if grammar is not None:
+                found = self.grammars.constraint(grammar, think_ids[1] if think_ids and request.thinking else None)
+            if budget:
+                found = ThinkingBudget(request.thinking_budget, self.cutoff_ids, think_ids[1], found)
+            return found
+
+        def reply() -> ReplyText:
+            return ReplyText(
+                self.tokenizer,
+                think_ids=think_ids,
+                thinking=bool(request.thinking) and think_ids is not None,
+                stop=request.stop if request.prompt is not None else request.stop + self.template_stops,
+                raw=as_written,
+                after=prompt_ids[answer_at:],
+                before=answer + lead,
+            )
+
+        share = PromptShare(n - 1, self.engine.new_entry) if n > 1 else None
         generate = partial(
             self.engine.generate,
             prompt_ids,
-            params=params,
-            cancel=cancel,
-            constraint=constraint,
             logprobs=request.logprobs,
             boundaries=self.turn_boundaries(prompt_ids, request) if request.prompt is None else (),
             images=image_parts.by_key(image_parts.images_of(request.messages)),
             answer_ids=prompt_ids[answer_at:],
         )
-        chunks = self._chunks(
-            generate,
-            request.session,
-            reply,
-            cancel,
-            started,
-            prompt_ids,
-            partial(self.operator_tokens, request, prompt_ids),
-            arrival,
-            (answer_at, answer, lead),
-        )
-        # A stream closed unread (its client left at once) is no longer waited for.
-        return ChatStream(chunks, cancel, prompt_tokens=len(prompt_ids), dropped_turns=dropped, on_close=arrival.close)
+        streams = []
+        for i in range(n):
+            cancel = threading.Event()
+            chunks = self._chunks(
+                partial(
+                    generate,
+                    params=choice_sampling(params, i),
+                    cancel=cancel,
+                    constraint=constraint(),
+                    prompt_read=share.give if share is not None and i == 0 else None,
+                ),
+                request.session if i == 0 else None,
+                reply(),
+                cancel,
+                started,
+                prompt_ids,
+                partial(self.operator_tokens, request, prompt_ids),
+                arrival if i == 0 else NO_ARRIVAL,
+                (answer_at, answer, lead),
+                start=None if i == 0 or share is None else partial(share.take, cancel),
+                ended=share.end if share is not None and i == 0 else None,
+            )
+            # A stream closed unread (its client left at once) is no longer waited for.
+            on_close = arrival.close if i == 0 else None
+            streams.append(
+                ChatStream(chunks, cancel, prompt_tokens=len(prompt_ids), dropped_turns=dropped, on_close=on_close)
+            )
+        return streams[0] if n == 1 else Choices(streams)
 
     def _own_answer(
         self, request: ChatRequest, prompt_ids: list[int], at: int, answer: str
@@ -522,18 +598,25 @@ class LocalModel(ChatModel):
         shareable,
         arrival: Arrival,
         answer: tuple[int, str, str],
+        start: Callable[[], CacheEntry] | None = None,
+        ended: Callable[[], None] | None = None,
     ) -> Iterator[Chunk]:
         """The reply's chunks; ``generate(entry)`` starts the decode. The session's cache is checked out only
         once the stream is read, and checked back in however the stream ends. ``answer``: where in the prompt
         the answer begins, its text and what the reply adds before its new text (a continued answer's; else the
-        prompt's end, "" and "")."""
+        prompt's end, "" and ""). ``start``: where a reply that is not the first of several gets its entry
+        (``PromptShare.take``); ``ended``: called when the reply ends (``PromptShare.end``)."""
         try:
-            if session is None:
+            if start is not None:
+                lease, entry = None, start()
+            elif session is None:
                 lease, entry = None, self.engine.new_entry()
             else:
                 lease, entry = self.sessions.checkout(session, self.engine.new_entry, prompt_ids, shareable)
         except BaseException:
             arrival.close()
+            if ended is not None:
+                ended()
             raise
         arrival.bind(entry)
         tokens = None
@@ -585,6 +668,8 @@ class LocalModel(ChatModel):
             arrival.close()
             if tokens is not None:
                 tokens.close()
+            if ended is not None:
+                ended()
             if lease is not None:
                 # Before the lease ends: a clear of the session since its checkout has taken the lease, and then
                 # nothing is remembered (clear_sessions forgets after the store's clear).

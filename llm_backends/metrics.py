@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from .backend import ChatModel, ChatStream
+from .backend import ChatModel, ChatStream, Choices
 from .chunks import Chunk
 
 # Where a reply's reused tokens came from (Stats.cache_tier): memory, host (RAM, for a GPU), disk or shared (another
@@ -58,24 +58,28 @@ class Metrics:
         self.registry.register(_CacheCollector(model))
 
     def track(self, stream: ChatStream, door: str) -> ChatStream:
-        """The same reply, counted: active while it streams, its figures observed when it ends."""
+        """The same reply (or a request's ``n`` replies, ``Choices``), counted: active while it streams, each
+        reply's figures observed when it ends; a request's prompt counts once (its first reply's)."""
+        replies = len(stream.streams) if isinstance(stream, Choices) else 1
 
         def counted() -> Iterator[Chunk]:
             self.active.inc()
-            finish = "error"
+            ended, unfinished = set(), "error"
             try:
                 for chunk in stream:
                     if chunk.finish_reason is not None:
-                        finish = chunk.finish_reason
-                        self.observe(chunk)
+                        ended.add(chunk.index)
+                        self.observe(chunk, prompt=chunk.index == 0)
+                        self.replies.labels(door, chunk.finish_reason).inc()
                     yield chunk
             except GeneratorExit:  # closed before its last chunk: Stop, or a client that left
-                finish = "cancelled" if finish == "error" else finish
+                unfinished = "cancelled"
                 raise
             finally:
                 stream.close()
                 self.active.dec()
-                self.replies.labels(door, finish).inc()
+                if replies > len(ended):
+                    self.replies.labels(door, unfinished).inc(replies - len(ended))
 
         return ChatStream(
             counted(),
@@ -85,13 +89,14 @@ class Metrics:
             on_close=stream.close,
         )
 
-    def observe(self, chunk: Chunk) -> None:
+    def observe(self, chunk: Chunk, prompt: bool = True) -> None:
+        """A reply's figures; its prompt's (read and reused tokens) only with ``prompt``."""
         stats = chunk.stats
         if stats is None:
             return
-        if stats.prompt_tokens is not None:
+        if prompt and stats.prompt_tokens is not None:
             self.prompt_tokens.inc(stats.prompt_tokens)
-        if stats.cached_tokens:
+        if prompt and stats.cached_tokens:
             tier = stats.cache_tier or MEMORY
             self.cached_tokens.labels(tier).inc(stats.cached_tokens)
             self.cache_hits.labels(tier).inc()

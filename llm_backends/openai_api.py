@@ -11,13 +11,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from . import tools as tool_calls
-from .backend import ChatModel, ChatStream
-from .chunks import Chunk
+from .backend import ChatModel, ChatStream, choice_count
+from .chunks import Chunk, Stats
 from .request import ChatRequest, SessionKey, build_request
 
-# Accepted for compatibility; only their neutral values are supported.
-NEUTRAL = {"n": 1}
-COMPLETION_NEUTRAL = {**NEUTRAL, "best_of": 1, "echo": False, "suffix": None}
+# Accepted for compatibility; only their neutral values are supported (``best_of`` also at ``n``: every reply
+# generated is returned).
+COMPLETION_NEUTRAL = {"echo": False, "suffix": None}
 # Fields OpenAI documents as hints or bookkeeping: accepted, and nothing to honour (``user`` names a session).
 HINTS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key", "safety_identifier"}
 SAMPLING = {
@@ -40,6 +40,7 @@ SAMPLING = {
     "stop",
     "max_tokens",
     "stream_options",
+    "n",
 }
 CHAT_FIELDS = SAMPLING | {
     "messages",
@@ -58,7 +59,7 @@ CHAT_FIELDS = SAMPLING | {
     "continue_final_message",
     "add_generation_prompt",
 }
-COMPLETION_FIELDS = SAMPLING | {"prompt", "model", "stream", "logprobs"}
+COMPLETION_FIELDS = SAMPLING | {"prompt", "model", "stream", "logprobs", "best_of"}
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class Call:
     include_usage: bool
     parse_tools: bool = False
     one_call: bool = False  # parallel_tool_calls: false keeps the first call only
+    n: int = 1  # replies, each chunk naming its own (Chunk.index)
 
 
 def session_for(space: str, principal: str, user) -> SessionKey | None:
@@ -165,11 +167,11 @@ def open_chat(
     caller (space, principal), also where the body names no session."""
     request = chat_request(model, body, session=session, fetch_image_urls=fetch_image_urls, owner=owner)
     include_usage = _include_usage(body)
-    chat = model.stream(request)
+    n = choice_count(body.get("n"))
+    chat = model.stream_choices(request, n)
     parse = bool(request.tools) and request.tool_choice != "none"
-    return Call(
-        chat, _head(model, model_name, "chatcmpl"), include_usage, parse, body.get("parallel_tool_calls") is False
-    )
+    one_call = body.get("parallel_tool_calls") is False
+    return Call(chat, _head(model, model_name, "chatcmpl"), include_usage, parse, one_call, n)
 
 
 def chat_request(
@@ -181,7 +183,8 @@ def chat_request(
     owner: tuple[str, str] | None = None,
 ):
     """A chat request body as ``model``'s ChatRequest (ValueError naming the first bad field); nothing starts."""
-    _check_fields(body, CHAT_FIELDS, NEUTRAL)
+    _check_fields(body, CHAT_FIELDS, {})
+    choice_count(body.get("n"))
     max_tokens = body.get("max_completion_tokens")
     if max_tokens is None:
         max_tokens = body.get("max_tokens")
@@ -223,12 +226,17 @@ def chat_request(
 def open_completion(model: ChatModel, body: dict, *, session: SessionKey | None, model_name: str | None = None) -> Call:
     """Validates a raw completion request body (``prompt``) and starts it; ValueError naming a bad field."""
     request = completion_request(model, body, session=session)
-    return Call(model.stream(request), _head(model, model_name, "cmpl"), _include_usage(body))
+    n = choice_count(body.get("n"))
+    return Call(model.stream_choices(request, n), _head(model, model_name, "cmpl"), _include_usage(body), n=n)
 
 
 def completion_request(model, body: dict, *, session: SessionKey | None = None):
     """A raw completion request body as ``model``'s ChatRequest (ValueError naming a bad field); nothing starts."""
     _check_fields(body, COMPLETION_FIELDS, COMPLETION_NEUTRAL)
+    n = choice_count(body.get("n"))
+    best_of = body.get("best_of")
+    if best_of is not None and (type(best_of) is not int or best_of != n):
+        raise ValueError(f"best_of other than n ({n}) is not supported: every reply generated is returned")
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
@@ -286,15 +294,17 @@ def create_completion(chat_model: ChatModel, prompt, *, model=None, stream=False
     return text_events(call) if stream else text_completion(call)
 
 
-def usage(stats) -> dict | None:
-    """OpenAI's usage object, or None where the upstream of a remote model did not count the prompt; without
-    ``prompt_tokens_details`` where the cache's share is not known."""
+def usage(stats: Stats | None, *others: Stats | None) -> dict | None:
+    """OpenAI's usage object for a reply's ``stats`` (and its request's ``others`` replies': their answers
+    count, their prompt is the same one), or None where the upstream of a remote model did not count the prompt;
+    without ``prompt_tokens_details`` where the cache's share is not known."""
     if stats is None or stats.prompt_tokens is None:
         return None
+    completion = stats.completion_tokens + sum(o.completion_tokens for o in others if o is not None)
     counted = {
         "prompt_tokens": stats.prompt_tokens,
-        "completion_tokens": stats.completion_tokens,
-        "total_tokens": stats.prompt_tokens + stats.completion_tokens,
+        "completion_tokens": completion,
+        "total_tokens": stats.prompt_tokens + completion,
     }
     if stats.cached_tokens is not None:  # a remote model's upstream count is not passed on (remote._stats)
         counted["prompt_tokens_details"] = {"cached_tokens": stats.cached_tokens}
@@ -314,19 +324,34 @@ def chat_logprobs(chunks: list[Chunk]) -> dict | None:
     return {"content": entries} if entries else None
 
 
-def _read(call: Call) -> tuple[list[Chunk], Chunk]:
-    chunks = []
+def _read(call: Call) -> list[list[Chunk]]:
+    """Each reply's chunks, in order of index."""
+    replies: list[list[Chunk]] = [[] for _ in range(call.n)]
     with call.stream:
-        chunks = list(call.stream)
-    return chunks, chunks[-1]
+        for chunk in call.stream:
+            replies[chunk.index].append(chunk)
+    return replies
+
+
+def _usage_of(replies: list[list[Chunk]]) -> dict | None:
+    return usage(*(chunks[-1].stats for chunks in replies))
 
 
 def chat_completion(call: Call) -> dict:
-    """Reads the whole reply into a ``chat.completion`` dict."""
-    chunks, last = _read(call)
+    """Reads the whole reply (each of the ``n``) into a ``chat.completion`` dict."""
+    replies = _read(call)
+    return {
+        **call.head,
+        "object": "chat.completion",
+        "choices": [_chat_choice(call, i, c) for i, c in enumerate(replies)],
+        "usage": _usage_of(replies),
+    }
+
+
+def _chat_choice(call: Call, index: int, chunks: list[Chunk]) -> dict:
     text = "".join(c.text for c in chunks)
     reasoning = "".join(c.reasoning for c in chunks)
-    finish = last.finish_reason
+    finish = chunks[-1].finish_reason
     message: dict = {"role": "assistant", "content": text}
     if call.parse_tools:
         rest, calls = tool_calls.parse(text)
@@ -336,23 +361,28 @@ def chat_completion(call: Call) -> dict:
             finish = "tool_calls"
     if reasoning:
         message["reasoning_content"] = reasoning
-    choice = {"index": 0, "message": message, "finish_reason": finish, "logprobs": chat_logprobs(chunks)}
-    return {**call.head, "object": "chat.completion", "choices": [choice], "usage": usage(last.stats)}
+    return {"index": index, "message": message, "finish_reason": finish, "logprobs": chat_logprobs(chunks)}
 
 
 def chat_events(call: Call) -> Iterator[dict]:
-    """``chat.completion.chunk`` dicts as the reply streams; closing the iterator closes the stream. Tool
-    calls arrive whole, each in one ``delta.tool_calls`` entry, once its block is complete."""
+    """``chat.completion.chunk`` dicts as the reply streams (each event one reply's, ``choices[0].index``
+    naming it); closing the iterator closes the stream. Tool calls arrive whole, each in one
+    ``delta.tool_calls`` entry, once its block is complete. The usage event, if asked for, comes once every reply
+    has ended."""
     head = {**call.head, "object": "chat.completion.chunk"}
 
-    def event(delta: dict, finish_reason=None, logprobs=None) -> dict:
-        return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}]}
+    def event(index: int, delta: dict, finish_reason=None, logprobs=None) -> dict:
+        choice = {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
+        return {**head, "choices": [choice]}
 
-    splitter = tool_calls.StreamingCalls() if call.parse_tools else None
-    sent_calls = 0
+    splitters = [tool_calls.StreamingCalls() if call.parse_tools else None for _ in range(call.n)]
+    sent_calls = [0] * call.n
+    ended: dict[int, Stats | None] = {}
     with call.stream:
-        yield event({"role": "assistant", "content": ""})
+        for index in range(call.n):
+            yield event(index, {"role": "assistant", "content": ""})
         for chunk in call.stream:
+            index, splitter = chunk.index, splitters[chunk.index]
             text, found = (chunk.text, []) if splitter is None else splitter.push(chunk.text)
             if chunk.finish_reason is not None and splitter is not None:
                 text += splitter.flush()
@@ -362,15 +392,16 @@ def chat_events(call: Call) -> Iterator[dict]:
             if text:
                 delta["content"] = text
             if found and call.one_call:
-                found = found[: max(0, 1 - sent_calls)]
+                found = found[: max(0, 1 - sent_calls[index])]
             if found:
-                delta["tool_calls"] = [{"index": sent_calls + i, **c.openai()} for i, c in enumerate(found)]
-                sent_calls += len(found)
+                delta["tool_calls"] = [{"index": sent_calls[index] + i, **c.openai()} for i, c in enumerate(found)]
+                sent_calls[index] += len(found)
             if delta or chunk.logprobs:
-                yield event(delta, logprobs=chat_logprobs([chunk]))
+                yield event(index, delta, logprobs=chat_logprobs([chunk]))
             if chunk.finish_reason is not None:
-                yield event({}, "tool_calls" if sent_calls else chunk.finish_reason)
-                counted = usage(chunk.stats)
+                yield event(index, {}, "tool_calls" if sent_calls[index] else chunk.finish_reason)
+                ended[index] = chunk.stats
+                counted = usage(*(ended[i] for i in sorted(ended))) if len(ended) == call.n else None
                 if call.include_usage and counted is not None:
                     yield {**head, "choices": [], "usage": counted}
 
@@ -392,33 +423,40 @@ def text_logprobs(chunks: list[Chunk], offset: int = 0) -> dict | None:
 
 
 def text_completion(call: Call) -> dict:
-    """Reads the whole continuation into a ``text_completion`` dict."""
-    chunks, last = _read(call)
-    choice = {
-        "index": 0,
-        "text": "".join(c.text for c in chunks),
-        "logprobs": text_logprobs(chunks),
-        "finish_reason": last.finish_reason,
-    }
-    return {**call.head, "object": "text_completion", "choices": [choice], "usage": usage(last.stats)}
+    """Reads the whole continuation (each of the ``n``) into a ``text_completion`` dict."""
+    replies = _read(call)
+    choices = [
+        {
+            "index": index,
+            "text": "".join(c.text for c in chunks),
+            "logprobs": text_logprobs(chunks),
+            "finish_reason": chunks[-1].finish_reason,
+        }
+        for index, chunks in enumerate(replies)
+    ]
+    return {**call.head, "object": "text_completion", "choices": choices, "usage": _usage_of(replies)}
 
 
 def text_events(call: Call) -> Iterator[dict]:
-    """``text_completion`` dicts as the continuation streams; the last one carries finish_reason."""
+    """``text_completion`` dicts as the continuations stream (``choices[0].index`` naming each one's); each
+    one's last carries its finish_reason, and the usage, if asked for, comes once all have ended."""
     head = {**call.head, "object": "text_completion"}
-    offset = 0
+    offsets = [0] * call.n
+    ended: dict[int, Stats | None] = {}
     with call.stream:
         for chunk in call.stream:
+            index = chunk.index
             if chunk.text or chunk.finish_reason is not None:
                 choice = {
-                    "index": 0,
+                    "index": index,
                     "text": chunk.text,
-                    "logprobs": text_logprobs([chunk], offset),
+                    "logprobs": text_logprobs([chunk], offsets[index]),
                     "finish_reason": chunk.finish_reason,
                 }
-                offset += len(chunk.text)
+                offsets[index] += len(chunk.text)
                 yield {**head, "choices": [choice]}
             if chunk.finish_reason is not None:
-                counted = usage(chunk.stats)
+                ended[index] = chunk.stats
+                counted = usage(*(ended[i] for i in sorted(ended))) if len(ended) == call.n else None
                 if call.include_usage and counted is not None:
                     yield {**head, "choices": [], "usage": counted}

@@ -138,6 +138,16 @@ class CacheEntry:
         kept.append(Checkpoint(len(self.ids), states, None if logits is None else logits.detach().clone()))
         self.checkpoints = sorted(kept, key=lambda c: c.length)[-self.max_checkpoints :]
 
+    def hold_logits(self, logits: torch.Tensor) -> None:
+        """Keeps ``logits`` as what follows the cache's current end, so that ``rewind_for`` the tokens it holds
+        needs no forward pass: a restore point that restores nothing (where none there has them already)."""
+        length = len(self.ids)
+        if any(c.length == length and c.logits is not None for c in self.checkpoints):
+            return
+        layers = getattr(self.cache, "layers", self.cache)
+        kept = [c for c in self.checkpoints if c.length != length]
+        self.checkpoints = [*kept, Checkpoint(length, (None,) * len(layers), logits.detach().clone())]
+
     def restore(self, checkpoint: Checkpoint) -> None:
         """Rewinds to a restore point: full layers are cropped, sliding layers get their saved window back."""
         remove = len(self.ids) - checkpoint.length

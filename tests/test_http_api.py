@@ -11,6 +11,7 @@ from forwards import count_forwards
 from gradio_client import Client
 
 import app
+from llm_backends.remote import RemoteChatModel
 from llm_backends.serving import ModelRegistry
 from test_app import free_port
 
@@ -111,7 +112,7 @@ def test_wrong_or_missing_key_is_401(api):
         ({"messages": HELLO, "tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]}, 400, ""),
         ({"messages": HELLO, "presence_penalty": 3}, 400, "presence_penalty"),
         ({"messages": HELLO, "logit_bias": {"10000000": 1}}, 400, "ids are below"),
-        ({"messages": HELLO, "n": 2}, 400, "n other than 1"),
+        ({"messages": HELLO, "n": 0}, 400, "n must be an integer from 1 to 16"),
     ],
 )
 def test_bad_requests_get_openai_shaped_errors(api, body, status, needle):
@@ -214,6 +215,32 @@ def test_parallel_users_each_get_their_own_answer(client, api):
     assert answers == reference
 
 
+def test_n_replies_through_the_openai_client_and_through_a_remote_front(client, api):
+    base, registry = api
+    model = registry.ids[0]
+    kwargs = dict(
+        model=model,
+        messages=HELLO,
+        temperature=1.0,
+        max_tokens=8,
+        seed=4,
+        extra_body={"chat_template_kwargs": {"enable_thinking": False}},
+    )
+    alone = [client.chat.completions.create(**{**kwargs, "seed": 4 + i}).choices[0].message.content for i in range(2)]
+    whole = client.chat.completions.create(n=2, **kwargs)
+    assert [c.index for c in whole.choices] == [0, 1]
+    assert [c.message.content for c in whole.choices] == alone
+    streamed = {0: "", 1: ""}
+    for chunk in client.chat.completions.create(n=2, stream=True, **kwargs):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+    assert [streamed[0], streamed[1]] == alone
+    # A remote model asks its upstream once per reply, each with its own seed: the same replies.
+    front = RemoteChatModel(f"{base}/v1#{model}", api_key=KEY)
+    fronted = front.create(HELLO, n=2, temperature=1.0, max_tokens=8, seed=4, enable_thinking=False)
+    assert [c["message"]["content"] for c in fronted["choices"]] == alone
+
+
 def test_remote_backend_streams_from_another_instance_through_the_page(api, tmp_path):
     base, registry = api
     remote_id = registry.ids[0]
@@ -261,13 +288,14 @@ def test_remote_errors_are_shown_in_the_chat_not_as_tracebacks(api):
         front.close()
 
 
-def test_a_client_that_disconnects_mid_stream_stops_the_generation(api):
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_client_that_disconnects_mid_stream_stops_the_generation(api, n):
     import time
 
     base, registry = api
     model = registry.get()
     calls, handle = count_forwards(model)
-    body = {"messages": HELLO, "stream": True, "max_tokens": 3000, "temperature": 0, "user": "leaver"}
+    body = {"messages": HELLO, "stream": True, "max_tokens": 3000, "temperature": 0, "user": "leaver", "n": n}
     try:
         with httpx.stream(
             "POST", f"{base}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}

@@ -238,3 +238,17 @@ def test_mlx_takes_the_same_sampling_settings(mlx_qwen3):
     sampled = mlx_qwen3.create(HELLO, max_tokens=12, temperature=1.0, min_p=1.0, seed=4, enable_thinking=False)
     greedy = mlx_qwen3.create(HELLO, max_tokens=12, temperature=0, enable_thinking=False)
     assert sampled["choices"][0]["message"]["content"] == greedy["choices"][0]["message"]["content"]
+
+
+def test_mlx_n_replies_read_the_prompt_once_and_each_is_its_seeds_lone_reply(mlx_gemma3):
+    ask = [{"role": "user", "content": "tell me about the dragon and the baker " * 4}]  # past the 16-token window
+    sampled = {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 8}
+    stream = mlx_gemma3.stream_choices(mlx_gemma3.request(ask, seed=21, **sampled), 3)
+    replies: dict[int, str] = {0: "", 1: "", 2: ""}
+    with stream:
+        for chunk in stream:
+            replies[chunk.index] += chunk.text
+            if chunk.finish_reason is not None and chunk.index:
+                assert chunk.stats.cached_tokens == chunk.stats.prompt_tokens  # a copy of the first's cache
+    alone = ["".join(c.text for c in mlx_gemma3.stream_chat(ask, seed=21 + i, **sampled)) for i in range(3)]
+    assert [replies[i] for i in range(3)] == alone

@@ -51,7 +51,7 @@ def test_create_maps_thinking_and_user_to_the_engine(qwen3):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"n": 2}, "n other than"),
+        ({"n": 17}, "n must be an integer from 1 to 16"),
         ({"frobnicate": 1}, "unsupported field"),
         ({"reasoning_effort": "max"}, "effort"),
         ({"temperature": -1}, "temperature"),
