@@ -1137,6 +1137,9 @@ class ChatPanel:
     picker: gr.Radio
     search: gr.Textbox  # words to find in the saved chats
     found: gr.Radio  # the saved chats that hold them (chat_history.search)
+    # The saved chats as the server last received them (whenever they change, and on load): what a search reads,
+    # so that a keystroke sends the words only, not every saved chat (up to MAX_STORED_BYTES each time).
+    searched: gr.State
     title: gr.Textbox
     new_chat: gr.Button
     rename: gr.Button
@@ -1175,6 +1178,7 @@ def history_panel(secret: str) -> dict:
             elem_id="chat-search",
         )
         parts["found"] = gr.Radio([], value=None, label="Found", visible=False, elem_id="chat-found")
+        parts["searched"] = gr.State({})
         parts["picker"] = gr.Radio([], value=None, label="Saved in this browser", elem_id="chat-list")
         with gr.Accordion("Rename, delete, export, import", open=True, elem_id="chat-tools"):
             parts["title"] = gr.Textbox(label="Name of the open chat", max_lines=1, max_length=chat_history.MAX_TITLE)
@@ -1562,9 +1566,14 @@ def wire_history(panel: ChatPanel, replies: Replies, controls: dict) -> None:
     panel.found.input(reopen, [panel.found, panel.chats], opened, **quick).then(
         lambda: gr.update(value=None), None, panel.found, **quick
     )
-    panel.search.change(found, [panel.search, panel.chats], panel.found, trigger_mode="always_last", **quick)
+    panel.search.change(found, [panel.search, panel.searched], panel.found, trigger_mode="always_last", **quick)
     # Kept to date as chats are saved, renamed or deleted (here or in another tab), keeping what is selected.
-    panel.chats.change(found, [panel.search, panel.chats], panel.found, **quick)
+    panel.chats.change(
+        lambda query, chats: (found(query, chats), chat_history.saved(chats)),
+        [panel.search, panel.chats],
+        [panel.found, panel.searched],
+        **quick,
+    )
     renamed = [panel.chats, panel.picker, panel.changes]
     panel.rename.click(rename, [panel.chat_id, panel.title, panel.chats], renamed, **told)
     removed = [panel.chat_id, panel.chats, panel.picker, panel.chatbot, panel.title, panel.changes]
@@ -1771,9 +1780,9 @@ def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
         watcher = gr.Timer(WATCH_S, active=False)
         watcher.tick(watch, [dropdown], [dropdown, *sampling, *mode, info], **hidden)
         demo.load(
-            lambda chat_id, chats: opened_chat(controls, chat_id, chats),
+            lambda chat_id, chats: (*opened_chat(controls, chat_id, chats), chat_history.saved(chats)),
             [panel.chat_id, panel.chats],
-            [panel.chat_id, panel.chatbot, panel.picker, panel.title, *settings],
+            [panel.chat_id, panel.chatbot, panel.picker, panel.title, *settings, panel.searched],
             **hidden,
         ).then(
             on_load,

@@ -788,7 +788,9 @@ def test_a_text_only_model_reads_attached_text_files_and_pdfs_and_refuses_an_ima
 def test_a_search_of_the_saved_chats_finds_a_chat_by_its_words_and_opens_it(page_url, browser, tmp_path):
     url, _ = page_url
     page = open_page(browser, url)
+    long_text = "A long log of numbers: " + " ".join(str(i) for i in range(30_000))  # ~170 KB
     chats = {
+        "log.json": [{"role": "user", "content": "Keep this log."}, {"role": "assistant", "content": long_text}],
         "ocean.json": [{"role": "user", "content": "Name an ocean."}, {"role": "assistant", "content": "The Pacific."}],
         "lake.json": [{"role": "user", "content": "What is a lake?"}, {"role": "assistant", "content": "Fresh water."}],
         "joke.json": [{"role": "user", "content": "Tell a joke."}, {"role": "assistant", "content": "A pacific one."}],
@@ -797,10 +799,29 @@ def test_a_search_of_the_saved_chats_finds_a_chat_by_its_words_and_opens_it(page
     for name, messages in chats.items():
         (tmp_path / name).write_text(json.dumps(messages))
         import_file(page, tmp_path / name)
+    page.reload()  # the search reads what the page sent on load
+    page.get_by_placeholder("Type a message…").wait_for(timeout=60_000)
+    time.sleep(1.0)
+    page.get_by_text("Rename, delete, export, import").click()
     page.get_by_role("button", name="+ New chat").click()
     search = page.get_by_placeholder("Search chats")
+    sent: list[int] = []  # the size of each request that carries the words typed so far ("P", "PA", ...)
+
+    def seen(request) -> None:
+        body = request.post_data_buffer or b"" if request.method == "POST" else b""
+        if re.search(rb'"P[ACIF]*"', body):
+            sent.append(len(body))
+
+    page.on("request", seen)
     search.press_sequentially("PACIFIC", delay=30)  # typed: each key is an input event
     found = page.locator("#chat-found")
+    found.get_by_text("Found 2").wait_for(timeout=10_000)
+    assert sent and max(sent) < 4096, f"a keystroke sends the words only, not the saved chats: {sent}"
+    search.press("Control+a")
+    search.press_sequentially("29999", delay=30)
+    found.get_by_text("Found 1").wait_for(timeout=10_000)
+    search.press("Control+a")
+    search.press_sequentially("PACIFIC", delay=30)
     found.get_by_text("Found 2").wait_for(timeout=10_000)
     labels = found.locator("label").all_inner_texts()
     assert labels == ["Tell a joke. · A pacific one.", "Name an ocean. · The Pacific."], "newest first, with the words"
