@@ -1137,9 +1137,13 @@ class ChatPanel:
     picker: gr.Radio
     search: gr.Textbox  # words to find in the saved chats
     found: gr.Radio  # the saved chats that hold them (chat_history.search)
-    # The saved chats as the server last received them (whenever they change, and on load): what a search reads,
-    # so that a keystroke sends the words only, not every saved chat (up to MAX_STORED_BYTES each time).
+    # What a search reads of the saved chats (chat_history.search_index), made whenever they change (also when the
+    # page first reads them): a keystroke sends the words only, not every saved chat (up to MAX_STORED_BYTES each
+    # time). None where the server has none for this tab (gone with its session's state): the search then asks
+    # for the chats once (reindex, clicked by INDEX_AGAIN_JS).
     searched: gr.State
+    reindex: gr.Button
+    index_lost: gr.Textbox
     title: gr.Textbox
     new_chat: gr.Button
     rename: gr.Button
@@ -1178,7 +1182,9 @@ def history_panel(secret: str) -> dict:
             elem_id="chat-search",
         )
         parts["found"] = gr.Radio([], value=None, label="Found", visible=False, elem_id="chat-found")
-        parts["searched"] = gr.State({})
+        parts["searched"] = gr.State(None)
+        parts["reindex"] = gr.Button("Index", visible="hidden", elem_id="chat-reindex")
+        parts["index_lost"] = gr.Textbox(visible="hidden")
         parts["picker"] = gr.Radio([], value=None, label="Saved in this browser", elem_id="chat-list")
         with gr.Accordion("Rename, delete, export, import", open=True, elem_id="chat-tools"):
             parts["title"] = gr.Textbox(label="Name of the open chat", max_lines=1, max_length=chat_history.MAX_TITLE)
@@ -1480,10 +1486,15 @@ def changes_text(before, after) -> str:
     return json.dumps(chat_history.changes(before, after), ensure_ascii=False)
 
 
-def found(query: str, chats) -> dict:
-    """The search's list: the saved chats holding the words typed (shown while there are words), none selected
-    (a click on one opens it, as a link would, also where it is the open chat already)."""
-    matches = chat_history.search(chats, query, limit=chat_history.MAX_FOUND + 1)
+# Run after a search: where the server had no index for this tab, the chats are sent once (reindex).
+INDEX_AGAIN_JS = "(lost) => { if (lost) document.querySelector('#chat-reindex')?.click(); return []; }"
+
+
+def found(query: str, index) -> dict:
+    """The search's list: the saved chats (``chat_history.search_index``) holding the words typed (shown while
+    there are words), none selected (a click on one opens it, as a link would, also where it is the open chat
+    already)."""
+    matches = chat_history.find(index, query, limit=chat_history.MAX_FOUND + 1)
     if not matches:
         label = "No saved chat holds these words"
     elif len(matches) > chat_history.MAX_FOUND:
@@ -1566,14 +1577,20 @@ def wire_history(panel: ChatPanel, replies: Replies, controls: dict) -> None:
     panel.found.input(reopen, [panel.found, panel.chats], opened, **quick).then(
         lambda: gr.update(value=None), None, panel.found, **quick
     )
-    panel.search.change(found, [panel.search, panel.searched], panel.found, trigger_mode="always_last", **quick)
+
+    def search(query, index):
+        if index is None:  # the tab's index is gone (its session's state expired): the chats are asked for
+            return gr.skip(), "lost"
+        return found(query, index), ""
+
+    panel.search.change(
+        search, [panel.search, panel.searched], [panel.found, panel.index_lost], trigger_mode="always_last", **quick
+    ).then(None, [panel.index_lost], None, js=INDEX_AGAIN_JS, **quick)
     # Kept to date as chats are saved, renamed or deleted (here or in another tab), keeping what is selected.
-    panel.chats.change(
-        lambda query, chats: (found(query, chats), chat_history.saved(chats)),
-        [panel.search, panel.chats],
-        [panel.found, panel.searched],
-        **quick,
-    )
+    for event in (panel.chats.change, panel.reindex.click):
+        event(chat_history.search_index, [panel.chats], panel.searched, **quick).then(
+            found, [panel.search, panel.searched], panel.found, **quick
+        )
     renamed = [panel.chats, panel.picker, panel.changes]
     panel.rename.click(rename, [panel.chat_id, panel.title, panel.chats], renamed, **told)
     removed = [panel.chat_id, panel.chats, panel.picker, panel.chatbot, panel.title, panel.changes]
@@ -1780,9 +1797,9 @@ def build_app(registry: ModelRegistry, config: AppConfig) -> gr.Blocks:
         watcher = gr.Timer(WATCH_S, active=False)
         watcher.tick(watch, [dropdown], [dropdown, *sampling, *mode, info], **hidden)
         demo.load(
-            lambda chat_id, chats: (*opened_chat(controls, chat_id, chats), chat_history.saved(chats)),
+            lambda chat_id, chats: opened_chat(controls, chat_id, chats),
             [panel.chat_id, panel.chats],
-            [panel.chat_id, panel.chatbot, panel.picker, panel.title, *settings, panel.searched],
+            [panel.chat_id, panel.chatbot, panel.picker, panel.title, *settings],
             **hidden,
         ).then(
             on_load,

@@ -388,19 +388,36 @@ MAX_SEARCH_WORDS = 8  # words of a query looked for (each at most MAX_SEARCH_WOR
 MAX_SEARCH_WORD = 64  # a pass over every saved chat per word, and the server may be handed any query
 
 
+def search_index(chats: dict | None) -> list[tuple[str, str, str]]:
+    """What a search reads of the saved chats, the most recently used first: (title, id, the text of its
+    messages, page notes and thinking left out, spaces collapsed), at most MAX_STORED_BYTES characters of text
+    in all (what the browser may hold; the rest of a larger one is not searched)."""
+    chats, index, left = saved(chats), [], MAX_STORED_BYTES
+    for title, chat_id in choices(chats):
+        messages = [m for m in chats[chat_id]["messages"] if isinstance(m, dict) and not is_page_note(m)]
+        body = " ".join(" ".join(text_of(m.get("content")) for m in messages).split())[: max(0, left)]
+        left -= len(body)
+        index.append((title, chat_id, body))
+    return index
+
+
 def search(chats: dict | None, query: str, limit: int = MAX_FOUND) -> list[tuple[str, str]]:
     """(label, id) pairs of the saved chats whose title or messages' text (page notes and thinking left out)
-    contains each word of ``query`` (any case; its first MAX_SEARCH_WORDS distinct words), the most recently
-    used first; a label is the title, and where the words are not all in it, a few words around the first one it
-    lacks."""
+    contains each word of ``query`` (``find`` over ``search_index``)."""
+    return find(search_index(chats), query, limit)
+
+
+def find(index, query: str, limit: int = MAX_FOUND) -> list[tuple[str, str]]:
+    """(label, id) pairs of the chats in ``index`` (``search_index``) whose title or text contains each word of
+    ``query`` (any case; its first MAX_SEARCH_WORDS distinct words), in the index's order (the most recently
+    used first); a label is the title, and where the words are not all in it, a few words around the first one
+    it lacks."""
     words = query.casefold().split() if isinstance(query, str) else []
     words = list(dict.fromkeys(word[:MAX_SEARCH_WORD] for word in words))[:MAX_SEARCH_WORDS]
     if not words:
         return []
-    chats, found = saved(chats), []
-    for title, chat_id in choices(chats):
-        messages = [m for m in chats[chat_id]["messages"] if isinstance(m, dict) and not is_page_note(m)]
-        body = " ".join(" ".join(text_of(m.get("content")) for m in messages).split())
+    found = []
+    for title, chat_id, body in index or ():
         folded = title.casefold()
         haystack = f"{folded}\n{body.casefold()}"
         if not all(word in haystack for word in words):

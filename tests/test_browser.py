@@ -31,6 +31,9 @@ FLAGS = [
 ]
 
 
+SERVED: dict = {}  # the page_url fixture's server (its state holder)
+
+
 @pytest.fixture(scope="module")
 def page_url(embedded):
     if not shutil.which(CHROMIUM) and not Path(CHROMIUM).exists():
@@ -39,6 +42,7 @@ def page_url(embedded):
     registry.model, registry.current_id = embedded, registry.ids[0]
     config = app.AppConfig(port=free_port(), concurrency=2)
     demo = app.serve(config, registry, prevent_thread_lock=True, quiet=True)
+    SERVED["demo"] = demo
     yield f"http://127.0.0.1:{config.port}/", registry
     demo.close()
 
@@ -817,6 +821,10 @@ def test_a_search_of_the_saved_chats_finds_a_chat_by_its_words_and_opens_it(page
     found = page.locator("#chat-found")
     found.get_by_text("Found 2").wait_for(timeout=10_000)
     assert sent and max(sent) < 4096, f"a keystroke sends the words only, not the saved chats: {sent}"
+    # The server's copy for this tab is gone (its session's state expired, say): the search asks for it once.
+    holder = SERVED["demo"].state_holder
+    for session in list(holder.session_data):
+        holder.delete_state(session)
     search.press("Control+a")
     search.press_sequentially("29999", delay=30)
     found.get_by_text("Found 1").wait_for(timeout=10_000)

@@ -447,3 +447,15 @@ def test_a_search_survives_whatever_the_browser_saved_and_looks_for_at_most_eigh
     assert chat_history.search(chats, many) == [], "the first 8 words are looked for (w0... are in no chat)"
     assert chat_history.search(chats, "pacific " * 2000 + "x" * 5000) == [], "a word is cut to 64 characters"
     assert len(chat_history.search(chats, "straße " * 100)) == 1, "the same word counts once"
+
+
+def test_the_search_index_the_server_keeps_for_a_tab_holds_at_most_the_browsers_budget_of_text(monkeypatch):
+    chats = upsert(None, "a" * 32, [{"role": "user", "content": "old " * 40 + "walrus"}], {})
+    chats = upsert(chats, "b" * 32, [{"role": "user", "content": "new " * 20 + "otter"}], {})
+    monkeypatch.setattr(chat_history, "MAX_STORED_BYTES", 100)
+    index = chat_history.search_index(chats)
+    assert [chat_id for _, chat_id, _ in index] == ["b" * 32, "a" * 32], "newest first"
+    assert sum(len(body) for _, _, body in index) == 100
+    assert chat_history.find(index, "otter") == chat_history.search(chats, "otter") != []
+    assert chat_history.find(index, "walrus") == [], "text past the budget is not kept"
+    assert chat_history.find(None, "otter") == []
