@@ -116,6 +116,7 @@ class ChatStream:
         self.close()
 
 
+NO_TOKENIZER = "this model is served by another server: its tokenizer is not here (ask that server)"
 MAX_CHOICES = 16  # replies one request may ask for (OpenAI's ``n``): each holds a copy of the prompt's cache
 CHOICE_AHEAD = 2  # chunks each of them may run ahead of its reader
 
@@ -242,6 +243,25 @@ class ChatModel(ABC):
     @abstractmethod
     def count_tokens(self, request: ChatRequest) -> int | None:
         """The prompt's length in tokens as this model would read it, or None where it cannot tell."""
+
+    def tokenize(self, text: str, *, special: bool = True) -> list[int]:
+        """``text``'s token ids as written (``special``: with those the tokenizer adds, such as BOS); ValueError
+        where this model's tokenizer is not here (a remote model's is its upstream's)."""
+        raise ValueError(NO_TOKENIZER)
+
+    def prompt_ids(self, request: ChatRequest) -> list[int]:
+        """The token ids the model reads for ``request`` (its chat template rendered; an image as its image
+        tokens); ValueError as ``tokenize``."""
+        raise ValueError(NO_TOKENIZER)
+
+    def detokenize(self, ids: list[int]) -> str:
+        """The text of token ids (below ``vocab_size``); ValueError as ``tokenize``."""
+        raise ValueError(NO_TOKENIZER)
+
+    def token_piece(self, token: int) -> str | list[int]:
+        """One token's text, or its bytes where they are part of a character (llama.cpp's ``with_pieces``);
+        ValueError as ``tokenize``."""
+        raise ValueError(NO_TOKENIZER)
 
     @abstractmethod
     def cache_info(self) -> dict:

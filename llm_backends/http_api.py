@@ -1,5 +1,5 @@
 """The HTTP door on the app's own FastAPI server: OpenAI's /v1/chat/completions, /v1/completions and
-/v1/models, plus /health and Prometheus' /metrics.
+/v1/models, vLLM's and llama.cpp's /tokenize and /detokenize, plus /health and Prometheus' /metrics.
 
 Errors leave in OpenAI's shape: {"error": {"message", "type", "param", "code"}}. A model id is only ever a
 registered id, never a path to load. Whatever ends a streamed response (its end, an error, a client that
@@ -177,6 +177,51 @@ def add_openai_routes(
         data = [{"id": i, "object": "model", "created": 0, "owned_by": "local"} for i in registry.ids]
         return {"object": "list", "data": data}
 
+    @app.get("/v1/models/{model_id:path}")
+    @openai_errors
+    async def retrieve_model(request: Request):
+        authorize(request)
+        model_id = registry.resolve(request.path_params["model_id"])
+        if model_id not in registry.entries:
+            raise APIError(
+                404,
+                f"the model {model_id!r} does not exist; GET /v1/models lists the served ones",
+                param="model",
+                code="model_not_found",
+            )
+        return {"id": model_id, "object": "model", "created": 0, "owned_by": "local"}
+
+    async def tokens(request: Request, shape) -> dict:
+        """/tokenize or /detokenize (``shape(model, body, principal)``) with the loaded model's tokenizer: naming
+        another model is a 400, never a load (which would free the served model and every session's cache)."""
+        principal = authorize(request)
+        body = await read_body(request)
+        named = body.get("model")
+        if named is not None and (not isinstance(named, str) or registry.resolve(named) != registry.current_id):
+            raise APIError(
+                400,
+                f"{request.url.path} reads the loaded model's tokenizer ({registry.current_id}); name it or no model",
+                param="model",
+            )
+        model, _ = await anyio.to_thread.run_sync(model_for, None)
+        try:
+            return await anyio.to_thread.run_sync(shape, model, body, principal)
+        except ValueError as e:
+            raise APIError(400, str(e), param=_param_of(str(e))) from e
+
+    @app.post("/tokenize")
+    @openai_errors
+    async def tokenize(request: Request):
+        def shape(model, body, principal):  # a PDF read here is kept for this caller, as in a chat
+            return openai_api.tokenized(model, body, fetch_image_urls=image_urls, owner=("api", principal))
+
+        return await tokens(request, shape)
+
+    @app.post("/detokenize")
+    @openai_errors
+    async def detokenize(request: Request):
+        return await tokens(request, lambda model, body, _: openai_api.detokenized(model, body))
+
     async def serve(request: Request, kind: str):
         principal = authorize(request)
         body = await read_body(request)
@@ -272,9 +317,11 @@ FIELD_NAMES = (
     openai_api.CHAT_FIELDS
     | openai_api.COMPLETION_FIELDS
     | set(openai_api.COMPLETION_NEUTRAL)
+    | openai_api.TOKENIZE_FIELDS
     | {
         "max_new_tokens",
         "user",
+        "tokens",
     }
 )
 

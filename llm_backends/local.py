@@ -353,6 +353,35 @@ class LocalModel(ChatModel):
     def count_tokens(self, request: ChatRequest) -> int:
         return len(self._render(request, request.messages))
 
+    def tokenize(self, text: str, *, special: bool = True) -> list[int]:
+        self._check_size(len(text))
+        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+
+    def prompt_ids(self, request: ChatRequest) -> list[int]:
+        self._check_size(_characters(request.messages, request.prompt))
+        ids = self._render(request, request.messages)
+        image = self.image_format.token_id if self.image_format is not None else None
+        return [image if t < 0 else t for t in ids]  # an image's pseudo ids (images.token) are image tokens
+
+    def _check_size(self, characters: int) -> None:
+        """ValueError for text with more characters than the context could hold (``fit`` refuses it too)."""
+        most = self.info.context_length * self.longest_token
+        if characters > most:
+            raise ValueError(
+                f"the text is {characters} characters, more than the model's context of "
+                f"{self.info.context_length} tokens could hold"
+            )
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def token_piece(self, token: int) -> str | list[int]:
+        piece = self.grammars.tokenizer.decode_bytes([token])
+        try:
+            return piece.decode()
+        except UnicodeDecodeError:  # part of a character: its bytes, as llama.cpp gives them
+            return list(piece)
+
     def fit(self, request: ChatRequest) -> tuple[list[int], int]:
         """The prompt's token ids and how many of the oldest turns were left out so that it fits.
 

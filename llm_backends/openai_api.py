@@ -259,6 +259,63 @@ def completion_request(model, body: dict, *, session: SessionKey | None = None):
     return request
 
 
+# /tokenize takes vLLM's fields (a prompt, or messages with any chat request's fields, of which those that shape
+# the prompt count) and llama.cpp's (content, add_special, with_pieces); /detokenize takes tokens.
+TOKENIZE_TEXT_FIELDS = {"model", "prompt", "add_special_tokens", "content", "add_special", "with_pieces"}
+TOKENIZE_FIELDS = TOKENIZE_TEXT_FIELDS | {"return_token_strs"}
+MAX_DETOKENIZE = 2**20  # token ids one /detokenize may name
+
+
+def tokenized(model, body: dict, *, fetch_image_urls: bool = False, owner: tuple[str, str] | None = None) -> dict:
+    """vLLM's and llama.cpp's /tokenize: ``prompt`` (vLLM: with ``add_special_tokens``, default true) or
+    ``content`` (llama.cpp: with ``add_special``, default false) as written, or ``messages`` (with any chat
+    request's fields) as the model reads them, its chat template included. Returns ``tokens`` (with
+    ``with_pieces``, llama.cpp's {"id", "piece"} pairs), ``count``, ``max_model_len`` and, with
+    ``return_token_strs``, vLLM's ``token_strs``. ValueError naming a bad field."""
+    given = [name for name in ("prompt", "content", "messages") if body.get(name) is not None]
+    if len(given) != 1:
+        raise ValueError("send one of prompt or content (text as written) or messages (a chat)")
+    for flag in ("add_special_tokens", "add_special", "with_pieces", "return_token_strs"):
+        if body.get(flag) not in (None, True, False):
+            raise ValueError(f"{flag} must be true or false")
+    if given == ["messages"]:
+        chat = {k: v for k, v in body.items() if k not in TOKENIZE_FIELDS or k == "model"}
+        ids = model.prompt_ids(chat_request(model, chat, fetch_image_urls=fetch_image_urls, owner=owner))
+    else:
+        unknown = set(body) - TOKENIZE_FIELDS
+        if unknown:
+            raise ValueError(f"unsupported field(s): {', '.join(sorted(unknown))}")
+        text = body[given[0]]
+        if not isinstance(text, str):
+            raise ValueError(f"{given[0]} must be a string")
+        special = body.get("add_special_tokens") is not False if given == ["prompt"] else bool(body.get("add_special"))
+        ids = model.tokenize(text, special=special)
+    tokens = [{"id": i, "piece": model.token_piece(i)} for i in ids] if body.get("with_pieces") else ids
+    out = {"tokens": tokens, "count": len(ids), "max_model_len": model.info.context_length}
+    if body.get("return_token_strs"):
+        out["token_strs"] = [model.detokenize([i]) for i in ids]
+    return out
+
+
+def detokenized(model, body: dict) -> dict:
+    """vLLM's and llama.cpp's /detokenize: ``tokens`` (ids below the model's vocabulary size) as text, under
+    vLLM's name (``prompt``) and llama.cpp's (``content``); ValueError naming a bad field."""
+    unknown = set(body) - {"model", "tokens"}
+    if unknown:
+        raise ValueError(f"unsupported field(s): {', '.join(sorted(unknown))}")
+    ids = body.get("tokens")
+    vocab = model.vocab_size
+    if (
+        not isinstance(ids, list)
+        or len(ids) > MAX_DETOKENIZE
+        or not all(type(i) is int and 0 <= i and (vocab is None or i < vocab) for i in ids)
+    ):
+        below = f" below {vocab}" if vocab is not None else ""
+        raise ValueError(f"tokens must be a list of at most {MAX_DETOKENIZE} token ids (integers from 0{below})")
+    text = model.detokenize(ids)
+    return {"prompt": text, "content": text}
+
+
 @dataclass(frozen=True)
 class AnyModel:
     """What a request body is checked against before its model is loaded (switching models frees the current one

@@ -11,6 +11,7 @@ from forwards import count_forwards
 from gradio_client import Client
 
 import app
+from llm_backends import openai_api
 from llm_backends.remote import RemoteChatModel
 from llm_backends.serving import ModelRegistry
 from test_app import free_port
@@ -425,3 +426,92 @@ def test_a_document_in_a_file_part_is_read_as_text_here_and_through_a_remote_fro
         f"{base}/v1/chat/completions", json={"messages": bad}, headers={"Authorization": f"Bearer {KEY}"}
     )
     assert response.status_code == 400 and "(x.zip) is not a text file" in response.json()["error"]["message"]
+
+
+def test_a_model_is_retrieved_by_its_id_or_short_name_and_an_unknown_one_is_404(client, api):
+    _, registry = api
+    for model_id in registry.ids:
+        assert client.models.retrieve(model_id).id == model_id
+    assert client.models.retrieve("default").id == registry.ids[0]
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.models.retrieve("nope")
+
+
+def post(base: str, path: str, body) -> httpx.Response:
+    return httpx.post(f"{base}{path}", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+
+
+def test_tokenize_counts_what_the_model_reads_and_detokenize_reads_it_back(client, api):
+    base, registry = api
+    model = registry.get()
+    text = "Hello world, how are you?"
+    vllm = post(base, "/tokenize", {"prompt": text, "return_token_strs": True}).json()
+    assert vllm["tokens"] == model.tokenize(text) and vllm["count"] == len(vllm["tokens"])
+    assert vllm["max_model_len"] == model.info.context_length
+    assert "".join(vllm["token_strs"]) == model.detokenize(vllm["tokens"])
+    llama = post(base, "/tokenize", {"content": text, "with_pieces": True}).json()  # llama.cpp: no BOS by default
+    assert "".join(t["piece"] for t in llama["tokens"]) == text
+    assert [t["id"] for t in llama["tokens"]] == model.tokenize(text, special=False)
+    back = post(base, "/detokenize", {"tokens": [t["id"] for t in llama["tokens"]]}).json()
+    assert back == {"prompt": text, "content": text}
+    # A piece that is part of a character comes as its bytes (llama.cpp's shape).
+    accents = "naïve café 😀 ☃"
+    pieces = [t["piece"] for t in post(base, "/tokenize", {"content": accents, "with_pieces": True}).json()["tokens"]]
+    assert any(isinstance(p, list) for p in pieces)
+    assert b"".join(p.encode() if isinstance(p, str) else bytes(p) for p in pieces) == accents.encode()
+    # A chat: the template's tokens, as many as the model reads for it; a chat request's other fields are taken.
+    chat = {"messages": HELLO, "chat_template_kwargs": {"enable_thinking": False}, "temperature": 0, "max_tokens": 1}
+    counted = post(base, "/tokenize", chat).json()["count"]
+    reply = client.chat.completions.create(
+        model=registry.current_id,
+        messages=HELLO,
+        max_tokens=1,
+        extra_body={"chat_template_kwargs": chat["chat_template_kwargs"]},
+    )
+    assert counted == reply.usage.prompt_tokens
+
+
+@pytest.mark.parametrize(
+    "path, body, needle",
+    [
+        ("/tokenize", {}, "send one of"),
+        ("/tokenize", {"prompt": "a", "messages": HELLO}, "send one of"),
+        ("/tokenize", {"prompt": 5}, "prompt must be a string"),
+        ("/tokenize", {"content": "a", "with_pieces": "yes"}, "with_pieces"),
+        ("/tokenize", {"messages": [{"role": "user", "content": 5}]}, "content"),
+        ("/tokenize", {"prompt": "a", "frobnicate": 1}, "unsupported field"),
+        ("/tokenize", {"messages": HELLO, "frobnicate": 1}, "unsupported field"),
+        ("/tokenize", {"content": "word " * 2_000_000}, "more than the model's context"),
+        ("/detokenize", {"tokens": "abc"}, "tokens must be a list"),
+        ("/detokenize", {"tokens": [-1]}, "tokens must be"),
+        ("/detokenize", {"tokens": [10**9]}, "below"),
+        ("/detokenize", {"tokens": [True]}, "tokens must be"),
+    ],
+)
+def test_bad_tokenize_requests_are_400_naming_the_field(api, path, body, needle):
+    base, _ = api
+    response = post(base, path, body)
+    assert response.status_code == 400, response.text
+    assert needle in response.json()["error"]["message"]
+
+
+def test_tokenize_naming_another_model_loads_nothing_and_every_route_needs_the_key(api):
+    base, registry = api
+    before = registry.current_id
+    other = next(i for i in registry.ids if i != before)
+    for path, body in (("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [1]})):
+        response = post(base, path, {**body, "model": other})
+        assert response.status_code == 400 and "loaded model's tokenizer" in response.text
+        assert post(base, path, {**body, "model": before}).status_code == 200
+        assert httpx.post(f"{base}{path}", json=body).status_code == 401
+    assert httpx.get(f"{base}/v1/models/{before}").status_code == 401
+    assert registry.current_id == before
+
+
+def test_a_remote_model_has_no_tokenizer_here(api):
+    base, registry = api
+    front = RemoteChatModel(f"{base}/v1#{registry.ids[0]}", api_key=KEY)
+    with pytest.raises(ValueError, match="tokenizer is not here"):
+        openai_api.tokenized(front, {"prompt": "hi"})
+    with pytest.raises(ValueError, match="tokenizer is not here"):
+        openai_api.detokenized(front, {"tokens": [1]})
