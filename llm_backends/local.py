@@ -509,7 +509,6 @@ class LocalModel(ChatModel):
                 before=answer + lead,
             )
 
-        share = PromptShare(n - 1, self.engine.new_entry) if n > 1 else None
         generate = partial(
             self.engine.generate,
             prompt_ids,
@@ -518,8 +517,10 @@ class LocalModel(ChatModel):
             images=image_parts.by_key(image_parts.images_of(request.messages)),
             answer_ids=prompt_ids[answer_at:],
         )
-        streams = []
-        for i in range(n):
+
+        def one(i: int, *, session=None, arrival=NO_ARRIVAL, prompt_read=None, start=None, ended=None) -> ChatStream:
+            """Reply ``i`` (``PromptShare``'s hooks: ``prompt_read`` and ``ended`` for the first, ``start`` for
+            the others)."""
             cancel = threading.Event()
             chunks = self._chunks(
                 partial(
@@ -527,25 +528,29 @@ class LocalModel(ChatModel):
                     params=choice_sampling(params, i),
                     cancel=cancel,
                     constraint=constraint(),
-                    prompt_read=share.give if share is not None and i == 0 else None,
+                    prompt_read=prompt_read,
                 ),
-                request.session if i == 0 else None,
+                session,
                 reply(),
                 cancel,
                 started,
                 prompt_ids,
                 partial(self.operator_tokens, request, prompt_ids),
-                arrival if i == 0 else NO_ARRIVAL,
+                arrival,
                 (answer_at, answer, lead),
-                start=None if i == 0 or share is None else partial(share.take, cancel),
-                ended=share.end if share is not None and i == 0 else None,
+                start=None if start is None else partial(start, cancel),
+                ended=ended,
             )
             # A stream closed unread (its client left at once) is no longer waited for.
-            on_close = arrival.close if i == 0 else None
-            streams.append(
-                ChatStream(chunks, cancel, prompt_tokens=len(prompt_ids), dropped_turns=dropped, on_close=on_close)
+            return ChatStream(
+                chunks, cancel, prompt_tokens=len(prompt_ids), dropped_turns=dropped, on_close=arrival.close
             )
-        return streams[0] if n == 1 else Choices(streams)
+
+        if n == 1:
+            return one(0, session=request.session, arrival=arrival)
+        share = PromptShare(n - 1, self.engine.new_entry)
+        first = one(0, session=request.session, arrival=arrival, prompt_read=share.give, ended=share.end)
+        return Choices([first, *(one(i, start=share.take) for i in range(1, n))])
 
     def _own_answer(
         self, request: ChatRequest, prompt_ids: list[int], at: int, answer: str
